@@ -1,0 +1,264 @@
+"""Configuration: one typed dataclass tree, loaded from YAML with dotted overrides.
+
+`load_config("experiments/base.yaml", ["training.learning_rate=3e-4"])` returns a `Config`;
+unknown keys and values of the wrong type are rejected with a message naming the key and file.
+`flatten(cfg)` gives `{"training.learning_rate": 3e-4, ...}` for MLflow params and Optuna.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or holds a value of the wrong type."""
+
+
+@dataclass
+class SyntheticCohortConfig:
+    n_patients: int = 5000          # built-in latent-state cohort size
+    seed: int = 0                   # cohort sampling seed (independent of the split seed)
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"       # synthetic | mimic3 | mimic4
+    path: str | None = None         # folder holding the MIMIC tables (mimic4: the folder with hosp/ or hosp/ itself)
+    icd_versions: str = "both"      # mimic4 only: "9", "10" or "both" (codes are prefixed by version)
+    min_visits: int = 1             # patients with fewer visits are excluded (counted and reported)
+    max_visits: int | None = None   # keep only the first N visits of a patient (truncations counted)
+    max_patients: int | None = None # take the first N patients after filtering (None = all)
+    val_fraction: float = 0.2       # seeded patient-level split: 80/20 by default
+    split_seed: int = 42
+    synthetic: SyntheticCohortConfig = field(default_factory=SyntheticCohortConfig)
+
+
+@dataclass
+class CollatorConfig:
+    lambda_poisson: float = 3.0     # span length ~ Poisson(lambda_poisson) for span infilling
+    mask_probability: float = 0.15  # per visit: chance that one span of the visit is infilled by <mask>
+    del_probability: float = 0.15   # per code: chance of deletion
+    rep_probability: float = 0.15   # per code: chance of replacement by a random code
+    corruption_prob: float = 0.5    # per patient: chance that its reconstruction row is corrupted
+    next_visit_rows: bool = True    # add one next-visit-prediction row per patient with 2+ visits
+    first_visit_prob: float = 0.3   # per patient: chance of a first-visit row (placeholder only; teaches generation from scratch)
+    shuffle_codes: bool = True      # codes inside a visit are a set: shuffle their order in training
+    max_length: int = 512           # encoder/decoder tokens per row (earliest visits dropped beyond it)
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 768              # bart-base shape by default
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    encoder_attention_heads: int = 12
+    decoder_attention_heads: int = 12
+    encoder_ffn_dim: int = 3072
+    decoder_ffn_dim: int = 3072
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    max_position_embeddings: int = 520  # collator.max_length plus the two prompt positions, rounded up
+    prompt_hidden_size: int = 128   # reparameterisation width of the age and sex prompts
+    age_loss_weight: float = 0.001
+    sex_loss_weight: float = 0.001
+
+
+@dataclass
+class TrainingConfig:
+    batch_size: int = 8             # patients per batch (each expands into 1-2 rows)
+    num_epochs: int = 30
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 1000
+    max_grad_norm: float = 1.0
+    seed: int = 42                  # model init, shuffling, corruption and dropout
+    checkpoint_dir: str = "checkpoints"
+    save_every_n_epochs: int = 10
+    log_every_n_steps: int = 50
+    validate_every_n_epochs: int = 1
+    compute_tpl: bool = True
+    compute_reconstruction_jaccard: bool = True
+    jaccard_patients: int = 100     # held-out patients scored by reconstruction Jaccard per validation
+    prompt_prob: float = 0.5        # share of each visit's codes revealed as prompts for the Jaccard
+    eval_batch_size: int = 64
+    num_workers: int = 0            # DataLoader workers for collation
+    bucket_by_length: bool = True   # batch patients of similar length together (less padding)
+    precision: str = "fp32"         # fp32 | bf16 (autocast)
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    compile: bool = False           # torch.compile the model
+    resume_from: str | None = None  # checkpoint folder: continue at its next epoch in the same MLflow run
+    max_steps: int | None = None    # stop after this many optimizer steps (benchmarks, smoke tests)
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str | None = None # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment_name: str = "promptehr"
+    run_name: str | None = None
+    register_model: bool = True     # log the best checkpoint as a pyfunc model and register it
+    registered_model_name: str = "promptehr"
+    n_sample_patients: int = 5      # synthetic patients decoded and logged at each validation
+    log_system_metrics: bool = False
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    collator: CollatorConfig = field(default_factory=CollatorConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against annotation `tp`; convert YAML ints to floats where a float is wanted."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of fields, got {type(value).__name__} {value!r}")
+        return _build(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - only the types above occur in the tree
+        return value
+    raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, values: dict, where: str) -> Any:
+    types_ = _field_types(cls)
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s}; valid keys under "
+            f"{where or 'the top level'}: {', '.join(sorted(types_))}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{where}.{name}" if where else name
+        kwargs[name] = _coerce(value, types_[name], key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    return key.split("."), value
+
+
+def config_from_dict(values: dict, source: str = "<dict>") -> Config:
+    try:
+        return _build(Config, values or {}, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load defaults, then the YAML file at `path` (if given), then `key.sub=value` overrides."""
+    values: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        with path.open() as fh:
+            try:
+                loaded = yaml.safe_load(fh)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        values = loaded or {}
+        source = str(path)
+    cfg = config_from_dict(values, source)
+    for text in overrides:
+        keys, value = _parse_override(text)
+        nested: Any = value
+        for key in reversed(keys):
+            nested = {key: nested}
+        values = _merge(values, nested)
+        try:
+            cfg = _build(Config, values, "")
+        except ConfigError as exc:
+            raise ConfigError(f"override {text!r}: {exc}") from None
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"training.learning_rate": 1e-4, ...}` for every leaf of the tree."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, key + "."))
+        else:
+            out[key] = value
+    return out

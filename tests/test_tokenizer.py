@@ -1,0 +1,45 @@
+import pytest
+
+from promptehr.data import Patient
+from promptehr.tokenizer import SPECIAL_TOKENS, DiagnosisCodeTokenizer
+
+
+def make():
+    patients = [Patient("a", 50, "M", [["4019", "0389"], ["V5861"]]), Patient("b", 3, "F", [["0389", "7742"]])]
+    return DiagnosisCodeTokenizer.from_patients(patients)
+
+
+def test_one_token_per_code_and_specials_first():
+    tok = make()
+    assert tok.codes == ["0389", "4019", "7742", "V5861"]
+    assert len(tok) == len(SPECIAL_TOKENS) + 4
+    assert all(not tok.is_code_id(tok.token_to_id[s]) for s in SPECIAL_TOKENS)
+    assert tok.encode_code("0389") == tok.token_to_id["0389"] >= tok.n_special
+
+
+def test_encode_decode_round_trip(tmp_path):
+    tok = make()
+    visits = [["4019", "0389"], ["V5861"], ["7742"]]
+    ids = tok.encode_visits(visits)
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert tok.decode_visits(ids[1:]) == visits
+    tok.save(tmp_path / "vocab.json")
+    again = DiagnosisCodeTokenizer.load(tmp_path / "vocab.json")
+    assert again.token_to_id == tok.token_to_id
+    assert again.decode_visits(again.encode_visits(visits)[1:]) == visits
+
+
+def test_unknown_codes_map_to_unk_or_raise():
+    tok = make()
+    assert tok.encode_code("99999") == tok.unk_token_id
+    with pytest.raises(KeyError, match="99999"):
+        tok.encode_code("99999", strict=True)
+    with pytest.raises(KeyError, match="<pad>"):  # a special token's name is not a code
+        tok.encode_code("<pad>", strict=True)
+
+
+def test_rejects_bad_vocabularies():
+    with pytest.raises(ValueError, match="special"):
+        DiagnosisCodeTokenizer(["4019", "<mask>"])
+    with pytest.raises(ValueError, match="duplicates"):
+        DiagnosisCodeTokenizer(["4019", "4019"])
