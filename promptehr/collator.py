@@ -1,0 +1,263 @@
+"""Dataset and collator: patients -> padded denoising batches (PROMPTEHR.md section 3).
+
+`EHRPatientDataset` encodes each patient once (codes -> ids, long patients trimmed to `max_length`);
+`EHRDataCollator` expands every patient into rows and pads them to the longest row of the batch:
+  - reconstruction / denoising: the encoder sees the patient, corrupted with `corruption_prob`
+    (span infilling with Poisson(lambda_poisson) spans, deletion, replacement by random codes);
+  - next_visit_prediction (2+ visits): the encoder sees visits[:k] and a `<v> <mask> </v>` placeholder;
+  - first_visit (share `first_visit_prob`): the encoder sees only the placeholder.
+Labels are always the CLEAN patient (pad = -100); a next-visit row's labels stop after visit k plus
+the token that follows it (`<v>` if more visits come, `</s>` if not), so the model learns when to stop.
+Batches: input_ids, attention_mask, labels, target_mask, x_num (age), x_cat (sex), task_type.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from promptehr.data import SEXES, Patient
+from promptehr.tokenizer import DiagnosisCodeTokenizer
+
+logger = logging.getLogger(__name__)
+
+TASK_TYPES = ("reconstruction", "denoising", "next_visit_prediction", "first_visit")
+TASK_ID = {name: i for i, name in enumerate(TASK_TYPES)}
+
+
+class EHRPatientDataset(Dataset):
+    """Patients as per-visit arrays of code ids; items are `(index, visits, age, sex_id)`.
+
+    Unknown codes become `<unk>` and patients longer than `max_length` tokens lose their earliest
+    visits (a single over-long visit keeps its first codes); both are counted in `self.report`.
+    """
+
+    def __init__(self, patients: list[Patient], tokenizer: DiagnosisCodeTokenizer, max_length: int = 512):
+        self.tokenizer = tokenizer
+        self.report: Counter = Counter()
+        self.visits: list[list[np.ndarray]] = []
+        self.ages = np.zeros(len(patients), dtype=np.float32)
+        self.sexes = np.zeros(len(patients), dtype=np.int64)
+        self.lengths = np.zeros(len(patients), dtype=np.int64)
+        budget = max_length - 2  # <s> ... </s>
+        for i, p in enumerate(patients):
+            if p.sex not in SEXES:
+                raise ValueError(f"patient #{i}: sex must be one of {SEXES}, got {p.sex!r}")
+            visits = []
+            for visit in p.visits:
+                ids = np.fromiter((tokenizer.encode_code(c) for c in visit), dtype=np.int64, count=len(visit))
+                self.report["unknown_codes"] += int((ids == tokenizer.unk_token_id).sum())
+                if len(ids) + 2 > budget:
+                    self.report["codes_truncated"] += len(ids) + 2 - budget
+                    ids = ids[: budget - 2]
+                visits.append(ids)
+            while sum(len(v) + 2 for v in visits) > budget:
+                visits.pop(0)
+                self.report["visits_truncated"] += 1
+            if not visits:
+                raise ValueError(f"patient #{i} has no visits")
+            self.visits.append(visits)
+            self.ages[i] = p.age
+            self.sexes[i] = SEXES.index(p.sex)
+            self.lengths[i] = 2 + sum(len(v) + 2 for v in visits)
+        for key, value in self.report.items():
+            if value:
+                logger.warning("dataset: %d %s (see EHRPatientDataset)", value, key.replace("_", " "))
+
+    def __len__(self) -> int:
+        return len(self.visits)
+
+    def __getitem__(self, index: int):
+        return index, self.visits[index], float(self.ages[index]), int(self.sexes[index])
+
+
+class EHRDataCollator:
+    """Builds denoising / next-visit rows; randomness is seeded per batch by (seed, epoch, first index),
+    so batches are reproducible across DataLoader workers and across a resume."""
+
+    def __init__(
+        self,
+        tokenizer: DiagnosisCodeTokenizer,
+        lambda_poisson: float = 3.0,
+        mask_probability: float = 0.15,
+        del_probability: float = 0.15,
+        rep_probability: float = 0.15,
+        corruption_prob: float = 0.5,
+        next_visit_rows: bool = True,
+        first_visit_prob: float = 0.3,
+        shuffle_codes: bool = True,
+        seed: int = 0,
+    ):
+        for name, value in (("mask_probability", mask_probability), ("del_probability", del_probability),
+                            ("rep_probability", rep_probability), ("corruption_prob", corruption_prob),
+                            ("first_visit_prob", first_visit_prob)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"collator.{name} must lie in [0, 1], got {value}")
+        if lambda_poisson < 0:
+            raise ValueError(f"collator.lambda_poisson must be >= 0, got {lambda_poisson}")
+        self.tok = tokenizer
+        self.lambda_poisson = lambda_poisson
+        self.mask_probability = mask_probability
+        self.del_probability = del_probability
+        self.rep_probability = rep_probability
+        self.corruption_prob = corruption_prob
+        self.next_visit_rows = next_visit_rows
+        self.first_visit_prob = first_visit_prob
+        self.shuffle_codes = shuffle_codes
+        self.seed = seed
+        self.epoch = 0
+
+    @classmethod
+    def from_config(cls, tokenizer, cfg, seed: int = 0) -> "EHRDataCollator":
+        from dataclasses import asdict
+
+        kwargs = asdict(cfg)
+        kwargs.pop("max_length")  # applied by EHRPatientDataset
+        return cls(tokenizer, seed=seed, **kwargs)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    # ------------------------------------------------------------------ corruption
+
+    def _corrupt(self, visits: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+        """Span infilling, deletion and replacement; guarantees at least one change."""
+        out, changed = [], False
+        for codes in visits:
+            original, codes = codes, codes.copy()
+            n = len(codes)
+            span = None
+            if rng.random() < self.mask_probability:
+                length = min(int(rng.poisson(self.lambda_poisson)), n)
+                start = int(rng.integers(0, n - length + 1))
+                span = (start, length)
+            keep = rng.random(n) >= self.del_probability
+            replace = rng.random(n) < self.rep_probability
+            if replace.any():
+                codes[replace] = rng.integers(self.tok.n_special, len(self.tok), size=int(replace.sum()))
+            if span is not None:
+                start, length = span
+                keep[start:start + length] = False
+                pieces = [codes[:start][keep[:start]], [self.tok.mask_token_id], codes[start:][keep[start:]]]
+                new = np.concatenate(pieces).astype(np.int64)
+            else:
+                new = codes[keep]
+            changed |= span is not None or not keep.all() or bool((codes != original).any())
+            out.append(new)
+        if not changed:  # force one span so a "denoising" row is never a plain copy
+            j = int(rng.integers(0, len(out)))
+            n = len(out[j])
+            length = max(1, min(int(rng.poisson(self.lambda_poisson)), n))
+            start = int(rng.integers(0, n - length + 1))
+            out[j] = np.concatenate([out[j][:start], [self.tok.mask_token_id], out[j][start + length:]]).astype(np.int64)
+        return out
+
+    # ------------------------------------------------------------------ encoding
+
+    def _sequence(self, visits: list[np.ndarray], bos: bool, tail: list[int]) -> np.ndarray:
+        tok = self.tok
+        parts = [[tok.bos_token_id]] if bos else []
+        for v in visits:
+            parts += [[tok.visit_open_id], v, [tok.visit_close_id]]
+        parts.append(tail)
+        return np.concatenate(parts).astype(np.int64)
+
+    def rows_for_patient(self, visits: list[np.ndarray], rng: np.random.Generator):
+        """Yield (encoder ids, label ids, first target label position or -1, task name)."""
+        tok = self.tok
+        if self.shuffle_codes:
+            visits = [rng.permutation(v) for v in visits]
+        labels = self._sequence(visits, bos=False, tail=[tok.eos_token_id])
+        if rng.random() < self.corruption_prob:
+            enc = self._sequence(self._corrupt(visits, rng), bos=True, tail=[tok.eos_token_id])
+            yield enc, labels, -1, "denoising"
+        else:
+            yield self._sequence(visits, bos=True, tail=[tok.eos_token_id]), labels, -1, "reconstruction"
+        placeholder = [np.array([tok.mask_token_id], dtype=np.int64)]
+        cuts = []
+        if self.next_visit_rows and len(visits) >= 2:
+            cuts.append((int(rng.integers(1, len(visits))), "next_visit_prediction"))
+        if self.first_visit_prob > 0 and rng.random() < self.first_visit_prob:
+            cuts.append((0, "first_visit"))
+        for k, task in cuts:
+            enc = self._sequence(visits[:k] + placeholder, bos=True, tail=[tok.eos_token_id])
+            after = tok.visit_open_id if k + 1 < len(visits) else tok.eos_token_id
+            target = self._sequence(visits[: k + 1], bos=False, tail=[after])
+            start = sum(len(v) + 2 for v in visits[:k]) + 1  # first code of visit k in the labels
+            yield enc, target, start, task
+
+    def __call__(self, items) -> dict[str, torch.Tensor]:
+        first_index = int(items[0][0])
+        rng = np.random.default_rng([self.seed, self.epoch, first_index, len(items)])
+        enc_rows, label_rows, starts, tasks, ages, sexes = [], [], [], [], [], []
+        for _, visits, age, sex in items:
+            for enc, labels, start, task in self.rows_for_patient(visits, rng):
+                enc_rows.append(enc)
+                label_rows.append(labels)
+                starts.append(start)
+                tasks.append(TASK_ID[task])
+                ages.append(age)
+                sexes.append(sex)
+        return self.pad(enc_rows, label_rows, starts, tasks, ages, sexes)
+
+    def pad(self, enc_rows, label_rows, starts, tasks, ages, sexes) -> dict[str, torch.Tensor]:
+        n = len(enc_rows)
+        enc_len = max(len(r) for r in enc_rows)
+        dec_len = max(len(r) for r in label_rows)
+        input_ids = np.full((n, enc_len), self.tok.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((n, enc_len), dtype=np.int64)
+        labels = np.full((n, dec_len), -100, dtype=np.int64)
+        target_mask = np.zeros((n, dec_len), dtype=bool)
+        for i, (enc, lab, start) in enumerate(zip(enc_rows, label_rows, starts)):
+            input_ids[i, : len(enc)] = enc
+            attention_mask[i, : len(enc)] = 1
+            labels[i, : len(lab)] = lab
+            if start >= 0:
+                # codes of the hidden visit k: from its first code up to its </v>
+                stop = start + int(np.argmax(lab[start:] == self.tok.visit_close_id))
+                target_mask[i, start:stop] = True
+        return {
+            "input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy(attention_mask),
+            "labels": torch.from_numpy(labels),
+            "target_mask": torch.from_numpy(target_mask),
+            "x_num": torch.tensor(ages, dtype=torch.float32).unsqueeze(1),
+            "x_cat": torch.tensor(sexes, dtype=torch.long).unsqueeze(1),
+            "task_type": torch.tensor(tasks, dtype=torch.long),
+        }
+
+
+class LengthBucketSampler(Sampler[list[int]]):
+    """Batches of patients of similar length: shuffle, sort within windows of `window` batches,
+    shuffle the batches. Seeded by (seed, epoch) so a resumed run sees the same order."""
+
+    def __init__(self, lengths, batch_size: int, seed: int = 0, window: int = 50, shuffle: bool = True):
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.window = window
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.lengths)) if self.shuffle else np.arange(len(self.lengths))
+        chunk = self.batch_size * self.window
+        batches = []
+        for s in range(0, len(order), chunk):
+            part = order[s:s + chunk]
+            part = part[np.argsort(self.lengths[part], kind="stable")]
+            batches += [part[j:j + self.batch_size].tolist() for j in range(0, len(part), self.batch_size)]
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return iter(batches)

@@ -1,0 +1,142 @@
+"""Model: BART encoder-decoder with age/sex prompts and auxiliary demographic heads.
+
+Built from our `ModelConfig` (random init, never a hub download). The age (numeric) and sex
+(categorical) prompts are reparameterised in a `prompt_hidden_size` space, mapped to d_model and
+prepended to the encoder and decoder input embeddings (masks extended by two positions).
+The auxiliary heads read the mean embedding of the encoder's CODE tokens only: they never see
+the prompts, so they cannot copy the answer (PROMPTEHR.md section 3).
+`forward` returns loss, lm_loss, age_loss, sex_loss and logits aligned with `labels`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BartConfig, BartForConditionalGeneration
+from transformers.models.bart.modeling_bart import shift_tokens_right
+
+from promptehr.data import MAX_AGE, SEXES
+from promptehr.tokenizer import DiagnosisCodeTokenizer
+
+N_PROMPTS = 2  # age, sex
+
+
+def bart_config(cfg, tokenizer: DiagnosisCodeTokenizer) -> BartConfig:
+    """`BartConfig` from our ModelConfig and vocabulary."""
+    return BartConfig(
+        vocab_size=len(tokenizer),
+        d_model=cfg.d_model,
+        encoder_layers=cfg.encoder_layers,
+        decoder_layers=cfg.decoder_layers,
+        encoder_attention_heads=cfg.encoder_attention_heads,
+        decoder_attention_heads=cfg.decoder_attention_heads,
+        encoder_ffn_dim=cfg.encoder_ffn_dim,
+        decoder_ffn_dim=cfg.decoder_ffn_dim,
+        dropout=cfg.dropout,
+        attention_dropout=cfg.attention_dropout,
+        activation_dropout=cfg.activation_dropout,
+        max_position_embeddings=cfg.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.bos_token_id,
+        forced_eos_token_id=None,
+        scale_embedding=False,
+        tie_word_embeddings=True,
+    )
+
+
+class DemographicPrompt(nn.Module):
+    """Age and sex -> two prompt vectors (B, 2, d_model): numeric `w*x+b` and categorical embedding
+    in a `hidden`-wide space, each followed by a linear map to d_model."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.age_weight = nn.Parameter(torch.randn(hidden) * 0.02)
+        self.age_bias = nn.Parameter(torch.zeros(hidden))
+        self.sex_embedding = nn.Embedding(len(SEXES), hidden)
+        nn.init.normal_(self.sex_embedding.weight, std=0.02)
+        self.age_proj = nn.Linear(hidden, d_model)
+        self.sex_proj = nn.Linear(hidden, d_model)
+
+    def forward(self, x_num: torch.Tensor, x_cat: torch.Tensor) -> torch.Tensor:
+        age = (x_num[:, :1].float() / MAX_AGE) * self.age_weight + self.age_bias   # (B, hidden)
+        sex = self.sex_embedding(x_cat[:, 0].long())                                # (B, hidden)
+        return torch.stack([self.age_proj(age), self.sex_proj(sex)], dim=1)         # (B, 2, d_model)
+
+
+class PromptBartWithDemographicPrediction(nn.Module):
+    def __init__(self, tokenizer: DiagnosisCodeTokenizer, config):
+        """`config` is the project's Config (uses config.model) or a ModelConfig."""
+        super().__init__()
+        mcfg = getattr(config, "model", config)
+        self.model_config = mcfg
+        self.n_special = tokenizer.n_special
+        self.pad_token_id = tokenizer.pad_token_id
+        self.bos_token_id = tokenizer.bos_token_id
+        self.bart = BartForConditionalGeneration(bart_config(mcfg, tokenizer))
+        d = mcfg.d_model
+        self.encoder_prompt = DemographicPrompt(d, mcfg.prompt_hidden_size)
+        self.decoder_prompt = DemographicPrompt(d, mcfg.prompt_hidden_size)
+        self.age_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
+        self.sex_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, len(SEXES)))
+        self.age_loss_weight = mcfg.age_loss_weight
+        self.sex_loss_weight = mcfg.sex_loss_weight
+
+    # ------------------------------------------------------------------ pieces used by generation
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.bart.model.shared
+
+    def encode(self, input_ids, attention_mask, x_num, x_cat):
+        """Encoder states with the prompts prepended: (hidden (B, 2+L, d), mask (B, 2+L))."""
+        embeds = self.bart.model.encoder.embed_tokens(input_ids)
+        embeds = torch.cat([self.encoder_prompt(x_num, x_cat).to(embeds.dtype), embeds], dim=1)
+        mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], N_PROMPTS), attention_mask], dim=1)
+        hidden = self.bart.model.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        return hidden, mask
+
+    def decoder_prompt_embeds(self, decoder_input_ids, x_num, x_cat):
+        embeds = self.bart.model.decoder.embed_tokens(decoder_input_ids)
+        return torch.cat([self.decoder_prompt(x_num, x_cat).to(embeds.dtype), embeds], dim=1)
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.bart.lm_head(hidden) + self.bart.final_logits_bias.to(hidden.dtype)
+
+    def demographic_features(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean embedding of the code tokens of each row (B, d) and whether the row has any code."""
+        code_mask = (input_ids >= self.n_special).unsqueeze(-1)
+        embeds = self.bart.model.encoder.embed_tokens(input_ids) * code_mask
+        count = code_mask.sum(dim=1)
+        return embeds.sum(dim=1) / count.clamp(min=1), count.squeeze(-1) > 0
+
+    # ------------------------------------------------------------------ training forward
+
+    def forward(self, input_ids, attention_mask, labels, x_num, x_cat, decoder_input_ids=None, **_batch_extras):
+        """Denoising loss on `labels` (clean ids, -100 = ignore) plus weighted auxiliary losses.
+
+        Extra batch keys (target_mask, task_type) are accepted and ignored, so `model(**batch)` works.
+        """
+        hidden, enc_mask = self.encode(input_ids, attention_mask, x_num, x_cat)
+        if decoder_input_ids is None:
+            decoder_input_ids = shift_tokens_right(labels, self.pad_token_id, self.bos_token_id)
+        dec_embeds = self.decoder_prompt_embeds(decoder_input_ids, x_num, x_cat)
+        dec = self.bart.model.decoder(
+            inputs_embeds=dec_embeds, encoder_hidden_states=hidden, encoder_attention_mask=enc_mask, use_cache=False
+        ).last_hidden_state
+        logits = self.lm_logits(dec[:, N_PROMPTS:])                     # (B, T, V), aligned with labels
+        lm_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+        features, has_codes = self.demographic_features(input_ids)
+        age_pred = self.age_head(features).squeeze(-1).float()
+        sex_logits = self.sex_head(features).float()
+        age_target = x_num[:, 0].float() / MAX_AGE
+        if has_codes.any():
+            age_loss = F.mse_loss(age_pred[has_codes], age_target[has_codes])
+            sex_loss = F.cross_entropy(sex_logits[has_codes], x_cat[has_codes, 0].long())
+        else:  # only placeholder rows: nothing to read
+            age_loss = sex_loss = age_pred.sum() * 0.0
+        loss = lm_loss + self.age_loss_weight * age_loss + self.sex_loss_weight * sex_loss
+        return {"loss": loss, "lm_loss": lm_loss, "age_loss": age_loss, "sex_loss": sex_loss, "logits": logits}
