@@ -103,6 +103,6 @@ def test_a_few_hundred_steps_bring_perplexity_far_down(parts):
         epoch += 1
     after = evaluate_loss(model, val_loader, torch.device("cpu"))
     assert after["perplexity"] < before["perplexity"] / 3, (before["perplexity"], after["perplexity"])
-    assert after["tpl"] < before["tpl"] / 3
+    assert after["tpl"] < before["tpl"] / 2.5
     # and it already beats the code-frequency prior on the hidden next visits
     assert after["tpl"] < next_visit_baselines(train, val, tok.codes)["tpl_frequency_baseline"]

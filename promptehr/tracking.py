@@ -1,0 +1,208 @@
+"""Tracking: the only module that imports mlflow.
+
+`Tracker` is the do-nothing interface the training loop calls; `MLflowTracker` sends params, tags,
+metrics (asynchronously, flushed at checkpoints), artifacts and the registered pyfunc model to MLflow.
+Only counts, aggregates and synthetic samples are logged: never patient records or subject ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+class Tracker:
+    """Do-nothing tracker: the loop calls these unconditionally (no `if tracking:` branches)."""
+
+    run_id: str | None = None
+
+    def start(self, run_id: str | None = None) -> str | None:
+        return None
+
+    def log_params(self, params: dict) -> None: ...
+    def set_tags(self, tags: dict) -> None: ...
+    def log_metrics(self, metrics: dict, step: int) -> None: ...
+    def log_dict(self, data, artifact_file: str) -> None: ...
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
+    def flush(self) -> None: ...
+    def log_model(self, checkpoint_dir: str, val_loss: float, tags: dict) -> dict | None:
+        return None
+    def end(self, status: str = "FINISHED") -> None: ...
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+class MLflowTracker(Tracker):
+    """MLflow backend. Attaches to `run_id` (a resume), or to the run `mlflow run` / a tuning worker
+    started (MLFLOW_RUN_ID / an active run), else starts a new run in `experiment_name`."""
+
+    def __init__(self, tracking_uri: str | None = None, experiment_name: str = "promptehr", run_name: str | None = None,
+                 registered_model_name: str = "promptehr", register_model: bool = True,
+                 log_system_metrics: bool = False, parent_run_id: str | None = None):
+        import mlflow
+
+        self.mlflow = mlflow
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        self.experiment_name = experiment_name
+        self.run_name = run_name
+        self.registered_model_name = registered_model_name
+        self.register_model = register_model
+        self.log_system_metrics = log_system_metrics
+        self.parent_run_id = parent_run_id
+        self.run_id = None
+        self._owns_run = False
+        self._existing_params: dict[str, str] = {}
+
+    @classmethod
+    def from_config(cls, tcfg, **kwargs) -> "MLflowTracker":
+        return cls(tcfg.tracking_uri, tcfg.experiment_name, tcfg.run_name, tcfg.registered_model_name,
+                   tcfg.register_model, tcfg.log_system_metrics, **kwargs)
+
+    def start(self, run_id: str | None = None) -> str:
+        mlflow = self.mlflow
+        active = mlflow.active_run()
+        if run_id is None and active is not None:
+            self.run_id = active.info.run_id  # a tuning worker's child run: it ends the run itself
+        else:
+            if run_id is None and not os.environ.get("MLFLOW_RUN_ID"):
+                mlflow.set_experiment(self.experiment_name)
+            run = mlflow.start_run(run_id=run_id, run_name=None if run_id else self.run_name,
+                                   parent_run_id=self.parent_run_id, log_system_metrics=self.log_system_metrics or None)
+            self.run_id = run.info.run_id
+            self._owns_run = True
+        self._existing_params = dict(mlflow.get_run(self.run_id).data.params)
+        logger.info("MLflow run %s at %s", self.run_id, self.tracking_uri)
+        return self.run_id
+
+    def log_params(self, params: dict) -> None:
+        """Log params not already on the run (`mlflow run` logs its own; a resume logs again).
+        A key already logged with another value is kept as it was, with a warning."""
+        fresh = {}
+        for key, value in params.items():
+            text = "None" if value is None else str(value)
+            if key in self._existing_params:
+                if self._existing_params[key] != text and key != "training.resume_from":
+                    logger.warning("param %s already logged as %r; not re-logging %r", key, self._existing_params[key], text)
+                continue
+            fresh[key] = text
+        items = list(fresh.items())
+        for i in range(0, len(items), 100):  # MLflow's per-call param limit
+            self.mlflow.log_params(dict(items[i:i + 100]))
+        self._existing_params.update(fresh)
+
+    def set_tags(self, tags: dict) -> None:
+        self.mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        self.mlflow.log_metrics(clean, step=step, synchronous=False)
+
+    def log_dict(self, data, artifact_file: str) -> None:
+        self.mlflow.log_dict(data, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.mlflow.log_text(text, artifact_file)
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        self.mlflow.log_artifact(path, artifact_path)
+
+    def flush(self) -> None:
+        self.mlflow.flush_async_logging()
+
+    def log_model(self, checkpoint_dir: str, val_loss: float, tags: dict) -> dict | None:
+        """Log the checkpoint as a pyfunc model (models-from-code) and register it; the new version
+        takes alias `champion` if there is none, or if the champion was trained on the same data
+        (same `data_fingerprint`) and has a higher val_loss."""
+        self.flush()
+        info = log_pyfunc_model(checkpoint_dir, self.registered_model_name if self.register_model else None)
+        result = {"model_uri": info.model_uri}
+        if self.register_model:
+            version = str(info.registered_model_version)
+            result["version"] = version
+            result["champion"] = promote_champion(self.registered_model_name, version, val_loss, tags)
+        return result
+
+    def end(self, status: str = "FINISHED") -> None:
+        try:
+            self.flush()
+        finally:
+            if self._owns_run and self.mlflow.active_run() is not None:
+                self.mlflow.end_run(status=status)
+
+
+# ------------------------------------------------------------------ models and the registry
+
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+
+
+def pyfunc_signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    inputs = Schema([ColSpec("double", "age"), ColSpec("string", "sex"),
+                     ColSpec("long", "n_visits", required=False), ColSpec("long", "seed", required=False)])
+    outputs = Schema([ColSpec("string", "patient_id"), ColSpec("double", "age"), ColSpec("string", "sex"),
+                      ColSpec("long", "n_visits"), ColSpec("string", "visits")])
+    params = ParamSchema([ParamSpec("temperature", "double", 1.0), ParamSpec("top_k", "long", 0),
+                          ParamSpec("top_p", "double", 1.0), ParamSpec("max_visits", "long", 20),
+                          ParamSpec("seed", "long", 0)])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def log_pyfunc_model(checkpoint_dir: str, registered_model_name: str | None):
+    """Log `checkpoint_dir` as an `mlflow.pyfunc` model from code (`pyfunc_model.py`)."""
+    import mlflow
+
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(PYFUNC_CODE),
+        artifacts={"checkpoint": str(checkpoint_dir)},
+        signature=pyfunc_signature(),
+        registered_model_name=registered_model_name,
+        code_paths=[str(Path(__file__).parent)],
+        pip_requirements=_requirements(),
+    )
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in
+            ("torch", "transformers", "mlflow", "numpy", "pandas", "pyyaml", "safetensors", "tqdm")]
+
+
+def promote_champion(model_name: str, version: str, val_loss: float, tags: dict) -> bool:
+    """Tag the version; move alias `champion` to it if there is none, or if the champion shares its
+    `data_fingerprint` and has a higher val_loss. Returns whether it took the alias."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    for key, value in {**tags, "val_loss": val_loss}.items():
+        client.set_model_version_tag(model_name, version, key, str(value))
+    try:
+        current = client.get_model_version_by_alias(model_name, "champion")
+    except MlflowException:
+        current = None
+    if current is not None:
+        if current.tags.get("data_fingerprint") != str(tags.get("data_fingerprint")):
+            logger.info("champion v%s was trained on other data; v%s does not replace it "
+                        "(set it by hand: MlflowClient().set_registered_model_alias(%r, 'champion', %s))",
+                        current.version, version, model_name, version)
+            return False
+        if float(current.tags.get("val_loss", "inf")) <= val_loss:
+            logger.info("champion v%s (val_loss %s) stays; v%s has val_loss %.4f", current.version,
+                        current.tags.get("val_loss"), version, val_loss)
+            return False
+    client.set_registered_model_alias(model_name, "champion", version)
+    logger.info("registered %s v%s is the new champion (val_loss %.4f)", model_name, version, val_loss)
+    return True

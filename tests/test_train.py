@@ -1,0 +1,146 @@
+"""The training recipe end to end: metrics, checkpoints, exact resume, MLflow run and registry."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from promptehr.checkpoint import load_checkpoint
+from promptehr.config import load_config
+from promptehr.tracking import MLflowTracker, Tracker
+from promptehr.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def tiny(tmp_path, *overrides):
+    return load_config(ROOT / "experiments" / "tiny.yaml",
+                       [f"training.checkpoint_dir={tmp_path / 'ck'}", "data.synthetic.n_patients=200", *overrides])
+
+
+def test_train_returns_honest_validation_metrics(tmp_path):
+    cfg = tiny(tmp_path, "training.num_epochs=2")
+    seen = []
+    result = train(cfg, Tracker(), on_validate=lambda epoch, m: seen.append((epoch, m)))
+    assert [e for e, _ in seen] == [0, 1]
+    m = result["final_metrics"]
+    for key in ("loss", "lm_loss", "age_loss", "sex_loss", "perplexity", "tpl", "reconstruction_jaccard",
+                "reconstruction_jaccard_baseline", "tpl_frequency_baseline", "tpl_repeat_baseline"):
+        assert key in m and math.isfinite(m[key]), key
+    # a 2-epoch tiny model is nowhere near a copy task: perplexity far above 1
+    assert m["perplexity"] > 5 and m["tpl"] > 5
+    assert 0 <= m["reconstruction_jaccard"] <= 1
+    best = Path(result["best_checkpoint"])
+    model, tok, cfg2, meta = load_checkpoint(best)
+    assert cfg2 == cfg and meta["best_val_loss"] == pytest.approx(result["best_val_loss"])
+    assert {"model.safetensors", "training_state.pt", "config.yaml", "vocab.json", "metadata.json"} <= {p.name for p in best.iterdir()}
+    assert "versions" in meta and meta["epoch"] in (0, 1)
+
+
+def test_checkpoint_loads_without_pickle(tmp_path):
+    cfg = tiny(tmp_path, "training.num_epochs=1", "training.compute_reconstruction_jaccard=false")
+    result = train(cfg, Tracker())
+    state = torch.load(Path(result["best_checkpoint"]) / "training_state.pt", weights_only=True)
+    assert {"optimizer", "scheduler", "rng"} <= set(state)
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ("training.num_epochs=3", "training.save_every_n_epochs=1", "data.synthetic.n_patients=150")
+    full = train(tiny(tmp_path / "a", *common), MLflowTracker(uri, "resume-test", register_model=False))
+
+    def stop_after_second(epoch, metrics):
+        if epoch == 1:
+            raise Interrupted
+
+    cfg = tiny(tmp_path / "b", *common)
+    with pytest.raises(Interrupted):
+        train(cfg, MLflowTracker(uri, "resume-test", register_model=False), on_validate=stop_after_second)
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("resume-test").experiment_id], order_by=["start_time DESC"])
+    interrupted = runs[0]
+    assert interrupted.info.status == "FAILED"
+    # killed during epoch 2's validation: the newest full checkpoint is the end of epoch 1
+    last = Path(cfg.training.checkpoint_dir) / interrupted.info.run_id / "last"
+    assert json.loads((last / "metadata.json").read_text())["epoch"] == 0
+    resumed_cfg = tiny(tmp_path / "b", *common, f"training.resume_from={last}")
+    resumed = train(resumed_cfg, MLflowTracker(uri, "resume-test", register_model=False))
+    assert resumed["run_id"] == interrupted.info.run_id  # the same MLflow run continues
+    for key in ("loss", "lm_loss", "perplexity", "tpl", "reconstruction_jaccard"):
+        assert resumed["final_metrics"][key] == pytest.approx(full["final_metrics"][key], rel=1e-6, abs=1e-9), key
+    run = client.get_run(interrupted.info.run_id)
+    assert run.info.status == "FINISHED"
+    steps = {m.step for m in client.get_metric_history(run.info.run_id, "val/loss")}
+    assert steps == {m.step for m in client.get_metric_history(full["run_id"], "val/loss")}
+
+
+def test_tracked_run_logs_params_metrics_artifacts_and_registers(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = tiny(tmp_path, "training.num_epochs=2")
+    result = train(cfg, MLflowTracker(uri, "logged"))
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["training.learning_rate"] == str(cfg.training.learning_rate)
+    assert run.data.params["model.d_model"] == "32"
+    for key in ("train/loss", "train/lm_loss", "train/age_loss", "train/sex_loss", "train/learning_rate",
+                "val/loss", "val/perplexity", "val/tpl", "val/reconstruction_jaccard",
+                "val/tpl_frequency_baseline", "val/reconstruction_jaccard_baseline"):
+        assert key in run.data.metrics, key
+    # what was logged is what train() computed
+    assert run.data.metrics["val/loss"] == pytest.approx(result["final_metrics"]["loss"])
+    assert run.data.tags["data.source"] == "synthetic" and int(run.data.tags["data.patients"]) == 200
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
+        a.path for d in ("config", "samples") for a in client.list_artifacts(run.info.run_id, d)}
+    assert {"config/resolved.yaml", "config/vocab.json", "samples/epoch_001.json"} <= artifacts
+    samples = json.loads(Path(client.download_artifacts(run.info.run_id, "samples/epoch_002.json", str(tmp_path))).read_text())
+    assert all(p["sex"] in ("M", "F") and p["visits"] for p in samples["synthetic_patients"])
+    assert "subject_id" not in json.dumps(samples)
+    # registered, champion, and loadable as a pyfunc that generates patients
+    version = client.get_model_version_by_alias("promptehr", "champion")
+    assert version.run_id == result["run_id"]
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/promptehr@champion")
+    import pandas as pd
+
+    out = model.predict(pd.DataFrame({"age": [70.0, 30.0], "sex": ["M", "F"]}), params={"seed": 1})
+    assert list(out["sex"]) == ["M", "F"] and (out["n_visits"] >= 1).all()
+    # a worse model trained on the same data does not take the alias
+    worse = train(tiny(tmp_path / "w", "training.num_epochs=1", "training.learning_rate=1e-6"), MLflowTracker(uri, "logged"))
+    assert worse["model"]["champion"] is False
+    assert client.get_model_version_by_alias("promptehr", "champion").version == version.version
+
+
+@pytest.mark.slow
+def test_mlflow_run_entry_point(tmp_path):
+    """`mlflow run . --env-manager local -P epochs=1 -P config=experiments/tiny.yaml`, for real."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # in-process tests set some
+    env["MLFLOW_TRACKING_URI"] = uri
+    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local", "--experiment-name", "cli",
+           "-P", "epochs=1", "-P", "config=experiments/tiny.yaml",
+           "-P", f"overrides=training.checkpoint_dir={tmp_path / 'ck'} data.synthetic.n_patients=200"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("cli").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["epochs"] == "1" and run.data.params["training.num_epochs"] == "1"
+    assert math.isfinite(run.data.metrics["val/loss"]) and run.data.metrics["val/perplexity"] > 1
