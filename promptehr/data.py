@@ -45,8 +45,12 @@ class DataReport:
         self.counts[key] = self.counts.get(key, 0) + int(n)
 
     def log(self) -> None:
+        """One line of totals, then one line per non-zero count of something skipped or changed."""
+        totals = ("patients", "visits", "code_occurrences", "distinct_codes", "patients_2plus_visits")
+        logger.info("data[%s]: %s", self.source, ", ".join(f"{k} {self.counts[k]}" for k in totals if k in self.counts))
         for key, value in self.counts.items():
-            logger.info("data[%s] %s: %d", self.source, key, value)
+            if key not in totals and value:
+                logger.info("data[%s] %s: %d", self.source, key, value)
 
 
 def build_vocab(patients: list[Patient]) -> list[str]:

@@ -75,6 +75,12 @@ class MLflowTracker(Tracker):
         else:
             if run_id is None and not os.environ.get("MLFLOW_RUN_ID"):
                 mlflow.set_experiment(self.experiment_name)
+            wrapper = os.environ.get("MLFLOW_RUN_ID")
+            if run_id is not None and wrapper and wrapper != run_id:
+                # `mlflow run` made a new run for this command, but a resume continues the original one
+                mlflow.MlflowClient().set_tag(wrapper, "promptehr.resumed_run_id", run_id)
+                logger.warning("resuming into MLflow run %s; the run %s that `mlflow run` created stays empty",
+                               run_id, wrapper)
             run = mlflow.start_run(run_id=run_id, run_name=None if run_id else self.run_name,
                                    parent_run_id=self.parent_run_id, log_system_metrics=self.log_system_metrics or None)
             self.run_id = run.info.run_id

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from promptehr.checkpoint import git_commit, load_training_state, package_versions, read_metadata, save_checkpoint
+from promptehr.checkpoint import git_commit, load_config_from_checkpoint, load_training_state, package_versions, read_metadata, save_checkpoint
 from promptehr.collator import EHRDataCollator, EHRPatientDataset, LengthBucketSampler
 from promptehr.config import Config, flatten, to_yaml
 from promptehr.data import load_patients, split_patients
@@ -147,6 +147,10 @@ def train(cfg: Config, tracker: Tracker | None = None, on_validate=None) -> dict
         if resume.get("split_fingerprint") != fingerprint:
             raise ValueError(f"{tcfg.resume_from}: the data split differs from the checkpoint's (data config or files changed)")
         tokenizer = DiagnosisCodeTokenizer.load(Path(tcfg.resume_from) / "vocab.json")
+        saved = flatten(load_config_from_checkpoint(tcfg.resume_from))
+        for key, value in flatten(cfg).items():
+            if key != "training.resume_from" and saved.get(key) != value:
+                logger.warning("resume: %s is %r here but %r in the checkpoint", key, value, saved.get(key))
     else:
         tokenizer = DiagnosisCodeTokenizer.from_patients(train_patients)
     report.log()
