@@ -96,6 +96,8 @@ class TrainingConfig:
     compile: bool = False           # torch.compile the model
     resume_from: str | None = None  # checkpoint folder: continue at its next epoch in the same MLflow run
     max_steps: int | None = None    # stop after this many optimizer steps (benchmarks, smoke tests)
+    quality_report: bool = True     # at the end: generated vs held-out quality report on the best model (gen/ metrics, report/ artifacts)
+    quality_report_patients: int = 500  # held-out patients whose demographics the report's generated cohort gets
 
 
 @dataclass

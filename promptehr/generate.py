@@ -6,6 +6,10 @@ and samples codes until `</v>`, then samples `<v>` (another visit follows) or `<
 ends). The age/sex prompts are prepended on the encoder and the decoder at every step. Codes already
 in the visit are masked in the logits (delimiters are not). Rows of different prefix lengths share
 one right-padded cache: each new token's position embedding is corrected to its row's true position.
+
+Unconditional generation takes demographics, or draws them with `sample_demographics` from the
+(sex, age bin) histogram of the training patients that `train()` stores in the checkpoint's
+metadata.json (`demographics_histogram`): an aggregate, never patient records.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from promptehr.data import SEXES, Patient
+from promptehr.data import MAX_AGE, SEXES, Patient
 from promptehr.model import N_PROMPTS
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 
@@ -29,7 +33,48 @@ class SamplingConfig:
     top_k: int = 0             # 0 = off
     top_p: float = 1.0         # 1.0 = off
     max_codes_per_visit: int = 40
-    max_visits: int = 20
+    max_visits: int = 20       # a patient the model has not ended by then is ended (n_visits overrides it)
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must lie in (0, 1] (1 = off), got {self.top_p}")
+        if self.max_codes_per_visit < 1 or self.max_visits < 1:
+            raise ValueError("max_codes_per_visit and max_visits must be >= 1")
+
+
+# ------------------------------------------------------------------ demographics
+
+# Age bins of the demographics histogram: [0, 1) holds the neonates, [90, 91) MIMIC's cap (MAX_AGE).
+AGE_BIN_EDGES = (0, 1, *range(5, 90, 5), 90, 91)
+
+
+def demographics_histogram(patients) -> dict:
+    """Counts of patients per (sex, age bin): what `sample_demographics` draws from. An aggregate
+    that is safe to store beside a model (no record, no identifier)."""
+    edges = np.asarray(AGE_BIN_EDGES, dtype=float)
+    counts = np.zeros((len(SEXES), len(edges) - 1), dtype=np.int64)
+    for p in patients:
+        b = int(np.searchsorted(edges, min(max(p.age, 0.0), MAX_AGE), side="right")) - 1
+        counts[SEXES.index(p.sex), b] += 1
+    return {"age_bin_edges": list(AGE_BIN_EDGES), "sexes": list(SEXES), "counts": counts.tolist()}
+
+
+def sample_demographics(histogram: dict, n: int, seed: int = 0) -> tuple[list[float], list[str]]:
+    """`n` (age, sex) pairs from a `demographics_histogram`: a cell by its count, then a whole-year
+    age uniformly inside the cell's bin (the neonate bin gives 0, the top bin 90)."""
+    counts = np.asarray(histogram["counts"], dtype=np.float64)
+    edges = np.asarray(histogram["age_bin_edges"], dtype=np.int64)
+    if counts.sum() <= 0:
+        raise ValueError("the demographics histogram is empty")
+    rng = np.random.default_rng(seed)
+    cells = rng.choice(counts.size, size=n, p=(counts / counts.sum()).ravel())
+    sex_idx, bin_idx = np.divmod(cells, counts.shape[1])
+    ages = rng.integers(edges[bin_idx], edges[bin_idx + 1])
+    return [float(a) for a in ages], [histogram["sexes"][i] for i in sex_idx]
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -209,37 +254,72 @@ def generate_conditional_batch(model, tokenizer, patients, prompt_prob=0.5, samp
     return results
 
 
+def _decoder_positions_needed(tok_len_history: int, sampling: SamplingConfig) -> int:
+    """Decoder positions a next visit needs: prompts, `<s>`, history, `<v>`, codes, `</v>`, `<v>`/`</s>`."""
+    return N_PROMPTS + 1 + tok_len_history + 1 + sampling.max_codes_per_visit + 2
+
+
 def generate_patients(model, tokenizer, ages, sexes, sampling=None, seed=0, batch_size=256, n_visits=None, progress=False):
-    """Unconditional generation from demographics: visit by visit until the model emits `</s>`
-    (or exactly `n_visits[i]` visits when given). Returns Patient records with synthetic ids."""
+    """Unconditional generation from demographics, batched over patients.
+
+    Visit by visit: after each visit the model samples `<v>` (another visit) or `</s>` (the patient
+    ends), so the number of visits is the model's; `n_visits[i]` (an int, or None to let the model
+    decide) makes patient i have exactly that many. `sampling.max_visits` ends the patients the model
+    has not ended by then. A patient whose history has grown too long for the model's position
+    embeddings is ended there (counted in a warning; with an explicit `n_visits` it is an error).
+    Returns Patient records with synthetic ids `SYN0000001`, ...
+    """
     from tqdm.auto import tqdm
 
     sampling = sampling or SamplingConfig()
+    if len(ages) != len(sexes) or (n_visits is not None and len(n_visits) != len(ages)):
+        raise ValueError("ages, sexes (and n_visits) must have one entry per patient")
+    targets = [None if v is None else int(v) for v in (n_visits if n_visits is not None else [None] * len(ages))]
+    if any(t is not None and t < 1 for t in targets):
+        raise ValueError("n_visits must be >= 1")
     device = next(model.parameters()).device
+    max_pos = model.bart.config.max_position_embeddings
     gen = torch.Generator(device=device).manual_seed(seed)
     sex_ids = [SEXES.index(s) if isinstance(s, str) else int(s) for s in sexes]
     patients: list[Patient] = []
+    ended_by_length = 0
     was_training = model.training
     model.eval()
     try:
-        for s in tqdm(range(0, len(ages), batch_size), disable=not progress, desc="generate", unit="batch"):
-            idx = list(range(s, min(s + batch_size, len(ages))))
-            hist = {i: [] for i in idx}
-            active = list(idx)
-            while active:
-                codes, more = sample_visit_batch(model, tokenizer, [hist[i] for i in active], [[] for _ in active],
-                                                 [float(ages[i]) for i in active], [sex_ids[i] for i in active], sampling, gen)
-                still = []
-                for i, new, cont in zip(active, codes, more):
-                    hist[i].append(new)
-                    target = n_visits[i] if n_visits is not None else None
-                    go_on = (len(hist[i]) < target) if target is not None else cont
-                    if go_on and len(hist[i]) < sampling.max_visits:
-                        still.append(i)
-                active = still
-            for i in idx:
-                visits = [[tokenizer.id_to_token[c] for c in v] for v in hist[i]]
-                patients.append(Patient(f"SYN{i + 1:07d}", float(ages[i]), SEXES[sex_ids[i]], visits))
+        with tqdm(total=len(ages), disable=not progress, desc="generate", unit="patient") as bar:
+            for s in range(0, len(ages), batch_size):
+                idx = list(range(s, min(s + batch_size, len(ages))))
+                hist = {i: [] for i in idx}
+                length = dict.fromkeys(idx, 0)  # history tokens: <v> codes </v> per visit
+                active = list(idx)
+                while active:
+                    fits = [i for i in active if _decoder_positions_needed(length[i], sampling) <= max_pos]
+                    for i in set(active) - set(fits):
+                        if targets[i] is not None:
+                            raise ValueError(
+                                f"patient {i}: {len(hist[i])} visits already fill the model's {max_pos} positions; "
+                                f"n_visits={targets[i]} cannot be generated")
+                        ended_by_length += 1
+                    active = fits
+                    if not active:
+                        break
+                    codes, more = sample_visit_batch(model, tokenizer, [hist[i] for i in active], [[] for _ in active],
+                                                     [float(ages[i]) for i in active], [sex_ids[i] for i in active], sampling, gen)
+                    still = []
+                    for i, new, cont in zip(active, codes, more):
+                        hist[i].append(new)
+                        length[i] += len(new) + 2
+                        go_on = len(hist[i]) < targets[i] if targets[i] is not None else cont and len(hist[i]) < sampling.max_visits
+                        if go_on:
+                            still.append(i)
+                    active = still
+                for i in idx:
+                    visits = [[tokenizer.id_to_token[c] for c in v] for v in hist[i]]
+                    patients.append(Patient(f"SYN{i + 1:07d}", float(ages[i]), SEXES[sex_ids[i]], visits))
+                bar.update(len(idx))
     finally:
         model.train(was_training)
+    if ended_by_length:
+        logger.warning("%d generated patients were ended because their history reached the model's %d positions",
+                       ended_by_length, max_pos)
     return patients

@@ -179,6 +179,22 @@ def log_pyfunc_model(checkpoint_dir: str, registered_model_name: str | None):
     )
 
 
+def download_model_checkpoint(model_uri: str, dst_path: str | None = None, tracking_uri: str | None = None) -> Path:
+    """The checkpoint folder inside a logged promptehr pyfunc model (`models:/promptehr@champion`,
+    `models:/promptehr/3`, `runs:/<run id>/model`), downloaded to `dst_path` (a temp folder if None)."""
+    import mlflow
+    import yaml
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst_path))
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    try:
+        relative = mlmodel["flavors"]["python_function"]["artifacts"]["checkpoint"]["path"]
+    except (KeyError, TypeError):
+        raise FileNotFoundError(f"{model_uri} is not a promptehr model (no `checkpoint` artifact in its MLmodel)") from None
+    return local / relative
+
+
 def _requirements() -> list[str]:
     from importlib.metadata import version
 

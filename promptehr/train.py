@@ -23,11 +23,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from promptehr.checkpoint import git_commit, load_config_from_checkpoint, load_training_state, package_versions, read_metadata, save_checkpoint
+from promptehr.checkpoint import (git_commit, load_checkpoint, load_config_from_checkpoint, load_training_state,
+                                  package_versions, read_metadata, save_checkpoint)
 from promptehr.collator import EHRDataCollator, EHRPatientDataset, LengthBucketSampler
 from promptehr.config import Config, flatten, to_yaml
 from promptehr.data import load_patients, split_patients
-from promptehr.generate import SamplingConfig, generate_patients
+from promptehr.evaluate import run_quality_report
+from promptehr.generate import SamplingConfig, demographics_histogram, generate_patients
 from promptehr.metrics import compute_reconstruction_jaccard, evaluate_loss, next_visit_baselines
 from promptehr.model import PromptBartWithDemographicPrediction
 from promptehr.tokenizer import DiagnosisCodeTokenizer
@@ -198,7 +200,9 @@ def train(cfg: Config, tracker: Tracker | None = None, on_validate=None) -> dict
     best_dir = ckpt_dir / "best_model"
     last_metrics: dict = {}
     best_metrics: dict = resume.get("best_metrics", {}) if resume else {}
+    demographics = demographics_histogram(train_patients)
     status = "FAILED"
+    result_quality: dict = {}
 
     def checkpoint(folder, epoch, metrics):
         tracker.flush()
@@ -206,6 +210,7 @@ def train(cfg: Config, tracker: Tracker | None = None, on_validate=None) -> dict
             "epoch": epoch, "global_step": global_step, "metrics": metrics, "best_val_loss": best_val_loss,
             "best_metrics": best_metrics, "seed": tcfg.seed, "run_id": run_id, "split_fingerprint": fingerprint,
             "data_fingerprint": data_fingerprint, "data_source": cfg.data.source,
+            "demographics": demographics,  # (sex, age bin) counts: what unconditional generation samples from
         })
 
     try:
@@ -269,6 +274,12 @@ def train(cfg: Config, tracker: Tracker | None = None, on_validate=None) -> dict
             if (epoch + 1) % tcfg.save_every_n_epochs == 0:
                 checkpoint(ckpt_dir / f"epoch_{epoch + 1:03d}", epoch, last_metrics)
             checkpoint(ckpt_dir / "last", epoch, last_metrics)
+        if tcfg.quality_report and tcfg.quality_report_patients > 0 and best_dir.exists():
+            best_model = load_checkpoint(best_dir, device)[0]
+            result_quality = run_quality_report(
+                best_model, tokenizer, train_patients, val_patients, tracker, step=global_step,
+                n_patients=tcfg.quality_report_patients, seed=tcfg.seed, prompt_prob=tcfg.prompt_prob,
+                max_length=cfg.collator.max_length)
         status = "FINISHED"
     except TrainingPruned:
         status = "KILLED"
@@ -279,7 +290,7 @@ def train(cfg: Config, tracker: Tracker | None = None, on_validate=None) -> dict
     finally:
         result = {"run_id": run_id, "global_step": global_step, "best_val_loss": best_val_loss,
                   "best_metrics": best_metrics, "final_metrics": last_metrics, "checkpoint_dir": str(ckpt_dir),
-                  "best_checkpoint": str(best_dir) if best_dir.exists() else None}
+                  "best_checkpoint": str(best_dir) if best_dir.exists() else None, "quality": result_quality}
         if status == "FINISHED" and best_dir.exists():
             tracker.set_tags({"best_val_loss": best_val_loss})
             model_info = tracker.log_model(str(best_dir), best_val_loss, {
