@@ -1,0 +1,539 @@
+"""Hyperparameter search (tuning/): space, trial budget, storages, pruning, and real studies.
+
+Default suite: the space and budget logic, a pruned and a failed trial in-process, and
+`python tuning/search.py` end to end on SQLite (3 tiny trials, then a resume). Marked slow+services:
+3 local workers on a real PostgreSQL server logging to a real `mlflow server`, a worker killed with
+SIGKILL mid-trial (heartbeats re-queue its trial, its MLflow run is closed), and the Slurm job array
+on a real single-node Slurm (slurmctld + slurmd + munge on loopback). The servers come from Debian
+packages (postgresql, slurm-wlm, munge; `.ci/run` installs them): without them these tests skip
+here and fail under CI=true.
+"""
+
+from __future__ import annotations
+
+import getpass
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from promptehr.config import load_config
+from tuning.space import default_params, load_space, suggest, trial_config
+from tuning.storage import describe, journal_path, normalize_url, open_storage
+from tuning.study import TrialBudget, init_study, run_worker, settings_from_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SEARCH = ROOT / "tuning" / "search.py"
+TINY = ROOT / "experiments" / "tiny.yaml"
+
+
+def tiny_overrides(tmp_path, *extra) -> str:
+    """The tiny config at its fastest: 150 patients, 2 epochs, no Jaccard, no samples, no quality report."""
+    return " ".join(["data.synthetic.n_patients=150", "training.num_epochs=2", "training.compute_reconstruction_jaccard=false",
+                     "tracking.n_sample_patients=0", "training.quality_report=false",
+                     f"training.checkpoint_dir={tmp_path / 'checkpoints'}", *extra])
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # in-process tests set some
+    env.update(PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
+def search(*args, env, cwd, timeout=600, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(SEARCH), *map(str, args)], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def child_runs(client, parent_run_id: str) -> list:
+    parent = client.get_run(parent_run_id)
+    return client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+# ------------------------------------------------------------------ space, budget, storages (fast)
+
+
+def test_space_is_the_seed_table_and_defaults_are_enqueued_when_in_range():
+    space = load_space()
+    assert space == {
+        "training.learning_rate": {"low": 5e-5, "high": 2e-4, "log": True},
+        "model.age_loss_weight": {"low": 1e-4, "high": 1e-2, "log": True},
+        "model.sex_loss_weight": {"low": 1e-4, "high": 1e-2, "log": True},
+        "collator.corruption_prob": {"low": 0.3, "high": 0.7},
+        "collator.lambda_poisson": {"low": 2.0, "high": 5.0},
+    }
+    # base.yaml's small-model learning rate (1e-3) is outside the seed's range: that key is sampled
+    cfg = load_config(ROOT / "experiments" / "base.yaml")
+    assert default_params(cfg, space) == {"model.age_loss_weight": 1e-3, "model.sex_loss_weight": 1e-3,
+                                          "collator.corruption_prob": 0.5, "collator.lambda_poisson": 3.0}
+    cfg = load_config(None, ["training.learning_rate=1e-4"])
+    assert default_params(cfg, space)["training.learning_rate"] == 1e-4
+    # a trial's values land on the config keys they name, nothing else changes
+    values = suggest(optuna.trial.FixedTrial({**default_params(cfg, space), "training.learning_rate": 7e-5}), space)
+    trial_cfg = trial_config(settings_from_config(cfg, space).base_config, values)
+    assert trial_cfg.training.learning_rate == 7e-5 and trial_cfg.collator.lambda_poisson == 3.0
+    assert trial_cfg.model == cfg.model and trial_cfg.data == cfg.data
+
+
+def test_space_rejects_unknown_keys_and_bad_ranges(tmp_path):
+    from promptehr.config import ConfigError
+
+    for text, message in (("training.lr: {low: 1.0e-5, high: 1.0e-4}", "not a config key"),
+                          ("training.learning_rate: {low: 0.0, high: 1.0e-4, log: true}", "0 < low < high"),
+                          ("training.precision: {type: categorical}", "choices")):
+        path = tmp_path / "space.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_space(path)
+
+
+def test_storage_urls(tmp_path):
+    assert journal_path("journal:./optuna_journal.log") == "./optuna_journal.log"
+    assert journal_path("/shared/study.log") == "/shared/study.log"
+    assert journal_path("sqlite:///optuna.db") is None
+    assert normalize_url("postgresql://u:p@h/db") == "postgresql+psycopg2://u:p@h/db"  # psycopg 3 is not installed
+    assert "secret" not in describe("postgresql+psycopg2://user:secret@db-host:5432/optuna")
+    journal = open_storage(f"journal:{tmp_path / 'j.log'}")
+    assert isinstance(journal, optuna.storages.JournalStorage)
+    rdb = open_storage(f"sqlite:///{tmp_path / 'o.db'}", heartbeat_interval=5, grace_period=10)
+    assert rdb.get_heartbeat_interval() == 5 and rdb.get_heartbeat_stale_trial_callback() is not None
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_trial_budget_holds_slots_across_workers():
+    """N slots: running and waiting trials hold one; a stale trial's retry takes over its slot; a trial
+    created after the last slot was taken is refused (MaxTrialsCallback would let K workers overshoot)."""
+    study = optuna.create_study()
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
+        study.add_trial(optuna.create_trial(state=state, params={"x": 0.5}, distributions=dist,
+                                            value=1.0 if state == TrialState.COMPLETE else None,
+                                            intermediate_values={1: 1.0}))
+    budget = TrialBudget(3)
+    assert not budget.has_work(study)  # trial 2 is still running somewhere
+    assert budget.admits(study, 2) and not budget.admits(study, 3)
+    assert len(budget.finished(study)) == 2
+    # trial 2's worker died: it fails and is re-queued with the same parameters
+    study._storage.set_trial_state_values(study.trials[2]._trial_id, TrialState.FAIL)
+    optuna.storages.RetryHeartbeatStaleTrialCallback()(study, study.trials[2])
+    retry = study.trials[3]
+    assert retry.state == TrialState.WAITING and retry.params == {"x": 0.5}
+    assert budget.has_work(study) and budget.admits(study, 3)
+    assert [t.number for t in budget.finished(study)] == [0, 1]
+    study.add_trial(optuna.create_trial(state=TrialState.FAIL, user_attrs={"over_budget": True}))
+    assert [t.number for t in TrialBudget.counted(study.trials)] == [0, 1, 3]
+
+
+# ------------------------------------------------------------------ in-process: pruning and failures
+
+
+def test_pruned_trial_ends_its_run_killed_and_a_failing_trial_failed(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)  # MLflow's local artifact store (./mlruns)
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        monkeypatch.delenv(key)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(TINY, tiny_overrides(tmp_path, f"tracking.tracking_uri={uri}").split())
+    space = {"training.precision": {"type": "categorical", "choices": ["fp32", "fp16"]}}  # fp16 is refused by train()
+    storage = open_storage(f"journal:{tmp_path / 'optuna_journal.log'}")  # several processes on one machine
+    study = init_study(storage, "prune", settings_from_config(cfg, space, n_trials=2, pruner="none"))
+    study.enqueue_trial({"training.precision": "fp16"})
+    # a pruner that prunes at the first report: trial 0 (the defaults, fp32) stops after epoch 1
+    study = optuna.load_study(study_name="prune", storage=storage, pruner=optuna.pruners.ThresholdPruner(upper=0.0))
+    from tuning.objective import Objective
+
+    assert run_worker(study, Objective(study)) == 2
+    assert run_worker(study, Objective(study)) == 0  # the budget is spent
+    pruned, failed = study.trials
+    assert pruned.state == TrialState.PRUNED and list(pruned.intermediate_values) == [1]
+    assert failed.state == TrialState.FAIL and "fp16" in failed.user_attrs["failure_reason"]
+    client = mlflow.MlflowClient(uri)
+    killed, crashed = (client.get_run(t.user_attrs["mlflow_run_id"]) for t in (pruned, failed))
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    assert killed.info.status == "KILLED" and crashed.info.status == "FAILED"
+    assert "fp16" in crashed.data.tags["failure_reason"]
+    assert {r.info.run_name for r in child_runs(client, parent)} == {"trial-0", "trial-1"}
+    assert killed.data.tags["optuna.trial_number"] == "0" and killed.data.params["training.precision"] == "fp32"
+    assert [m.step for m in client.get_metric_history(killed.info.run_id, "val/loss")] == [8]  # one validation
+
+
+# ------------------------------------------------------------------ the real entry point on SQLite
+
+
+def test_search_on_sqlite_end_to_end_and_resume(tmp_path):
+    """`python tuning/search.py` with the defaults' storage kind: 3 trials, a parent run with 3 child
+    runs, best value/params/plots on the parent, the champion registered; a second call resumes."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["--config", TINY, "--overrides", tiny_overrides(tmp_path, "training.learning_rate=1e-4"), "--n-trials", 3,
+            "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--study-name", "tiny", "--seed", 0]
+    search(*args, env=clean_env(MLFLOW_TRACKING_URI=uri), cwd=tmp_path)
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    defaults = {"training.learning_rate": 1e-4, "model.age_loss_weight": 1e-3, "model.sex_loss_weight": 1e-3,
+                "collator.corruption_prob": 0.5, "collator.lambda_poisson": 3.0}
+    assert study.trials[0].params == defaults  # the config's values run first
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 3
+
+    client = mlflow.MlflowClient(uri)
+    parent_id = study.user_attrs["mlflow_parent_run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["optuna.study_name"] == "tiny"
+    children = {int(r.data.tags["optuna.trial_number"]): r for r in child_runs(client, parent_id)}
+    assert sorted(children) == [0, 1, 2]
+    for trial in study.trials:
+        run = children[trial.number]
+        assert run.info.run_id == trial.user_attrs["mlflow_run_id"] and run.info.run_name == f"trial-{trial.number}"
+        assert run.info.status == "FINISHED"
+        assert float(run.data.params["training.learning_rate"]) == pytest.approx(trial.params["training.learning_rate"])
+        assert run.data.metrics["val/loss"] == pytest.approx(trial.value)  # 2 epochs, loss still falling
+        checkpoint = Path(trial.user_attrs["best_checkpoint"])
+        assert checkpoint.parent.parent == tmp_path / "checkpoints" / "trials" / "tiny" / str(trial.number)
+        assert not client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+    best = study.best_trial
+    assert parent.data.metrics["best/val_loss"] == pytest.approx(best.value)
+    assert parent.data.tags["best_trial"] == str(best.number)
+    assert float(parent.data.tags["best_params.collator.corruption_prob"]) == pytest.approx(best.params["collator.corruption_prob"])
+    assert parent.data.metrics["trials/complete"] == 3
+    artifacts = {a.path for d in ("plots", "study") for a in client.list_artifacts(parent_id, d)}
+    assert {"plots/optimization_history.png", "plots/param_importances.png", "plots/parallel_coordinate.png",
+            "study/best_params.json", "study/trials.csv"} <= artifacts
+    version = client.get_model_version_by_alias("promptehr", "champion")
+    assert version.run_id == parent_id and version.tags["optuna.trial_number"] == str(best.number)
+    assert version.tags["data_source"] == "synthetic" and version.tags["data_fingerprint"]
+
+    # resuming: the same command finds the budget spent and adds nothing; more trials extend the study
+    proc = search(*args, env=clean_env(MLFLOW_TRACKING_URI=uri), cwd=tmp_path)
+    assert "resuming study tiny (3 of 3 trials finished)" in proc.stderr
+    assert len(optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials) == 3
+    assert len(child_runs(client, parent_id)) == 3
+    assert len(client.search_model_versions("name = 'promptehr'")) == 1  # same best trial: not registered twice
+
+
+def test_search_refuses_a_changed_study_and_parallel_sqlite(tmp_path, monkeypatch, caplog):
+    from tuning.search import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    assert main(["init", "--config", str(TINY), "--storage", storage, "--study-name", "s", "--n-trials", "2"]) == 0
+    assert main(["init", "--storage", storage, "--study-name", "s", "--n-trials", "3"]) == 0  # resumed, extended
+    assert optuna.load_study(study_name="s", storage=storage).user_attrs["n_trials"] == 3
+    assert main(["init", "--storage", storage, "--study-name", "s", "--objective", "val_perplexity"]) == 2
+    assert "was created with another objective" in caplog.text
+    assert main(["--n-workers", "2", "--storage", storage, "--study-name", "s"]) == 2
+    assert "not SQLite" in caplog.text
+
+
+@pytest.mark.slow
+def test_mlflow_run_search_entry_point(tmp_path):
+    """`mlflow run . -e search`: the run `mlflow run` creates becomes the study's parent run."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    client.create_experiment("search-cli", artifact_location=(tmp_path / "artifacts").as_uri())  # not ./mlruns in the repo
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "search", "--env-manager", "local",
+           "--experiment-name", "search-cli", "-P", f"config={TINY}", "-P", "n_trials=2", "-P", f"storage={storage}",
+           "-P", "study_name=cli", "-P", f"overrides={tiny_overrides(tmp_path, 'tracking.register_model=false')}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=clean_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = optuna.load_study(study_name="cli", storage=storage)
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.data.tags["mlflow.project.entryPoint"] == "search" and parent.data.params["n_trials"] == "2"
+    assert parent.info.status == "FINISHED" and "best/val_loss" in parent.data.metrics
+    children = child_runs(client, parent.info.run_id)
+    assert sorted(r.info.run_name for r in children) == ["trial-0", "trial-1"]
+    assert len(client.search_runs([parent.info.experiment_id])) == 3  # parent + 2 trials, no stray run
+
+
+# ------------------------------------------------------------------ servers (slow, services)
+
+
+def missing(what: str):
+    message = f"{what} not installed (apt-get install postgresql slurm-wlm munge; .ci/run installs them)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class Postgres:
+    """A throw-away PostgreSQL cluster on a loopback port (trust auth, fsync off)."""
+
+    def __init__(self):
+        initdb = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: float(Path(p).parts[-3]))
+        if not initdb:
+            missing("PostgreSQL server (Debian package postgresql)")
+        self.bin = Path(initdb[-1]).parent
+        self.base = Path(tempfile.mkdtemp(prefix="promptehr-pg-"))
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:  # initdb refuses to run as root
+            shutil.chown(self.base, "postgres")
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        self.port = free_port()
+        self.run("initdb", "-D", self.base / "data", "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        self.run("pg_ctl", "-D", self.base / "data", "-l", self.base / "server.log", "-w", "-t", "60", "-o",
+                 f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300",
+                 "start")
+
+    def run(self, tool, *args):
+        subprocess.run([*self.as_user, str(self.bin / tool), *map(str, args)], check=True, capture_output=True, timeout=120)
+
+    def create_database(self, name: str) -> str:
+        import psycopg2
+
+        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres")
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+        conn.close()
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{name}"
+
+    def stop(self):
+        self.run("pg_ctl", "-D", self.base / "data", "-m", "fast", "-w", "stop")
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    server = Postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(postgres):
+    """`mlflow server` backed by PostgreSQL, as on a cluster: every process logs to it over HTTP."""
+    workdir = Path(tempfile.mkdtemp(prefix="promptehr-mlflow-"))
+    port = free_port()
+    backend = postgres.create_database("mlflow")
+    log = open(workdir / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+                             "--artifacts-destination", str(workdir / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "2"], stdout=log, stderr=subprocess.STDOUT,
+                            env=clean_env(), cwd=workdir)
+    uri = f"http://127.0.0.1:{port}"
+
+    def healthy():
+        assert proc.poll() is None, (workdir / "server.log").read_text()[-3000:]
+        try:
+            return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    wait_for(healthy, 180, "mlflow server")
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def trial_runs(uri: str, study: optuna.Study):
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    return client, child_runs(client, study.user_attrs["mlflow_parent_run_id"])
+
+
+def check_finished_study(study: optuna.Study, uri: str, n_trials: int):
+    """Exactly `n_trials` finished trials with distinct numbers, each with its own child run under the
+    study's parent run, with the run status matching the trial state; the parent finished."""
+    client, children = trial_runs(uri, study)
+    counted = TrialBudget.counted(study.trials)
+    assert len(counted) == n_trials and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in counted)
+    by_number = {int(r.data.tags["optuna.trial_number"]): r for r in children}
+    assert len(by_number) == len(children) == n_trials  # no trial lost, none run twice
+    for trial in counted:
+        run = by_number[trial.number]
+        assert run.info.run_id == trial.user_attrs["mlflow_run_id"]
+        assert run.info.status == {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}[trial.state]
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["best_trial"] == str(study.best_trial.number)
+    return client
+
+
+@pytest.mark.slow
+@pytest.mark.services
+def test_local_workers_share_a_postgresql_study(tmp_path, postgres, mlflow_server):
+    """`--n-workers 3` on one machine: 3 processes, one study on PostgreSQL, exactly 5 trials."""
+    storage = postgres.create_database("local_workers")
+    search("--config", TINY, "--overrides", tiny_overrides(tmp_path, "tracking.registered_model_name=local-workers"),
+           "--n-trials", 5, "--n-workers", 3, "--storage", storage, "--study-name", "local", "--seed", 1,
+           env=clean_env(MLFLOW_TRACKING_URI=mlflow_server), cwd=tmp_path)
+    study = optuna.load_study(study_name="local", storage=storage)
+    check_finished_study(study, mlflow_server, 5)
+    # the workers ran side by side: some trials overlapped in time
+    spans = sorted((t.datetime_start, t.datetime_complete) for t in TrialBudget.counted(study.trials))
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))
+
+
+@pytest.mark.slow
+@pytest.mark.services
+def test_killed_worker_trial_is_retried_and_its_run_closed(tmp_path, postgres, mlflow_server):
+    """SIGKILL a worker mid-trial: after the grace period the next worker fails the stale trial,
+    closes its MLflow run (KILLED) and re-runs it with the same parameters."""
+    storage = postgres.create_database("killed_worker")
+    env = clean_env(MLFLOW_TRACKING_URI=mlflow_server)
+    heartbeat = ["--heartbeat-interval", 1, "--grace-period", 3]
+    search("init", "--config", TINY, "--n-trials", 1, "--storage", storage, "--study-name", "killed", *heartbeat,
+           "--overrides", tiny_overrides(tmp_path, "training.num_epochs=4", "tracking.register_model=false"),
+           env=env, cwd=tmp_path)
+    worker = subprocess.Popen([sys.executable, str(SEARCH), "worker", "--storage", storage, "--study-name", "killed",
+                               *map(str, heartbeat)], env=env, cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    study = optuna.load_study(study_name="killed", storage=storage)
+    try:
+        wait_for(lambda: study.trials and "mlflow_run_id" in study.trials[0].user_attrs, 180, "trial 0 to start")
+        time.sleep(2)  # training, heartbeats sent
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=30)
+    killed = study.trials[0]
+    client, _ = trial_runs(mlflow_server, study)
+    assert killed.state == TrialState.RUNNING  # nobody told the storage
+    assert client.get_run(killed.user_attrs["mlflow_run_id"]).info.status == "RUNNING"
+    time.sleep(4)  # > grace period
+    search("worker", "--storage", storage, "--study-name", "killed", *heartbeat, env=env, cwd=tmp_path)
+
+    killed, retry = optuna.load_study(study_name="killed", storage=storage).trials
+    assert killed.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
+    assert retry.params == killed.params
+    assert retry.system_attrs["failed_trial"] == 0 and retry.system_attrs["retry_history"] == [0]
+    old_run, new_run = (client.get_run(t.user_attrs["mlflow_run_id"]) for t in (killed, retry))
+    assert old_run.info.status == "KILLED" and "heartbeat" in old_run.data.tags["failure_reason"]
+    assert new_run.info.status == "FINISHED" and new_run.data.tags["optuna.retry_of"] == "0"
+    assert new_run.info.run_id != old_run.info.run_id
+    assert [t.number for t in TrialBudget(1).finished(optuna.load_study(study_name="killed", storage=storage))] == [1]
+
+
+class Slurm:
+    """A single-node Slurm cluster on loopback: munged, slurmctld and slurmd in a temporary folder."""
+
+    def __init__(self):
+        tools = {name: shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
+                 for name in ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel")}
+        if not all(tools.values()):
+            missing(f"Slurm/munge ({', '.join(k for k, v in tools.items() if not v)})")
+        self.tools = tools
+        self.dir = Path(tempfile.mkdtemp(prefix="promptehr-slurm-"))
+        munge = self.dir / "munge"
+        munge.mkdir(mode=0o700)
+        (munge / "munge.key").write_bytes(os.urandom(1024))
+        (munge / "munge.key").chmod(0o600)
+        for sub in ("state", "spool"):
+            (self.dir / sub).mkdir()
+        self.procs = [subprocess.Popen(
+            [tools["munged"], "--foreground", "--force", f"--key-file={munge / 'munge.key'}",
+             f"--socket={munge / 'munge.socket'}", f"--pid-file={munge / 'munged.pid'}",
+             f"--log-file={munge / 'munged.log'}", f"--seed-file={munge / 'munged.seed'}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+        wait_for(lambda: (munge / "munge.socket").exists(), 30, "munged")
+        user = getpass.getuser()
+        memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+        self.conf = self.dir / "slurm.conf"
+        self.conf.write_text("\n".join([
+            "ClusterName=promptehr-test", "SlurmctldHost=localhost(127.0.0.1)",
+            f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
+            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={munge / 'munge.socket'}",
+            f"SlurmUser={user}", f"SlurmdUser={user}",
+            f"StateSaveLocation={self.dir / 'state'}", f"SlurmdSpoolDir={self.dir / 'spool'}",
+            f"SlurmctldPidFile={self.dir / 'slurmctld.pid'}", f"SlurmdPidFile={self.dir / 'slurmd.pid'}",
+            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
+            "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
+            "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
+            "MpiDefault=none", "ReturnToService=2", "MinJobAge=600", "MailProg=/bin/true",
+            f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={int(memory_mb * 0.9)} State=UNKNOWN",
+            "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP", ""]))
+        self.env = clean_env(SLURM_CONF=str(self.conf))
+        for daemon, extra in (("slurmctld", []), ("slurmd", ["-N", "localhost"])):
+            log = open(self.dir / f"{daemon}.log", "w")
+            self.procs.append(subprocess.Popen([tools[daemon], "-D", "-f", str(self.conf), *extra], env=self.env,
+                                               stdout=log, stderr=subprocess.STDOUT))
+        wait_for(lambda: "idle" in self.scontrol("show", "node", "localhost", check=False), 60, "the Slurm node")
+
+    def scontrol(self, *args, check=True) -> str:
+        proc = subprocess.run([self.tools["scontrol"], *args], env=self.env, capture_output=True, text=True, timeout=30)
+        if check:
+            assert proc.returncode == 0, proc.stderr
+        return proc.stdout.lower() + proc.stderr.lower()
+
+    def job_states(self, job_id: str) -> list[str]:
+        out = self.scontrol("show", "job", job_id)
+        return [part.split("=", 1)[1] for part in out.split() if part.startswith("jobstate=")]
+
+    def stop(self):
+        subprocess.run([self.tools["scancel"], "--user", getpass.getuser()], env=self.env, timeout=30)
+        time.sleep(1)
+        for proc in reversed(self.procs):
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    cluster = Slurm()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.services
+def test_slurm_job_array_reaches_the_trial_count(tmp_path, postgres, mlflow_server, slurm):
+    """tuning/slurm/submit.sh on a real Slurm: init here, a 3-task array (2 at a time) of workers
+    against one PostgreSQL study, then the finalize job once the array is done. No GPU request."""
+    storage = postgres.create_database("slurm_array")
+    env = {**slurm.env, "MLFLOW_TRACKING_URI": mlflow_server, "STORAGE": storage, "STUDY": "slurm",
+           "N_TRIALS": "4", "ARRAY": "0-2%2", "CONFIG": str(TINY), "SEED": "2", "PYTHON": sys.executable,
+           "OVERRIDES": tiny_overrides(tmp_path, "tracking.registered_model_name=slurm-array"),
+           "GRES": "none", "CPUS_PER_TASK": "1", "MEM": "500M", "LOG_DIR": str(tmp_path / "logs")}
+    proc = subprocess.run(["bash", str(ROOT / "tuning" / "slurm" / "submit.sh")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids = dict(part.split("=") for part in proc.stdout.strip().splitlines()[-1].split())
+    states = wait_for(lambda: (lambda s: s if all(x in ("completed", "failed", "cancelled", "timeout") for x in s) else None)(
+        slurm.job_states(ids["array_job"]) + slurm.job_states(ids["finalize_job"])), 900, "the Slurm jobs", interval=2)
+    logs = "\n".join(p.read_text()[-2000:] for p in sorted((tmp_path / "logs").glob("*.out")))
+    assert set(states) == {"completed"}, logs
+    assert len(list((tmp_path / "logs").glob("search-*.out"))) == 3
+    study = optuna.load_study(study_name="slurm", storage=storage)
+    client = check_finished_study(study, mlflow_server, 4)
+    assert client.get_model_version_by_alias("slurm-array", "champion").tags["optuna.study_name"] == "slurm"
