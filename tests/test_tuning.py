@@ -138,6 +138,37 @@ def test_trial_budget_holds_slots_across_workers():
     assert [t.number for t in TrialBudget.counted(study.trials)] == [0, 1, 3]
 
 
+def test_local_workers_are_pinned_to_gpus_round_robin(monkeypatch):
+    import torch
+
+    from tuning import search as search_script
+
+    started = []
+
+    class Worker:
+        def __init__(self, cmd, env):
+            started.append((cmd, env))
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(search_script.subprocess, "Popen", Worker)
+    monkeypatch.setenv("MLFLOW_RUN_ID", "run-of-mlflow-run")  # workers must open child runs, not resume it
+    args = search_script.build_parser().parse_args(["run", "--n-workers", "3", "--storage", "journal:study.log"])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")  # this job was given GPUs 4 and 6
+    assert search_script.run_local_workers(args) == 0
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in started] == ["4", "6", "4"]
+    assert [cmd[cmd.index("--worker-id") + 1] for cmd, _ in started] == ["0", "1", "2"]
+    assert all(cmd[2] == "worker" and "MLFLOW_RUN_ID" not in env for cmd, env in started)
+    started.clear()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert search_script.run_local_workers(args) == 0
+    assert all("CUDA_VISIBLE_DEVICES" not in env and int(env["OMP_NUM_THREADS"]) >= 1 for _, env in started)
+
+
 # ------------------------------------------------------------------ in-process: pruning and failures
 
 

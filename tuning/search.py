@@ -94,17 +94,19 @@ def run_local_workers(args) -> int:
     import torch
 
     n_gpus = torch.cuda.device_count()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # this process may itself see only some GPUs
+    gpu_ids = visible.split(",")[:n_gpus] if visible else [str(i) for i in range(n_gpus)]
     procs = []
     for worker_id in range(args.n_workers):
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
         if n_gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(worker_id % n_gpus)
+            env["CUDA_VISIBLE_DEVICES"] = gpu_ids[worker_id % n_gpus]
         else:
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.n_workers)))
         cmd = [sys.executable, str(Path(__file__).resolve()), "worker", "--storage", args.storage,
                "--study-name", args.study_name, "--worker-id", str(worker_id), "--log-level", args.log_level,
                "--heartbeat-interval", str(args.heartbeat_interval), "--grace-period", str(args.grace_period)]
-        logger.info("worker %d: %s", worker_id, f"GPU {worker_id % n_gpus}" if n_gpus else "CPU")
+        logger.info("worker %d: %s", worker_id, f"GPU {env['CUDA_VISIBLE_DEVICES']}" if n_gpus else "CPU")
         procs.append(subprocess.Popen(cmd, env=env))
     codes = [p.wait() for p in procs]
     for worker_id, code in enumerate(codes):
