@@ -247,6 +247,7 @@ def test_search_on_sqlite_end_to_end_and_resume(tmp_path):
             "study/best_params.json", "study/trials.csv"} <= artifacts
     version = client.get_model_version_by_alias("promptehr", "champion")
     assert version.run_id == parent_id and version.tags["optuna.trial_number"] == str(best.number)
+    assert len(client.search_logged_models([parent.info.experiment_id], filter_string=f"source_run_id = '{parent_id}'")) == 1
     assert version.tags["data_source"] == "synthetic" and version.tags["data_fingerprint"]
 
     # resuming: the same command finds the budget spent and adds nothing; more trials extend the study
