@@ -46,6 +46,111 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _checkpoint_folder(model: str, tmp: str) -> str:
+    """A checkpoint folder as given, or the one inside a logged model (`models:/promptehr@champion`, `runs:/...`)."""
+    if model.startswith(("models:/", "runs:/")) or "://" in model:
+        from promptehr.tracking import download_model_checkpoint
+
+        return str(download_model_checkpoint(model, tmp))
+    return model
+
+
+def _sampling(args):
+    from promptehr.generate import SamplingConfig
+
+    return SamplingConfig(temperature=float(args.temperature), top_k=int(args.top_k), top_p=float(args.top_p),
+                          max_visits=int(args.max_visits))
+
+
+def cmd_generate(args) -> int:
+    import tempfile
+
+    from promptehr.checkpoint import load_checkpoint
+    from promptehr.export import export_patients
+    from promptehr.generate import generate_patients, sample_demographics
+    from promptehr.train import resolve_device
+
+    log = logging.getLogger("promptehr")
+    sampling = _sampling(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tokenizer, _, metadata = load_checkpoint(_checkpoint_folder(args.model, tmp), resolve_device(args.device))
+    if "demographics" not in metadata:
+        raise FileNotFoundError(f"{args.model}: its checkpoint holds no demographics histogram (trained before it "
+                                "was stored); generate through predict() with explicit ages and sexes instead")
+    n = int(args.n_patients)
+    ages, sexes = sample_demographics(metadata["demographics"], n, seed=int(args.seed))
+    patients = generate_patients(model, tokenizer, ages, sexes, sampling, seed=int(args.seed),
+                                 batch_size=int(args.batch_size), progress=True)
+    paths = export_patients(patients, args.out, seed=int(args.seed))
+    n_visits = sum(len(p.visits) for p in patients)
+    log.info("generated %d patients, %d visits (%.2f per patient), %.2f codes per visit -> %s", n, n_visits,
+             n_visits / max(n, 1), sum(len(v) for p in patients for v in p.visits) / max(n_visits, 1),
+             ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from promptehr.checkpoint import load_checkpoint
+    from promptehr.config import to_yaml
+    from promptehr.data import load_patients, split_patients
+    from promptehr.evaluate import log_quality_report, plot_report, quality_report
+    from promptehr.tracking import MLflowTracker, Tracker
+    from promptehr.train import resolve_device, split_fingerprint
+
+    log = logging.getLogger("promptehr")
+    sampling = _sampling(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tokenizer, ckpt_cfg, metadata = load_checkpoint(_checkpoint_folder(args.model, tmp), resolve_device(args.device))
+        if args.config:  # e.g. experiments/mimic3.yaml with data.path: the data the model was trained on
+            cfg = load_config(args.config, _overrides(args))
+        else:
+            saved = Path(tmp) / "checkpoint_config.yaml"
+            saved.write_text(to_yaml(ckpt_cfg))
+            cfg = load_config(saved, _overrides(args))
+    patients, _, _ = load_patients(cfg.data)
+    train_patients, heldout = split_patients(patients, cfg.data.val_fraction, cfg.data.split_seed)
+    same_split = split_fingerprint(train_patients, heldout) == metadata.get("split_fingerprint")
+    if not same_split:
+        log.warning("the data split differs from the one the model was trained on: privacy figures compare with "
+                    "patients that are not its training set")
+    tracker = Tracker() if args.no_tracking else MLflowTracker(
+        cfg.tracking.tracking_uri, cfg.tracking.experiment_name, run_name=args.run_name, register_model=False)
+    tracker.start()
+    status = "FAILED"
+    try:
+        tracker.set_tags({"task": "quality_report", "evaluated_model": args.model, "same_split": same_split,
+                          "model_run_id": metadata.get("run_id") or "unknown", "data.source": cfg.data.source})
+        tracker.log_params({"n_patients": int(args.n_patients), "seed": int(args.seed), **{
+            f"sampling.{k}": v for k, v in vars(sampling).items()}})
+        metrics, report = quality_report(model, tokenizer, train_patients, heldout, n_patients=int(args.n_patients),
+                                         seed=int(args.seed), sampling=sampling, prompt_prob=ckpt_cfg.training.prompt_prob,
+                                         max_length=ckpt_cfg.collator.max_length, progress=True)
+        log_quality_report(tracker, metrics, report)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "quality.json").write_text(json.dumps(report, indent=1))
+        plot_report(report, out)
+        status = "FINISHED"
+    finally:
+        tracker.end(status)
+    for key in sorted(metrics):
+        log.info("gen/%s = %.4g", key, metrics[key])
+    log.info("report written to %s", out)
+    return 0
+
+
+def _add_sampling_args(p) -> None:
+    p.add_argument("--temperature", default=1.0, type=float, help="softmax temperature (default 1.0)")
+    p.add_argument("--top-k", default=0, type=int, help="keep the k most likely tokens (0: off)")
+    p.add_argument("--top-p", default=1.0, type=float, help="nucleus sampling mass (1.0: off)")
+    p.add_argument("--max-visits", default=20, type=int, help="end a patient the model has not ended by then")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="promptehr", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -58,6 +163,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help='dotted overrides, e.g. "training.learning_rate=3e-4 data.source=mimic3" (repeatable)')
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.set_defaults(func=cmd_train)
+
+    model_help = "checkpoint folder or logged model URI (models:/promptehr@champion, runs:/<id>/model)"
+    p = sub.add_parser("generate", help="generate synthetic patients as MIMIC-III CSV tables and patients.jsonl")
+    p.add_argument("--model", default="models:/promptehr@champion", help=model_help)
+    p.add_argument("--n-patients", default=1000, type=int)
+    p.add_argument("--seed", default=0, type=int, help="seeds demographics, sampling and the synthetic dates")
+    p.add_argument("--out", default="outputs/synthetic", help="folder for PATIENTS.csv, ADMISSIONS.csv, DIAGNOSES_ICD.csv, patients.jsonl")
+    p.add_argument("--batch-size", default=256, type=int, help="patients generated together")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("evaluate", help="quality report: a generated cohort against held-out patients (tracked in MLflow)")
+    p.add_argument("--model", default="models:/promptehr@champion", help=model_help)
+    p.add_argument("--config", default=None, help="config naming the data (default: the checkpoint's own)")
+    p.add_argument("--overrides", action="append", default=[], help='dotted overrides, e.g. "data.path=/data/mimic-iii"')
+    p.add_argument("--n-patients", default=500, type=int, help="held-out patients (and as many generated)")
+    p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--out", default="outputs/quality", help="folder for quality.json and the plots")
+    p.add_argument("--run-name", default="quality-report")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 
