@@ -204,3 +204,26 @@ def test_evaluate_entry_point_logs_to_mlflow(trained, tmp_path, monkeypatch):
     assert run.data.metrics["gen/n_patients"] == 20 and "gen/membership_auc" in run.data.metrics
     assert {"report/quality.json", "report/prevalence.png", "report/counts.png"} <= {
         a.path for a in client.list_artifacts(run.info.run_id, "report")}
+
+
+@pytest.mark.slow
+def test_mlflow_run_evaluate_entry_point(trained, tmp_path):
+    """`mlflow run . -e evaluate` for real, on a checkpoint folder."""
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+
+    _, _, result = trained
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_TRACKING_URI"] = uri
+    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "evaluate", "--env-manager", "local", "--experiment-name", "q",
+           "-P", f"model={Path(result['best_checkpoint']).resolve()}", "-P", "n_patients=20", "-P", f"out={tmp_path / 'q'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = mlflow.MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("q").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.metrics["gen/n_patients"] == 20
+    assert (tmp_path / "q" / "quality.json").exists()

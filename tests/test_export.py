@@ -127,6 +127,7 @@ def test_generate_from_the_registry(checkpoint_folder, tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("registry-test")  # not an experiment id another test's database left active
     with mlflow.start_run():
         info = log_pyfunc_model(str(checkpoint_folder), "promptehr")
     mlflow.MlflowClient().set_registered_model_alias("promptehr", "champion", info.registered_model_version)
@@ -134,3 +135,21 @@ def test_generate_from_the_registry(checkpoint_folder, tmp_path, monkeypatch):
     assert main(["generate", "--model", "models:/promptehr@champion", "--n-patients", "12", "--out", str(out),
                  "--max-visits", "2"]) == 0
     assert as_tuples(load_mimic_data(out)[0]) == as_tuples(read_jsonl(out / "patients.jsonl"))
+
+
+@pytest.mark.slow
+def test_mlflow_run_generate_entry_point(checkpoint_folder, tmp_path):
+    """`mlflow run . -e generate` for real, on a checkpoint folder."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "synthetic"
+    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "generate", "--env-manager", "local",
+           "-P", f"model={checkpoint_folder}", "-P", "n_patients=15", "-P", f"out={out}", "-P", "top_k=10", "-P", "seed=4"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert as_tuples(load_mimic_data(out)[0]) == as_tuples(read_jsonl(out / "patients.jsonl"))
+    assert len(read_jsonl(out / "patients.jsonl")) == 15
