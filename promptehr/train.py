@@ -29,7 +29,7 @@ from promptehr.collator import EHRDataCollator, EHRPatientDataset, LengthBucketS
 from promptehr.config import Config, flatten, to_yaml
 from promptehr.data import load_patients, split_patients
 from promptehr.evaluate import run_quality_report
-from promptehr.generate import SamplingConfig, demographics_histogram, generate_patients
+from promptehr.generate import SamplingConfig, demographics_histogram, generate_patients, sample_demographics
 from promptehr.metrics import compute_reconstruction_jaccard, evaluate_loss, next_visit_baselines
 from promptehr.model import PromptBartWithDemographicPrediction
 from promptehr.tokenizer import DiagnosisCodeTokenizer
@@ -117,14 +117,11 @@ def validate(model, val_loader, device, cfg, tokenizer, train_patients, val_pati
     return metrics
 
 
-def sample_patients(model, tokenizer, train_patients, n, seed) -> list[dict]:
-    """A few synthetic patients, demographics drawn from the training distribution."""
+def sample_patients(model, tokenizer, demographics, n, seed) -> list[dict]:
+    """A few synthetic patients, demographics drawn from the training (sex, age bin) histogram."""
     if n <= 0:
         return []
-    rng = np.random.default_rng(seed)
-    picks = rng.choice(len(train_patients), n)
-    ages = [train_patients[i].age for i in picks]
-    sexes = [train_patients[i].sex for i in picks]
+    ages, sexes = sample_demographics(demographics, n, seed)
     generated = generate_patients(model, tokenizer, ages, sexes, SamplingConfig(max_visits=8), seed=seed)
     return [{"age": p.age, "sex": p.sex, "visits": p.visits} for p in generated]
 
@@ -263,7 +260,7 @@ def train(cfg: Config, tracker: Tracker | None = None, on_validate=None) -> dict
                             "jaccard %.3f (baseline %.3f)", epoch + 1, metrics["loss"], metrics["perplexity"],
                             metrics.get("tpl", float("nan")), metrics["tpl_frequency_baseline"], metrics["tpl_repeat_baseline"],
                             metrics.get("reconstruction_jaccard", float("nan")), metrics.get("reconstruction_jaccard_baseline", float("nan")))
-                samples = sample_patients(model, tokenizer, train_patients, cfg.tracking.n_sample_patients, tcfg.seed + epoch)
+                samples = sample_patients(model, tokenizer, demographics, cfg.tracking.n_sample_patients, tcfg.seed + epoch)
                 if samples:
                     tracker.log_dict({"epoch": epoch + 1, "synthetic_patients": samples}, f"samples/epoch_{epoch + 1:03d}.json")
                 if metrics["loss"] < best_val_loss:
