@@ -1,0 +1,363 @@
+"""Model quality against the exact optimum of the built-in cohort (a benchmark that prints figures).
+
+    python bench/quality.py                                   # experiments/base.yaml, its 30 epochs
+    python bench/quality.py --epochs 10 --minutes 20 --overrides "training.learning_rate=2e-3"
+    python bench/quality.py --checkpoint checkpoints/<run>/best_model   # score a trained model only
+
+Trains the config with `promptehr.train.train` (no tracking), loads the best checkpoint, and scores
+every next visit k >= 1 of the held-out patients (the split train() used) under:
+  (a) the model: NLL of visit k's codes in a uniformly random order plus its closing `</v>`, teacher-
+      forced after `<v> v0 </v> .. <v> v(k-1) </v> <v>` with the encoder holding the history and a
+      `<v> <mask> </v>` placeholder (the collator's next-visit row), minus log(n!). Averaged over
+      random orders this is an upper bound on the model's NLL of the visit's code SET (Jensen:
+      E_order[-log P(order)] - log n! >= -log sum_orders P(order)); `--orders M` also prints the
+      tighter bound -log(mean of the M order probabilities) - log n!.
+  (b) the exact cohort model (the Bayes optimum): log P(visit k | visits < k, age, sex, visit k exists)
+      by the forward algorithm. Both (a) and (b) condition on visit k existing: (a) does not score the
+      `<v>` that opens visit k, nor anything after its `</v>`.
+  (c) baselines, Bernoulli per code conditioned on a non-empty visit like the cohort:
+      frequency prior q_c = (visits of training patients holding c + 0.5) / (training visits + 1);
+      repeat: p_c = a * [c in visit k-1] + (1 - a) * q_c, `a` fitted by maximum likelihood on the
+      training patients' next visits.
+Prints mean NLL (nats per visit) +- standard error, ratios to the optimum, the share of the gap
+between the frequency prior and the optimum the model closes (with a patient-bootstrap 95% interval),
+and the run's validation perplexity and TPL. Visits holding a code outside the training vocabulary
+are left out of every estimator (counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from promptehr.checkpoint import load_checkpoint  # noqa: E402
+from promptehr.cohort import default_cohort_model  # noqa: E402
+from promptehr.config import load_config  # noqa: E402
+from promptehr.data import SEXES, load_patients, split_patients  # noqa: E402
+from promptehr.tokenizer import DiagnosisCodeTokenizer  # noqa: E402
+
+logger = logging.getLogger("bench.quality")
+
+
+# ------------------------------------------------------------------ events: (patient, k) pairs
+
+
+def next_visit_events(patients, tokenizer: DiagnosisCodeTokenizer, first: bool = False) -> tuple[list[tuple[int, int]], int]:
+    """(patient index, k) for every visit k >= 1 (or, with `first`, every first visit k = 0) whose
+    codes are all in the vocabulary; and the number of visits left out for holding an unknown code."""
+    events, skipped = [], 0
+    for i, p in enumerate(patients):
+        for k in (range(1) if first else range(1, len(p.visits))):
+            if all(c in tokenizer.token_to_id and tokenizer.token_to_id[c] >= tokenizer.n_special for c in p.visits[k]):
+                events.append((i, k))
+            else:
+                skipped += 1
+    return events, skipped
+
+
+# ------------------------------------------------------------------ (a) the trained model
+
+
+def next_visit_row(tok: DiagnosisCodeTokenizer, visits: list[list[int]], k: int, n_visits: int):
+    """The collator's next-visit row for cut k: (encoder ids, label ids, scored label positions).
+    Scored: visit k's codes and its `</v>` (not the `<v>` that opens it, nor the token after)."""
+    def seq(vs):
+        out = []
+        for v in vs:
+            out += [tok.visit_open_id, *v, tok.visit_close_id]
+        return out
+
+    enc = [tok.bos_token_id, *seq(visits[:k] + [[tok.mask_token_id]]), tok.eos_token_id]
+    after = tok.visit_open_id if k + 1 < n_visits else tok.eos_token_id
+    labels = [*seq(visits[: k + 1]), after]
+    start = len(seq(visits[:k])) + 1
+    return enc, labels, list(range(start, start + len(visits[k]) + 1))
+
+
+@torch.no_grad()
+def model_visit_nll(model, tok, patients, events, orders: int = 4, seed: int = 0, batch_size: int = 128,
+                    device="cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Per event: (mean over `orders` random code orders of the sequence NLL minus log n!,
+    -log(mean of the order probabilities) - log n!). Histories are shuffled too (teacher-forced)."""
+    rng = np.random.default_rng(seed)
+    rows = []  # (event index, enc, labels, positions, age, sex)
+    for e, (i, k) in enumerate(events):
+        p = patients[i]
+        ids = [[tok.token_to_id.get(c, tok.unk_token_id) for c in v] for v in p.visits[: k + 1]]
+        for _ in range(orders):
+            visits = [list(rng.permutation(v)) for v in ids]
+            enc, labels, pos = next_visit_row(tok, visits, k, len(p.visits))
+            rows.append((e, enc, labels, pos, p.age, SEXES.index(p.sex)))
+    nll = np.zeros(len(rows))
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        n, le, ld = len(chunk), max(len(r[1]) for r in chunk), max(len(r[2]) for r in chunk)
+        input_ids = torch.full((n, le), tok.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, le), dtype=torch.long)
+        labels = torch.full((n, ld), -100, dtype=torch.long)
+        scored = torch.zeros((n, ld), dtype=torch.bool)
+        for j, (_, enc, lab, pos, _, _) in enumerate(chunk):
+            input_ids[j, : len(enc)] = torch.tensor(enc)
+            attention_mask[j, : len(enc)] = 1
+            labels[j, : len(lab)] = torch.tensor(lab)
+            scored[j, pos] = True
+        x_num = torch.tensor([[r[4]] for r in chunk], dtype=torch.float32)
+        x_cat = torch.tensor([[r[5]] for r in chunk], dtype=torch.long)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "x_num": x_num, "x_cat": x_cat}
+        out = model(**{key: v.to(device) for key, v in batch.items()})
+        logp = F.log_softmax(out["logits"].float(), dim=-1).cpu()
+        token_nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        nll[s:s + n] = (token_nll * scored).sum(1).numpy()
+    per_order = nll.reshape(len(events), orders)
+    log_fact = np.array([math.lgamma(len(patients[i].visits[k]) + 1) for i, k in events])
+    mean_order = per_order.mean(1) - log_fact
+    m = per_order.min(1, keepdims=True)  # -log mean exp(-nll), stably
+    log_mean = (m[:, 0] - np.log(np.exp(-(per_order - m)).mean(1))) - log_fact
+    return mean_order, log_mean
+
+
+# ------------------------------------------------------------------ (b) the exact optimum
+
+
+def optimum_visit_nll(cohort_model, patients, events) -> np.ndarray:
+    """-log P(visit k | visits < k, age, sex, visit k exists) under the generating model."""
+    cache: dict[int, np.ndarray] = {}
+    out = np.zeros(len(events))
+    for e, (i, k) in enumerate(events):
+        if i not in cache:
+            cache[i] = cohort_model.next_visit_log_probs(patients[i])
+        out[e] = -cache[i][k]
+    if not np.all(np.isfinite(out)):
+        raise ValueError("the cohort model gives probability 0 to a held-out visit: is the data the built-in cohort?")
+    return out
+
+
+# ------------------------------------------------------------------ (c) baselines
+
+
+def visit_matrix(patients, events, codes: list[str], offset: int = 0) -> np.ndarray:
+    """(events, C) 0/1: the codes of visit k - offset of each event (offset 1: the previous visit)."""
+    index = {c: j for j, c in enumerate(codes)}
+    y = np.zeros((len(events), len(codes)))
+    for e, (i, k) in enumerate(events):
+        for c in patients[i].visits[k - offset]:
+            if c in index:
+                y[e, index[c]] = 1.0
+    return y
+
+
+def bernoulli_set_nll(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """-log P(set y) for independent Bernoulli(p) per code, conditioned on a non-empty set."""
+    p = np.clip(p, 1e-12, 1 - 1e-12)
+    log1m = np.log1p(-p)
+    ll = (y * (np.log(p) - log1m)).sum(-1) + log1m.sum(-1)
+    log_nonempty = np.log(-np.expm1(log1m.sum(-1)))
+    return -(ll - log_nonempty)
+
+
+def code_prior(train_patients, codes: list[str], alpha: float = 0.5) -> np.ndarray:
+    """Share of the training patients' visits holding each code, add-alpha smoothed."""
+    index = {c: j for j, c in enumerate(codes)}
+    counts = np.zeros(len(codes))
+    n = 0
+    for p in train_patients:
+        for v in p.visits:
+            n += 1
+            for c in set(v):
+                if c in index:
+                    counts[index[c]] += 1
+    return (counts + alpha) / (n + 2 * alpha)
+
+
+def fit_repeat_weight(prior: np.ndarray, y: np.ndarray, prev: np.ndarray) -> float:
+    """The `a` in [0, 1) of p = a * prev + (1 - a) * prior with the least NLL on (y, prev)."""
+    def loss(a):
+        return bernoulli_set_nll(a * prev + (1 - a) * prior, y).mean()
+
+    grid = np.linspace(0.0, 0.99, 100)
+    a = grid[int(np.argmin([loss(g) for g in grid]))]
+    lo, hi = max(0.0, a - 0.01), min(0.999, a + 0.01)
+    for _ in range(40):  # golden-section refinement (the loss is convex in a)
+        m1, m2 = lo + 0.382 * (hi - lo), lo + 0.618 * (hi - lo)
+        lo, hi = (lo, m2) if loss(m1) < loss(m2) else (m1, hi)
+    return float((lo + hi) / 2)
+
+
+# ------------------------------------------------------------------ summary
+
+
+def mean_se(x: np.ndarray) -> tuple[float, float]:
+    return float(np.mean(x)), float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
+def gap_share(freq, model, optimum) -> float:
+    return float((freq.mean() - model.mean()) / (freq.mean() - optimum.mean()))
+
+
+def bootstrap_gap_share(freq, model, optimum, groups, n_boot=2000, seed=0) -> tuple[float, float]:
+    """95% interval of the gap share, resampling patients (their visits stay together)."""
+    rng = np.random.default_rng(seed)
+    ids, inverse = np.unique(groups, return_inverse=True)
+    sums = np.zeros((len(ids), 3))
+    np.add.at(sums, inverse, np.stack([freq, model, optimum], 1))
+    counts = np.bincount(inverse).astype(float)
+    shares = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(ids), len(ids))
+        f, m, o = sums[pick].sum(0) / counts[pick].sum()
+        shares.append((f - m) / (f - o))
+    return float(np.percentile(shares, 2.5)), float(np.percentile(shares, 97.5))
+
+
+def score(model, tokenizer, train_patients, eval_patients, orders, seed, device="cpu", first=False) -> dict:
+    """All estimators on the next visits of `eval_patients` (with `first`: on their first visits,
+    where "repeat" has no previous visit and equals the prior); returns per-event arrays and `a`."""
+    events, skipped = next_visit_events(eval_patients, tokenizer, first)
+    if not events:
+        raise ValueError("no held-out patient has 2+ visits")
+    codes = tokenizer.codes
+    model_nll, model_tight = model_visit_nll(model, tokenizer, eval_patients, events, orders, seed, device=device)
+    optimum = optimum_visit_nll(default_cohort_model(), eval_patients, events)
+    prior = code_prior(train_patients, codes)
+    y = visit_matrix(eval_patients, events, codes)
+    prev = np.zeros_like(y) if first else visit_matrix(eval_patients, events, codes, offset=1)
+    train_events, _ = next_visit_events(train_patients, tokenizer)
+    a = fit_repeat_weight(prior, visit_matrix(train_patients, train_events, codes),
+                          visit_matrix(train_patients, train_events, codes, offset=1))
+    return {
+        "events": events, "skipped": skipped, "repeat_weight": a,
+        "model": model_nll, "model_tight": model_tight, "optimum": optimum,
+        "frequency": bernoulli_set_nll(np.broadcast_to(prior, y.shape), y),
+        "repeat": bernoulli_set_nll(np.broadcast_to(prior, y.shape) if first else a * prev + (1 - a) * prior, y),
+        "n_codes": np.array([len(eval_patients[i].visits[k]) for i, k in events]),
+    }
+
+
+def report(title: str, s: dict, orders: int) -> None:
+    opt = s["optimum"].mean()
+    n_pat = len({i for i, _ in s["events"]})
+    print(f"\n{title}: {len(s['events'])} visits of {n_pat} patients, "
+          f"{s['n_codes'].mean():.2f} codes per visit; {s['skipped']} visits with an unknown code left out")
+    print(f"{'estimator':<44} {'NLL nats/visit':>16} {'/ optimum':>10}")
+    rows = [
+        (f"model, random order, mean of {orders} orders", s["model"]),
+        (f"model, -log mean P over {orders} orders (tighter)", s["model_tight"]),
+        ("exact cohort model (Bayes optimum)", s["optimum"]),
+        ("frequency prior (Bernoulli, non-empty)", s["frequency"]),
+        (f"repeat previous + prior (a={s['repeat_weight']:.3f})", s["repeat"]),
+    ]
+    for name, x in rows:
+        m, se = mean_se(x)
+        print(f"{name:<44} {m:>9.3f} +- {se:<5.3f} {m / opt:>9.3f}")
+    lo, hi = bootstrap_gap_share(s["frequency"], s["model"], s["optimum"], [i for i, _ in s["events"]])
+    share = gap_share(s["frequency"], s["model"], s["optimum"])
+    diff_m, diff_se = mean_se(s["model"] - s["optimum"])
+    print(f"gap closed (frequency - model) / (frequency - optimum): {share:.1%} (95% CI {lo:.1%} .. {hi:.1%})")
+    print(f"  with the tighter model bound: {gap_share(s['frequency'], s['model_tight'], s['optimum']):.1%};"
+          f"  repeat baseline: {gap_share(s['frequency'], s['repeat'], s['optimum']):.1%}")
+    print(f"model - optimum (paired): {diff_m:.3f} +- {diff_se:.3f} nats/visit "
+          f"({diff_m / s['n_codes'].mean():.3f} per code)")
+
+
+# ------------------------------------------------------------------ main
+
+
+def train_and_load(cfg, minutes: float | None):
+    from promptehr.tracking import Tracker
+    from promptehr.train import TrainingPruned, train
+
+    start = time.perf_counter()
+
+    def stop_at_budget(epoch, metrics):
+        if minutes is not None and time.perf_counter() - start > 60 * minutes:
+            raise TrainingPruned(f"time budget of {minutes} min reached after epoch {epoch + 1}")
+
+    try:
+        train(cfg, Tracker(), on_validate=stop_at_budget)
+    except TrainingPruned as exc:
+        logger.warning("%s: scoring the best checkpoint so far", exc)
+    wall = time.perf_counter() - start
+    return Path(cfg.training.checkpoint_dir) / "run" / "best_model", wall
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(ROOT / "experiments" / "base.yaml"))
+    parser.add_argument("--overrides", action="append", default=[], help='dotted overrides, e.g. "model.d_model=192"')
+    parser.add_argument("--epochs", type=int, default=None, help="training.num_epochs (default: the config's)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="stop at the first validation after this many minutes (the schedule stays the config's)")
+    parser.add_argument("--checkpoint", default=None, help="score this checkpoint folder instead of training")
+    parser.add_argument("--orders", type=int, default=4, help="random code orders per visit")
+    parser.add_argument("--fresh-patients", type=int, default=0,
+                        help="also score N new patients drawn from the cohort model (tighter error bars)")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="also score first visits (k = 0) and training patients' next visits (in-sample)")
+    parser.add_argument("--keep", default=None, help="keep the checkpoints in this folder (default: a temp dir)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("promptehr.train", "promptehr.data"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    overrides = [o for text in args.overrides for o in shlex.split(text)]
+    overrides.insert(0, "training.quality_report=false")  # train()'s generated-cohort report: not needed here
+    if args.epochs is not None:
+        overrides.append(f"training.num_epochs={args.epochs}")
+    tmp = None
+    wall = float("nan")
+    if args.checkpoint:
+        folder = Path(args.checkpoint)
+    else:
+        if args.keep is None:
+            tmp = tempfile.TemporaryDirectory(prefix="bench-quality-")
+        cfg = load_config(args.config, [*overrides, f"training.checkpoint_dir={args.keep or tmp.name}"])
+        if cfg.data.source != "synthetic":
+            parser.error("the exact optimum exists only for the built-in cohort (data.source=synthetic)")
+        logger.info("training %s %s", args.config, " ".join(overrides))
+        folder, wall = train_and_load(cfg, args.minutes)
+    model, tokenizer, cfg, meta = load_checkpoint(folder)
+    torch.set_grad_enabled(False)
+
+    patients, _, _ = load_patients(cfg.data)
+    train_patients, val_patients = split_patients(patients, cfg.data.val_fraction, cfg.data.split_seed)
+    t = time.perf_counter()
+    s = score(model, tokenizer, train_patients, val_patients, args.orders, args.seed)
+    m = meta.get("metrics", {})
+    print(f"\nconfig {args.checkpoint or args.config} {' '.join(overrides)}")
+    print(f"training wall time {wall / 60:.1f} min; best checkpoint epoch {meta.get('epoch', -1) + 1}, "
+          f"step {meta.get('global_step')}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    print(f"validation (held-out {cfg.data.val_fraction:.0%}): loss {m.get('loss', float('nan')):.4f}, "
+          f"perplexity {m.get('perplexity', float('nan')):.2f}, TPL {m.get('tpl', float('nan')):.2f} "
+          f"(frequency {m.get('tpl_frequency_baseline', float('nan')):.2f}, repeat {m.get('tpl_repeat_baseline', float('nan')):.2f})")
+    report("held-out patients of the training split, next visits k >= 1", s, args.orders)
+    if args.diagnose:
+        report("held-out patients, FIRST visits k = 0 given demographics (repeat = prior)",
+               score(model, tokenizer, train_patients, val_patients, args.orders, args.seed, first=True), args.orders)
+        report("TRAINING patients (in-sample), next visits k >= 1",
+               score(model, tokenizer, train_patients, train_patients, args.orders, args.seed), args.orders)
+    if args.fresh_patients:
+        fresh = default_cohort_model().sample(args.fresh_patients, seed=cfg.data.synthetic.seed + 10_007)
+        report(f"{args.fresh_patients} fresh patients from the cohort model, next visits k >= 1",
+               score(model, tokenizer, train_patients, fresh, args.orders, args.seed), args.orders)
+    print(f"\nscoring took {time.perf_counter() - t:.1f}s")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

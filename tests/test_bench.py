@@ -1,0 +1,102 @@
+"""The benchmarks' scoring and FLOP formulas (bench/quality.py, bench/throughput.py): the figures they
+print are only as good as these pieces."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from promptehr.cohort import sample_cohort
+from promptehr.collator import EHRDataCollator, EHRPatientDataset
+from promptehr.config import load_config
+from promptehr.model import PromptBartWithDemographicPrediction
+from promptehr.tokenizer import DiagnosisCodeTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_bench(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+quality = load_bench("quality")
+throughput = load_bench("throughput")
+
+
+@pytest.fixture(scope="module")
+def small():
+    patients = [p for p in sample_cohort(300, seed=5) if len(p.visits) >= 2][:40]
+    tok = DiagnosisCodeTokenizer.from_patients(patients)
+    return patients, tok
+
+
+def test_scored_row_is_the_collators_next_visit_row(small):
+    patients, tok = small
+    cfg = load_config(None, ["collator.shuffle_codes=false", "collator.corruption_prob=0", "collator.first_visit_prob=0"])
+    collator = EHRDataCollator.from_config(tok, cfg.collator)
+    ds = EHRPatientDataset(patients, tok)
+    rng = np.random.default_rng(0)
+    for i in range(len(patients)):
+        visits = ds.visits[i]
+        rows = [r for r in collator.rows_for_patient(visits, rng) if r[3] == "next_visit_prediction"]
+        enc, labels, start, _ = rows[0]
+        k = int((enc == tok.visit_open_id).sum()) - 1
+        my_enc, my_labels, positions = quality.next_visit_row(tok, [list(v) for v in visits], k, len(visits))
+        assert my_enc == enc.tolist() and my_labels == labels.tolist()
+        # scored: exactly visit k's codes and its </v>; the <v> that opens it is not scored
+        assert positions[0] == start and labels[start - 1] == tok.visit_open_id
+        assert sorted(labels[positions[:-1]].tolist()) == sorted(visits[k].tolist())
+        assert labels[positions[-1]] == tok.visit_close_id
+
+
+def test_bernoulli_set_probabilities_sum_to_one_over_nonempty_sets():
+    p = np.array([0.1, 0.5, 0.02])
+    subsets = np.array([[(m >> j) & 1 for j in range(3)] for m in range(1, 8)], dtype=float)
+    total = np.exp(-quality.bernoulli_set_nll(np.broadcast_to(p, subsets.shape), subsets)).sum()
+    assert total == pytest.approx(1.0, abs=1e-9)
+
+
+def test_repeat_weight_is_recovered_from_data_it_generated():
+    rng = np.random.default_rng(0)
+    n, c, a = 4000, 30, 0.6
+    prior = rng.uniform(0.01, 0.2, c)
+    prev = (rng.random((n, c)) < 0.2).astype(float)
+    p = a * prev + (1 - a) * prior
+    y = (rng.random((n, c)) < p).astype(float)
+    keep = y.sum(1) > 0  # the estimator conditions on a non-empty visit
+    assert quality.fit_repeat_weight(prior, y[keep], prev[keep]) == pytest.approx(a, abs=0.03)
+
+
+def test_model_nll_bounds_and_optimum_are_finite(small):
+    patients, tok = small
+    cfg = load_config(ROOT / "experiments" / "tiny.yaml")
+    model = PromptBartWithDemographicPrediction(tok, cfg).eval()
+    events, skipped = quality.next_visit_events(patients, tok)
+    assert skipped == 0 and len(events) >= 40
+    with torch.no_grad():
+        mean_order, tight = quality.model_visit_nll(model, tok, patients, events[:10], orders=3)
+    assert np.all(np.isfinite(mean_order)) and np.all(tight <= mean_order + 1e-9)
+    # an untrained model is far from the optimum: ~log(vocab) nats per code
+    optimum = quality.optimum_visit_nll(quality.default_cohort_model(), patients, events[:10])
+    assert np.all(optimum > 0) and mean_order.mean() > optimum.mean() + 5
+
+
+def test_flop_formula_matches_torch_flop_counter(small):
+    patients, tok = small
+    cfg = load_config(ROOT / "experiments" / "base.yaml", ["collator.corruption_prob=0"])
+    ds = EHRPatientDataset(patients, tok)
+    collator = EHRDataCollator.from_config(tok, cfg.collator)
+    model = PromptBartWithDemographicPrediction(tok, cfg)
+    model.bart.set_attn_implementation("eager")  # the counter does not count CPU sdpa kernels; eager bmm it does
+    batch = collator([ds[i] for i in range(8)])
+    with FlopCounterMode(display=False) as counter:
+        model(**batch)["loss"].backward()
+    useful, executed = throughput.batch_flops(cfg.model, len(tok), batch)
+    assert executed == pytest.approx(counter.get_total_flops(), rel=0.02)  # the counter sees the padded shapes
+    assert useful < executed
