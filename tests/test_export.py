@@ -82,6 +82,8 @@ def checkpoint_folder(tmp_path, cohort):
     tok = DiagnosisCodeTokenizer.from_patients(cohort)
     torch.manual_seed(0)
     model = PromptBartWithDemographicPrediction(tok, cfg)
+    with torch.no_grad():  # an untrained model closes a visit only at 40 codes: make it ~8, as a trained one
+        model.bart.final_logits_bias[0, tok.visit_close_id] = 4.0
     folder = tmp_path / "best_model"
     save_checkpoint(folder, model, None, None, cfg, tok, {"demographics": demographics_histogram(cohort)})
     return folder
