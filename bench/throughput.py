@@ -45,7 +45,7 @@ from promptehr.config import ModelConfig, load_config  # noqa: E402
 from promptehr.data import load_patients, split_patients  # noqa: E402
 from promptehr.model import N_PROMPTS, PromptBartWithDemographicPrediction  # noqa: E402
 from promptehr.tokenizer import DiagnosisCodeTokenizer  # noqa: E402
-from promptehr.train import autocast_context, build_loaders, build_optimizer, seed_everything  # noqa: E402
+from promptehr.train import autocast_context, build_loaders, build_optimizer, seed_everything, training_step  # noqa: E402
 
 logger = logging.getLogger("bench.throughput")
 
@@ -220,16 +220,8 @@ def measure_shape(name: str, args, peak: float) -> dict:
         t1 = time.perf_counter()
         useful, executed = batch_flops(cfg.model, vocab, batch)
         codes = int((batch["labels"] >= tokenizer.n_special).sum())
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with autocast():  # the step of promptehr.train.train
-            out = step_model(**batch)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        sums += torch.stack([out["loss"].detach(), out["lm_loss"].detach(), out["age_loss"].detach(),
-                             out["sex_loss"].detach()]).float()
+        # the step of promptehr.train.train, itself
+        sums += training_step(model, step_model, batch, optimizer, scheduler, tcfg.max_grad_norm, autocast, device)
         if done + 1 == warmup:
             sync(device)
             meter.start()

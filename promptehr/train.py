@@ -103,6 +103,20 @@ def build_optimizer(model, tcfg, device):
     return torch.optim.AdamW(groups, lr=tcfg.learning_rate, fused=device.type in ("cuda", "cpu"))
 
 
+def training_step(model, step_model, batch, optimizer, scheduler, max_grad_norm, autocast, device) -> torch.Tensor:
+    """One optimizer step on `batch`; returns the detached (loss, lm_loss, age_loss, sex_loss) without
+    a host sync, so the loop only syncs when it logs."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    with autocast():
+        out = step_model(**batch)
+    out["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return torch.stack([out["loss"].detach(), out["lm_loss"].detach(), out["age_loss"].detach(), out["sex_loss"].detach()]).float()
+
+
 # ------------------------------------------------------------------ validation
 
 
@@ -222,16 +236,8 @@ def train(cfg: Config, tracker: Tracker | None = None, on_validate=None) -> dict
             n_window, t_window, rows_window = 0, time.perf_counter(), 0
             bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{tcfg.num_epochs}", unit="batch", leave=False, dynamic_ncols=True)
             for batch in bar:
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                with autocast():
-                    out = step_model(**batch)
-                out["loss"].backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                sums += training_step(model, step_model, batch, optimizer, scheduler, tcfg.max_grad_norm, autocast, device)
                 global_step += 1
-                sums += torch.stack([out["loss"].detach(), out["lm_loss"].detach(), out["age_loss"].detach(), out["sex_loss"].detach()]).float()
                 n_window += 1
                 rows_window += batch["labels"].shape[0]
                 if global_step % tcfg.log_every_n_steps == 0:
