@@ -53,10 +53,12 @@ class DemographicPrompt(nn.Module):
 
     def __init__(self, d_model: int, hidden: int):
         super().__init__()
-        self.age_weight = nn.Parameter(torch.randn(hidden) * 0.02)
+        # unit-scale init: the projections' biases are ~1/sqrt(hidden), so prompts initialised at 0.02
+        # start out almost identical for every patient (men and women moved the logits by ~1e-5)
+        self.age_weight = nn.Parameter(torch.randn(hidden))
         self.age_bias = nn.Parameter(torch.zeros(hidden))
         self.sex_embedding = nn.Embedding(len(SEXES), hidden)
-        nn.init.normal_(self.sex_embedding.weight, std=0.02)
+        nn.init.normal_(self.sex_embedding.weight, std=1.0)
         self.age_proj = nn.Linear(hidden, d_model)
         self.sex_proj = nn.Linear(hidden, d_model)
 
