@@ -280,8 +280,10 @@ def train_and_load(cfg, minutes: float | None):
     from promptehr.train import TrainingPruned, train
 
     start = time.perf_counter()
+    curve = []
 
     def stop_at_budget(epoch, metrics):
+        curve.append(f"{epoch + 1}:{metrics.get('tpl', float('nan')):.1f}")
         if minutes is not None and time.perf_counter() - start > 60 * minutes:
             raise TrainingPruned(f"time budget of {minutes} min reached after epoch {epoch + 1}")
 
@@ -290,6 +292,7 @@ def train_and_load(cfg, minutes: float | None):
     except TrainingPruned as exc:
         logger.warning("%s: scoring the best checkpoint so far", exc)
     wall = time.perf_counter() - start
+    logger.info("validation TPL by epoch: %s", " ".join(curve))
     return Path(cfg.training.checkpoint_dir) / "run" / "best_model", wall
 
 
