@@ -6,6 +6,13 @@ prepended to the encoder and decoder input embeddings (masks extended by two pos
 The auxiliary heads read the mean embedding of the encoder's CODE tokens only: they never see
 the prompts, so they cannot copy the answer (PROMPTEHR.md section 3).
 `forward` returns loss, lm_loss, age_loss, sex_loss and logits aligned with `labels`.
+
+The model's distribution is the one generation samples from: `grammar_mask` bans, at every label
+position, the tokens the patient format rules out there (inside a visit: special tokens, `</v>`
+before the visit's first code, and codes the visit already holds, since a visit is a set; after
+`</v>`: anything but `<v>` or `</s>`). Training, validation metrics and benchmarks score these
+renormalised probabilities, and `generate.sample_visit_batch` applies the same rules, so the
+likelihood a run reports is that of the sampler it ships.
 """
 
 from __future__ import annotations
@@ -20,6 +27,47 @@ from promptehr.data import MAX_AGE, SEXES
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 
 N_PROMPTS = 2  # age, sex
+BANNED_LOGIT = -1e9  # finite: x * 0 stays 0 where ignored positions are multiplied out
+
+
+def grammar_mask(labels: torch.Tensor, tok: DiagnosisCodeTokenizer | dict, vocab_size: int) -> torch.Tensor:
+    """(B, T, V) bool, True where the patient format forbids token v at label position t, given the
+    label tokens before t (teacher forcing). Labels are `<v> codes </v> ... (<v> | </s>)`, -100 = pad.
+
+    Inside a visit only codes and `</v>` are allowed; `</v>` only after at least one code (an `<unk>`
+    label counts as one); a code only once per visit. Outside a visit only `<v>` or `</s>`. These are
+    the sampler's rules. The label itself is never banned, so a record that breaks them (an `<unk>`
+    code of a validation patient; duplicates are removed when loading) costs a finite loss, not an
+    infinite one.
+    """
+    ids = tok if isinstance(tok, dict) else {
+        "visit_open": tok.visit_open_id, "visit_close": tok.visit_close_id, "eos": tok.eos_token_id,
+        "unk": tok.unk_token_id, "n_special": tok.n_special}
+    b, t = labels.shape
+    dev = labels.device
+    is_open = labels == ids["visit_open"]
+    is_close = labels == ids["visit_close"]
+    is_code = labels >= ids["n_special"]
+    opens_before = torch.cumsum(is_open.long(), 1) - is_open.long()        # <v> strictly before t
+    closes_before = torch.cumsum(is_close.long(), 1) - is_close.long()
+    inside = opens_before > closes_before                                  # position t lies in a visit
+    visit_of = torch.cumsum(is_open.long(), 1)                             # visit index of a code at s
+    earlier = torch.ones(t, t, dtype=torch.bool, device=dev).tril(-1)      # s < t
+    same = (visit_of.unsqueeze(1) == opens_before.unsqueeze(2)) & earlier & inside.unsqueeze(2)  # (B, t, s)
+    emitted = same & is_code.unsqueeze(1)
+    special = torch.arange(vocab_size, device=dev) < ids["n_special"]
+    in_visit_ban = special.clone()
+    in_visit_ban[ids["visit_close"]] = False
+    out_visit_ban = torch.ones(vocab_size, dtype=torch.bool, device=dev)
+    out_visit_ban[[ids["visit_open"], ids["eos"]]] = False
+    mask = torch.where(inside.unsqueeze(-1), in_visit_ban, out_visit_ban).clone()  # (B, T, V)
+    mask[..., ids["visit_close"]] |= inside & ~(emitted | (same & (labels == ids["unk"]).unsqueeze(1))).any(-1)
+    # codes already in the visit: scatter labels[s] into row t (a harmless special id where not emitted)
+    index = torch.where(emitted, labels.clamp(min=0).unsqueeze(1), ids["visit_open"])
+    repeat = torch.zeros_like(mask).scatter_(2, index, True)
+    repeat[..., ids["visit_open"]] = False
+    mask |= repeat
+    return mask.scatter_(2, labels.clamp(min=0).unsqueeze(-1), False)  # (ignored positions: unbans pad)
 
 
 def bart_config(cfg, tokenizer: DiagnosisCodeTokenizer) -> BartConfig:
@@ -77,6 +125,8 @@ class PromptBartWithDemographicPrediction(nn.Module):
         self.n_special = tokenizer.n_special
         self.pad_token_id = tokenizer.pad_token_id
         self.bos_token_id = tokenizer.bos_token_id
+        self.grammar_ids = {"visit_open": tokenizer.visit_open_id, "visit_close": tokenizer.visit_close_id,
+                            "eos": tokenizer.eos_token_id, "unk": tokenizer.unk_token_id, "n_special": tokenizer.n_special}
         self.bart = BartForConditionalGeneration(bart_config(mcfg, tokenizer))
         d = mcfg.d_model
         self.encoder_prompt = DemographicPrompt(d, mcfg.prompt_hidden_size)
@@ -128,8 +178,9 @@ class PromptBartWithDemographicPrediction(nn.Module):
         dec = self.bart.model.decoder(
             inputs_embeds=dec_embeds, encoder_hidden_states=hidden, encoder_attention_mask=enc_mask, use_cache=False
         ).last_hidden_state
-        logits = self.lm_logits(dec[:, N_PROMPTS:])                     # (B, T, V), aligned with labels
-        lm_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        logits = self.lm_logits(dec[:, N_PROMPTS:]).float()             # (B, T, V), aligned with labels
+        logits = logits.masked_fill(grammar_mask(labels, self.grammar_ids, logits.shape[-1]), BANNED_LOGIT)
+        lm_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
         features, has_codes = self.demographic_features(input_ids)
         age_pred = self.age_head(features).squeeze(-1).float()
