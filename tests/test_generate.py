@@ -22,7 +22,7 @@ from promptehr.config import load_config
 from promptehr.data import SEXES, Patient
 from promptehr.generate import (AGE_BIN_EDGES, SamplingConfig, _history_tokens, demographics_histogram,
                                 generate_conditional_batch, generate_patients, sample_demographics, sample_visit_batch)
-from promptehr.model import PromptBartWithDemographicPrediction
+from promptehr.model import BANNED_LOGIT, PromptBartWithDemographicPrediction
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,15 @@ def test_cached_batched_logits_equal_a_full_forward_per_row():
             out = model(input_ids=torch.tensor([enc]), attention_mask=torch.ones(1, len(enc), dtype=torch.long),
                         labels=torch.tensor([dec[1:] + sampled]), x_num=torch.tensor([[ages[i]]]), x_cat=torch.tensor([[sexes[i]]]))
         for t in range(len(sampled)):  # logits of step t predict sampled[t]
-            torch.testing.assert_close(recorded[t][i], out["logits"][0, len(dec) - 1 + t], atol=1e-5, rtol=1e-5)
+            logits = out["logits"][0, len(dec) - 1 + t]
+            allowed = logits > BANNED_LOGIT / 2  # the forward's grammar mask: the sampler's rules
+            torch.testing.assert_close(recorded[t][i][allowed], logits[allowed], atol=1e-5, rtol=1e-5)
+            if t <= len(codes[i]):  # inside the visit: specials but </v>, the visit's codes, </v> if empty
+                held = revealed[i] + codes[i][:t]
+                expected = (set(range(tok.n_special)) - {tok.visit_close_id}) | set(held) | (set() if held else {tok.visit_close_id})
+            else:  # after </v>: only <v> or </s>
+                expected = set(range(len(tok))) - {tok.visit_open_id, tok.eos_token_id}
+            assert set(torch.nonzero(~allowed).flatten().tolist()) == expected
             compared += 1
     assert compared > 20
     assert len({len(h) for h in histories}) > 1
