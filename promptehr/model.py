@@ -30,6 +30,12 @@ N_PROMPTS = 2  # age, sex
 BANNED_LOGIT = -1e9  # finite: x * 0 stays 0 where ignored positions are multiplied out
 
 
+def grammar_token_ids(tok: DiagnosisCodeTokenizer) -> dict[str, int]:
+    """The token ids `grammar_mask` needs (a model keeps them, so its forward needs no tokenizer)."""
+    return {"pad": tok.pad_token_id, "visit_open": tok.visit_open_id, "visit_close": tok.visit_close_id,
+            "eos": tok.eos_token_id, "unk": tok.unk_token_id, "n_special": tok.n_special}
+
+
 def grammar_mask(labels: torch.Tensor, tok: DiagnosisCodeTokenizer | dict, vocab_size: int) -> torch.Tensor:
     """(B, T, V) bool, True where the patient format forbids token v at label position t, given the
     label tokens before t (teacher forcing). Labels are `<v> codes </v> ... (<v> | </s>)`, -100 = pad.
@@ -40,9 +46,7 @@ def grammar_mask(labels: torch.Tensor, tok: DiagnosisCodeTokenizer | dict, vocab
     code of a validation patient; duplicates are removed when loading) costs a finite loss, not an
     infinite one.
     """
-    ids = tok if isinstance(tok, dict) else {
-        "visit_open": tok.visit_open_id, "visit_close": tok.visit_close_id, "eos": tok.eos_token_id,
-        "unk": tok.unk_token_id, "n_special": tok.n_special}
+    ids = tok if isinstance(tok, dict) else grammar_token_ids(tok)
     b, t = labels.shape
     dev = labels.device
     is_open = labels == ids["visit_open"]
@@ -60,13 +64,11 @@ def grammar_mask(labels: torch.Tensor, tok: DiagnosisCodeTokenizer | dict, vocab
     in_visit_ban[ids["visit_close"]] = False
     out_visit_ban = torch.ones(vocab_size, dtype=torch.bool, device=dev)
     out_visit_ban[[ids["visit_open"], ids["eos"]]] = False
-    mask = torch.where(inside.unsqueeze(-1), in_visit_ban, out_visit_ban).clone()  # (B, T, V)
+    mask = torch.where(inside.unsqueeze(-1), in_visit_ban, out_visit_ban)  # (B, T, V), a new tensor
     mask[..., ids["visit_close"]] |= inside & ~(emitted | (same & (labels == ids["unk"]).unsqueeze(1))).any(-1)
-    # codes already in the visit: scatter labels[s] into row t (a harmless special id where not emitted)
-    index = torch.where(emitted, labels.clamp(min=0).unsqueeze(1), ids["visit_open"])
-    repeat = torch.zeros_like(mask).scatter_(2, index, True)
-    repeat[..., ids["visit_open"]] = False
-    mask |= repeat
+    # codes already in the visit: scatter labels[s] into row t; where s was no code, scatter <pad>, which
+    # is banned at every position anyway
+    mask.scatter_(2, torch.where(emitted, labels.clamp(min=0).unsqueeze(1), ids["pad"]), True)
     return mask.scatter_(2, labels.clamp(min=0).unsqueeze(-1), False)  # (ignored positions: unbans pad)
 
 
@@ -125,8 +127,7 @@ class PromptBartWithDemographicPrediction(nn.Module):
         self.n_special = tokenizer.n_special
         self.pad_token_id = tokenizer.pad_token_id
         self.bos_token_id = tokenizer.bos_token_id
-        self.grammar_ids = {"visit_open": tokenizer.visit_open_id, "visit_close": tokenizer.visit_close_id,
-                            "eos": tokenizer.eos_token_id, "unk": tokenizer.unk_token_id, "n_special": tokenizer.n_special}
+        self.grammar_ids = grammar_token_ids(tokenizer)
         self.bart = BartForConditionalGeneration(bart_config(mcfg, tokenizer))
         d = mcfg.d_model
         self.encoder_prompt = DemographicPrompt(d, mcfg.prompt_hidden_size)
