@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from promptehr.checkpoint import load_checkpoint  # noqa: E402
+from promptehr.collator import TASK_ID, EHRDataCollator  # noqa: E402
 from promptehr.cohort import default_cohort_model  # noqa: E402
 from promptehr.config import load_config  # noqa: E402
 from promptehr.data import SEXES, load_patients, split_patients  # noqa: E402
@@ -71,20 +72,16 @@ def next_visit_events(patients, tokenizer: DiagnosisCodeTokenizer, first: bool =
 # ------------------------------------------------------------------ (a) the trained model
 
 
-def next_visit_row(tok: DiagnosisCodeTokenizer, visits: list[list[int]], k: int, n_visits: int):
-    """The collator's next-visit row for cut k: (encoder ids, label ids, scored label positions).
-    Scored: visit k's codes and its `</v>` (not the `<v>` that opens it, nor the token after)."""
-    def seq(vs):
-        out = []
-        for v in vs:
-            out += [tok.visit_open_id, *v, tok.visit_close_id]
-        return out
-
-    enc = [tok.bos_token_id, *seq(visits[:k] + [[tok.mask_token_id]]), tok.eos_token_id]
-    after = tok.visit_open_id if k + 1 < n_visits else tok.eos_token_id
-    labels = [*seq(visits[: k + 1]), after]
-    start = len(seq(visits[:k])) + 1
-    return enc, labels, list(range(start, start + len(visits[k]) + 1))
+def scored_batch(collator: EHRDataCollator, rows) -> tuple[dict, torch.Tensor]:
+    """Rows (encoder ids, label ids, first code position, age, sex) of `collator.cut_row`, padded by the
+    collator itself; and the scored label positions: visit k's codes and its `</v>` (not the `<v>`
+    that opens it, nor the token after)."""
+    batch = collator.pad([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+                         [TASK_ID["next_visit_prediction"]] * len(rows), [r[3] for r in rows], [r[4] for r in rows])
+    codes = batch["target_mask"]  # visit k's codes
+    scored = codes.clone()
+    scored[:, 1:] |= codes[:, :-1]  # ... and the </v> right after them
+    return batch, scored
 
 
 @torch.no_grad()
@@ -93,34 +90,21 @@ def model_visit_nll(model, tok, patients, events, orders: int = 4, seed: int = 0
     """Per event: (mean over `orders` random code orders of the sequence NLL minus log n!,
     -log(mean of the order probabilities) - log n!). Histories are shuffled too (teacher-forced)."""
     rng = np.random.default_rng(seed)
-    rows = []  # (event index, enc, labels, positions, age, sex)
-    for e, (i, k) in enumerate(events):
+    collator = EHRDataCollator(tok)
+    rows = []  # (encoder ids, label ids, first code position, age, sex id), `orders` per event
+    for i, k in events:
         p = patients[i]
-        ids = [[tok.token_to_id.get(c, tok.unk_token_id) for c in v] for v in p.visits[: k + 1]]
+        ids = [np.array([tok.token_to_id.get(c, tok.unk_token_id) for c in v], dtype=np.int64) for v in p.visits]
         for _ in range(orders):
-            visits = [list(rng.permutation(v)) for v in ids]
-            enc, labels, pos = next_visit_row(tok, visits, k, len(p.visits))
-            rows.append((e, enc, labels, pos, p.age, SEXES.index(p.sex)))
+            visits = [rng.permutation(v) for v in ids[: k + 1]] + ids[k + 1:]  # later visits: only their count matters
+            rows.append((*collator.cut_row(visits, k), p.age, SEXES.index(p.sex)))
     nll = np.zeros(len(rows))
     for s in range(0, len(rows), batch_size):
-        chunk = rows[s:s + batch_size]
-        n, le, ld = len(chunk), max(len(r[1]) for r in chunk), max(len(r[2]) for r in chunk)
-        input_ids = torch.full((n, le), tok.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((n, le), dtype=torch.long)
-        labels = torch.full((n, ld), -100, dtype=torch.long)
-        scored = torch.zeros((n, ld), dtype=torch.bool)
-        for j, (_, enc, lab, pos, _, _) in enumerate(chunk):
-            input_ids[j, : len(enc)] = torch.tensor(enc)
-            attention_mask[j, : len(enc)] = 1
-            labels[j, : len(lab)] = torch.tensor(lab)
-            scored[j, pos] = True
-        x_num = torch.tensor([[r[4]] for r in chunk], dtype=torch.float32)
-        x_cat = torch.tensor([[r[5]] for r in chunk], dtype=torch.long)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "x_num": x_num, "x_cat": x_cat}
+        batch, scored = scored_batch(collator, rows[s:s + batch_size])
         out = model(**{key: v.to(device) for key, v in batch.items()})
         logp = F.log_softmax(out["logits"].float(), dim=-1).cpu()
-        token_nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        nll[s:s + n] = (token_nll * scored).sum(1).numpy()
+        token_nll = -logp.gather(-1, batch["labels"].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        nll[s:s + len(scored)] = (token_nll * scored).sum(1).numpy()
     per_order = nll.reshape(len(events), orders)
     log_fact = np.array([math.lgamma(len(patients[i].visits[k]) + 1) for i, k in events])
     mean_order = per_order.mean(1) - log_fact

@@ -177,18 +177,25 @@ class EHRDataCollator:
             yield enc, labels, -1, "denoising"
         else:
             yield self._sequence(visits, bos=True, tail=[tok.eos_token_id]), labels, -1, "reconstruction"
-        placeholder = [np.array([tok.mask_token_id], dtype=np.int64)]
         cuts = []
         if self.next_visit_rows and len(visits) >= 2:
             cuts.append((int(rng.integers(1, len(visits))), "next_visit_prediction"))
         if self.first_visit_prob > 0 and rng.random() < self.first_visit_prob:
             cuts.append((0, "first_visit"))
         for k, task in cuts:
-            enc = self._sequence(visits[:k] + placeholder, bos=True, tail=[tok.eos_token_id])
-            after = tok.visit_open_id if k + 1 < len(visits) else tok.eos_token_id
-            target = self._sequence(visits[: k + 1], bos=False, tail=[after])
-            start = sum(len(v) + 2 for v in visits[:k]) + 1  # first code of visit k in the labels
-            yield enc, target, start, task
+            yield (*self.cut_row(visits, k), task)
+
+    def cut_row(self, visits: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """The row that hides visit k: (encoder ids: visits[:k] and a `<v> <mask> </v>` placeholder;
+        label ids: visits[:k + 1] and the token after visit k; label position of visit k's first code).
+        k >= 1: a next-visit row; k = 0: a first-visit row."""
+        tok = self.tok
+        placeholder = [np.array([tok.mask_token_id], dtype=np.int64)]
+        enc = self._sequence(list(visits[:k]) + placeholder, bos=True, tail=[tok.eos_token_id])
+        after = tok.visit_open_id if k + 1 < len(visits) else tok.eos_token_id
+        target = self._sequence(visits[: k + 1], bos=False, tail=[after])
+        start = sum(len(v) + 2 for v in visits[:k]) + 1
+        return enc, target, start
 
     def __call__(self, items) -> dict[str, torch.Tensor]:
         first_index = int(items[0][0])

@@ -36,23 +36,29 @@ def small():
     return patients, tok
 
 
-def test_scored_row_is_the_collators_next_visit_row(small):
+def test_scored_positions_are_visit_k_and_its_close_hidden_from_the_encoder(small):
     patients, tok = small
-    cfg = load_config(None, ["collator.shuffle_codes=false", "collator.corruption_prob=0", "collator.first_visit_prob=0"])
-    collator = EHRDataCollator.from_config(tok, cfg.collator)
+    collator = EHRDataCollator(tok)
     ds = EHRPatientDataset(patients, tok)
-    rng = np.random.default_rng(0)
+    rows, cuts = [], []
     for i in range(len(patients)):
+        for k in range(1, len(ds.visits[i])):
+            rows.append((*collator.cut_row(ds.visits[i], k), patients[i].age, 0))
+            cuts.append((i, k))
+    batch, scored = quality.scored_batch(collator, rows)
+    assert batch["labels"].shape == scored.shape
+    for j, (i, k) in enumerate(cuts):
         visits = ds.visits[i]
-        rows = [r for r in collator.rows_for_patient(visits, rng) if r[3] == "next_visit_prediction"]
-        enc, labels, start, _ = rows[0]
-        k = int((enc == tok.visit_open_id).sum()) - 1
-        my_enc, my_labels, positions = quality.next_visit_row(tok, [list(v) for v in visits], k, len(visits))
-        assert my_enc == enc.tolist() and my_labels == labels.tolist()
+        labels, enc = batch["labels"][j], batch["input_ids"][j]
+        positions = torch.nonzero(scored[j]).flatten()
         # scored: exactly visit k's codes and its </v>; the <v> that opens it is not scored
-        assert positions[0] == start and labels[start - 1] == tok.visit_open_id
         assert sorted(labels[positions[:-1]].tolist()) == sorted(visits[k].tolist())
-        assert labels[positions[-1]] == tok.visit_close_id
+        assert labels[positions[-1]] == tok.visit_close_id and labels[positions[0] - 1] == tok.visit_open_id
+        assert positions.tolist() == list(range(int(positions[0]), int(positions[0]) + len(visits[k]) + 1))
+        # the encoder holds visits[:k] and a masked placeholder, never visit k itself
+        enc = enc[batch["attention_mask"][j].bool()].tolist()
+        history = [t for v in visits[:k] for t in (tok.visit_open_id, *v.tolist(), tok.visit_close_id)]
+        assert enc == [tok.bos_token_id, *history, tok.visit_open_id, tok.mask_token_id, tok.visit_close_id, tok.eos_token_id]
 
 
 def test_bernoulli_set_probabilities_sum_to_one_over_nonempty_sets():
