@@ -178,10 +178,6 @@ def nearest_neighbour_distances(patients: list[Patient], train: list[Patient], c
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
-def _visit_tokens(tok, visits) -> list[int]:
-    return [t for v in visits for t in (tok.visit_open_id, *map(int, v), tok.visit_close_id)]
-
-
 @torch.no_grad()
 def patient_nll(model, tokenizer, patients: list[Patient], max_length: int = 512, batch_size: int = 64) -> np.ndarray:
     """Mean NLL per code of each patient under the model, as generation produces it: visit k given
@@ -191,22 +187,18 @@ def patient_nll(model, tokenizer, patients: list[Patient], max_length: int = 512
     ds = EHRPatientDataset(patients, tokenizer, max_length)
     collator = EHRDataCollator(tokenizer, shuffle_codes=False)
     tok = tokenizer
-    placeholder = [np.array([tok.mask_token_id], dtype=np.int64)]
     rows = []  # (patient, encoder ids, labels, first target position, age, sex)
     for i in range(len(ds)):
         _, visits, age, sex = ds[i]
         for k in range(len(visits)):
-            enc = [tok.bos_token_id, *_visit_tokens(tok, visits[:k] + placeholder), tok.eos_token_id]
-            after = tok.visit_open_id if k + 1 < len(visits) else tok.eos_token_id
-            labels = [*_visit_tokens(tok, visits[: k + 1]), after]
-            rows.append((i, enc, labels, sum(len(v) + 2 for v in visits[:k]) + 1, age, sex))
+            rows.append((i, *collator.cut_row(visits, k), age, sex))
     sums, counts = np.zeros(len(ds)), np.zeros(len(ds))
     was_training = model.training
     model.eval()
     try:
         for s in range(0, len(rows), batch_size):
             chunk = rows[s:s + batch_size]
-            batch = collator.pad([np.asarray(r[1]) for r in chunk], [np.asarray(r[2]) for r in chunk], [r[3] for r in chunk],
+            batch = collator.pad([r[1] for r in chunk], [r[2] for r in chunk], [r[3] for r in chunk],
                                  [0] * len(chunk), [r[4] for r in chunk], [r[5] for r in chunk])
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(**batch)["logits"].float()
