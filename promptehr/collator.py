@@ -71,7 +71,12 @@ class EHRPatientDataset(Dataset):
     def __len__(self) -> int:
         return len(self.visits)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index):
+        """`index`: a patient index, or a planned row `(patient index, task id, k, row id)` of
+        `RowBucketSampler`, which is passed on to the collator as a fifth field."""
+        if isinstance(index, (tuple, list)):
+            i = int(index[0])
+            return i, self.visits[i], float(self.ages[i]), int(self.sexes[i]), tuple(int(x) for x in index[1:])
         return index, self.visits[index], float(self.ages[index]), int(self.sexes[index])
 
 
@@ -166,24 +171,46 @@ class EHRDataCollator:
         parts.append(tail)
         return np.concatenate(parts).astype(np.int64)
 
-    def rows_for_patient(self, visits: list[np.ndarray], rng: np.random.Generator):
-        """Yield (encoder ids, label ids, first target label position or -1, task name)."""
+    def plan_rows(self, n_visits: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+        """The rows a patient with `n_visits` visits expands into this time, as (task id, k): its
+        reconstruction or (with `corruption_prob`) denoising row (k = -1), a next-visit row hiding a
+        random visit k >= 1 (2+ visits), and with `first_visit_prob` a first-visit row (k = 0)."""
+        whole = "denoising" if rng.random() < self.corruption_prob else "reconstruction"
+        rows = [(TASK_ID[whole], -1)]
+        if self.next_visit_rows and n_visits >= 2:
+            rows.append((TASK_ID["next_visit_prediction"], int(rng.integers(1, n_visits))))
+        if self.first_visit_prob > 0 and rng.random() < self.first_visit_prob:
+            rows.append((TASK_ID["first_visit"], 0))
+        return rows
+
+    @staticmethod
+    def row_lengths(visit_lengths: np.ndarray, task: int, k: int) -> tuple[int, int]:
+        """(encoder, label) length of a planned row before corruption, from its visits' code counts."""
+        tokens = visit_lengths + 2  # <v> codes </v>
+        if k < 0:  # the whole patient: <s> visits </s> / visits </s>
+            total = int(tokens.sum())
+            return total + 2, total + 1
+        return int(tokens[:k].sum()) + 5, int(tokens[: k + 1].sum()) + 1
+
+    def build_row(self, visits: list[np.ndarray], task: int, k: int, rng: np.random.Generator, shuffle: bool = True):
+        """One planned row: (encoder ids, label ids, first target label position or -1, task name)."""
         tok = self.tok
+        if self.shuffle_codes and shuffle:
+            visits = [rng.permutation(v) for v in visits]
+        name = TASK_TYPES[task]
+        if k >= 0:
+            return (*self.cut_row(visits, k), name)
+        labels = self._sequence(visits, bos=False, tail=[tok.eos_token_id])
+        enc_visits = self._corrupt(visits, rng) if name == "denoising" else visits
+        return self._sequence(enc_visits, bos=True, tail=[tok.eos_token_id]), labels, -1, name
+
+    def rows_for_patient(self, visits: list[np.ndarray], rng: np.random.Generator):
+        """Yield (encoder ids, label ids, first target label position or -1, task name) for every row
+        of `plan_rows`; the codes of each visit are shuffled once for all of the patient's rows."""
         if self.shuffle_codes:
             visits = [rng.permutation(v) for v in visits]
-        labels = self._sequence(visits, bos=False, tail=[tok.eos_token_id])
-        if rng.random() < self.corruption_prob:
-            enc = self._sequence(self._corrupt(visits, rng), bos=True, tail=[tok.eos_token_id])
-            yield enc, labels, -1, "denoising"
-        else:
-            yield self._sequence(visits, bos=True, tail=[tok.eos_token_id]), labels, -1, "reconstruction"
-        cuts = []
-        if self.next_visit_rows and len(visits) >= 2:
-            cuts.append((int(rng.integers(1, len(visits))), "next_visit_prediction"))
-        if self.first_visit_prob > 0 and rng.random() < self.first_visit_prob:
-            cuts.append((0, "first_visit"))
-        for k, task in cuts:
-            yield (*self.cut_row(visits, k), task)
+        for task, k in self.plan_rows(len(visits), rng):
+            yield self.build_row(visits, task, k, rng, shuffle=False)
 
     def cut_row(self, visits: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray, int]:
         """The row that hides visit k: (encoder ids: visits[:k] and a `<v> <mask> </v>` placeholder;
@@ -198,11 +225,13 @@ class EHRDataCollator:
         return enc, target, start
 
     def __call__(self, items) -> dict[str, torch.Tensor]:
-        first_index = int(items[0][0])
-        rng = np.random.default_rng([self.seed, self.epoch, first_index, len(items)])
+        planned = len(items[0]) == 5  # rows planned by RowBucketSampler: (task id, k, row id) each
+        first = int(items[0][4][2]) if planned else int(items[0][0])
+        rng = np.random.default_rng([self.seed, self.epoch, first, len(items), int(planned)])
         enc_rows, label_rows, starts, tasks, ages, sexes = [], [], [], [], [], []
-        for _, visits, age, sex in items:
-            for enc, labels, start, task in self.rows_for_patient(visits, rng):
+        for _, visits, age, sex, *plan in items:
+            rows = [self.build_row(visits, plan[0][0], plan[0][1], rng)] if planned else self.rows_for_patient(visits, rng)
+            for enc, labels, start, task in rows:
                 enc_rows.append(enc)
                 label_rows.append(labels)
                 starts.append(start)
@@ -268,3 +297,89 @@ class LengthBucketSampler(Sampler[list[int]]):
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         return iter(batches)
+
+
+class RowBucketSampler(Sampler[list[tuple[int, int, int, int]]]):
+    """Batches of ROWS of similar length, so that neither the encoder nor the decoder pads much.
+
+    A patient's rows differ in length (its whole-patient row holds every visit, a next-visit row's
+    encoder only the history, a first-visit row's encoder 5 tokens), so batching patients pads every
+    row to its patient's longest. Each epoch this sampler plans every patient's rows with the
+    collator's own `plan_rows` (seeded by (seed, epoch)) and shuffles them; then within windows of
+    `window` batches it keeps the three kinds of row apart (whole-patient, next-visit, first-visit),
+    sorts each kind by (label length, encoder length) and cuts it into batches holding about equal
+    numbers of tokens (so a batch of long rows has fewer of them); the batches are then shuffled.
+    An epoch has exactly ceil(patients / batch_size) batches, as with patient batches, so
+    `batch_size` keeps its meaning (the rows of that many patients on average) and so do schedules
+    counted in steps. Items are `(patient index, task id, k, row id)`; `EHRPatientDataset` and
+    `EHRDataCollator` build exactly the planned row.
+    """
+
+    def __init__(self, dataset: EHRPatientDataset, collator: EHRDataCollator, batch_size: int, seed: int = 0,
+                 window: int = 50):
+        self.visit_lengths = [np.array([len(v) for v in visits], dtype=np.int64) for visits in dataset.visits]
+        self.collator = collator
+        self.batch_size = batch_size
+        self.seed = seed
+        self.window = window
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return (len(self.visit_lengths) + self.batch_size - 1) // self.batch_size
+
+    def plan(self, rng: np.random.Generator) -> np.ndarray:
+        """This epoch's rows: (patient, task id, k, kind, encoder length, label length); kind 0 whole
+        patient, 1 next visit, 2 first visit."""
+        rows = []
+        for i, lengths in enumerate(self.visit_lengths):
+            for task, k in self.collator.plan_rows(len(lengths), rng):
+                rows.append((i, task, k, 0 if k < 0 else 1 if k > 0 else 2, *self.collator.row_lengths(lengths, task, k)))
+        return np.array(rows, dtype=np.int64).reshape(-1, 6)
+
+    @staticmethod
+    def _cut(rows: np.ndarray, n: int) -> list[np.ndarray]:
+        """`n` consecutive non-empty batches of sorted `rows`, each holding about the same tokens."""
+        tokens = np.cumsum(rows[:, 4] + rows[:, 5])
+        cuts = np.searchsorted(tokens, tokens[-1] * np.arange(1, n) / n)
+        cuts = np.clip(cuts, np.arange(1, n), len(rows) - np.arange(n - 1, 0, -1))  # none empty
+        cuts = np.maximum.accumulate(cuts)
+        cuts = np.minimum(cuts, len(rows) - np.arange(n - 1, 0, -1))
+        for j in range(1, len(cuts)):  # strictly increasing after the clips
+            cuts[j] = max(cuts[j], cuts[j - 1] + 1)
+        return np.split(rows, cuts)
+
+    def _window_batches(self, part: np.ndarray, n: int) -> list[np.ndarray]:
+        kinds = [part[part[:, 3] == c] for c in range(3)]
+        kinds = [r for r in kinds if len(r)]
+        if n < len(kinds):  # too few batches to keep the kinds apart
+            kinds = [part]
+        tokens = np.array([(r[:, 4] + r[:, 5]).sum() for r in kinds], dtype=np.float64)
+        share = 1 + (n - len(kinds)) * tokens / tokens.sum()  # one batch each, the rest by tokens
+        counts = np.floor(share).astype(int)
+        for j in np.argsort(counts - share)[: n - counts.sum()]:  # largest remainders
+            counts[j] += 1
+        counts = np.minimum(counts, [len(r) for r in kinds])
+        while counts.sum() < n:  # a kind with fewer rows than its share: give the rest to the largest
+            counts[np.argmax([len(r) - c for r, c in zip(kinds, counts)])] += 1
+        out = []
+        for r, c in zip(kinds, counts):
+            out += self._cut(r[np.lexsort((r[:, 4], r[:, 5]))], int(c))
+        return out
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        rows = self.plan(rng)
+        rows = rows[rng.permutation(len(rows))]
+        n_batches = len(self)
+        n_windows = (n_batches + self.window - 1) // self.window
+        batches = []
+        for part, n_part in zip(np.array_split(rows, n_windows), np.array_split(np.arange(n_batches), n_windows)):
+            batches += self._window_batches(part, len(n_part))
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+        row_id = 0
+        for b in batches:
+            yield [(int(i), int(task), int(k), row_id + j) for j, (i, task, k) in enumerate(b[:, :3])]
+            row_id += len(b)

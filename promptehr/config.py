@@ -90,7 +90,7 @@ class TrainingConfig:
     prompt_prob: float = 0.5        # share of each visit's codes revealed as prompts for the Jaccard
     eval_batch_size: int = 64
     num_workers: int = 0            # DataLoader workers for collation
-    bucket_by_length: bool = True   # batch patients of similar length together (less padding)
+    bucket_by_length: bool = True   # batch rows of similar length together (less padding); false: random patient batches
     precision: str = "fp32"         # fp32 | bf16 (autocast)
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     compile: bool = False           # torch.compile the model

@@ -25,7 +25,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from promptehr.checkpoint import (git_commit, load_checkpoint, load_config_from_checkpoint, load_training_state,
                                   package_versions, read_metadata, save_checkpoint)
-from promptehr.collator import EHRDataCollator, EHRPatientDataset, LengthBucketSampler
+from promptehr.collator import EHRDataCollator, EHRPatientDataset, LengthBucketSampler, RowBucketSampler
 from promptehr.config import Config, flatten, to_yaml
 from promptehr.data import load_patients, split_patients
 from promptehr.evaluate import run_quality_report
@@ -85,8 +85,10 @@ def build_loaders(cfg: Config, tokenizer, train_patients, val_patients):
     train_collator = EHRDataCollator.from_config(tokenizer, cfg.collator, seed=tcfg.seed)
     # validation rows are drawn the same way every time (seeded, epoch fixed at 0)
     val_collator = EHRDataCollator.from_config(tokenizer, cfg.collator, seed=tcfg.seed + 1)
-    window = 50 if tcfg.bucket_by_length else 1
-    train_sampler = LengthBucketSampler(train_ds.lengths, tcfg.batch_size, seed=tcfg.seed, window=window)
+    if tcfg.bucket_by_length:  # rows (not patients) of similar length batched together
+        train_sampler = RowBucketSampler(train_ds, train_collator, tcfg.batch_size, seed=tcfg.seed, window=50)
+    else:  # patients in random batches
+        train_sampler = LengthBucketSampler(train_ds.lengths, tcfg.batch_size, seed=tcfg.seed, window=1)
     val_sampler = LengthBucketSampler(val_ds.lengths, tcfg.eval_batch_size, seed=0, window=10**9, shuffle=False)
     common = {"num_workers": tcfg.num_workers, "persistent_workers": False, "pin_memory": torch.cuda.is_available()}
     train_loader = DataLoader(train_ds, batch_sampler=train_sampler, collate_fn=train_collator, **common)

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from promptehr.collator import TASK_ID, TASK_TYPES, EHRDataCollator, EHRPatientDataset, LengthBucketSampler
+from promptehr.collator import (TASK_ID, TASK_TYPES, EHRDataCollator, EHRPatientDataset, LengthBucketSampler,
+                               RowBucketSampler)
 from promptehr.data import Patient
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 
@@ -181,3 +182,74 @@ def test_length_buckets_cover_every_patient_once(setup):
     rng = np.random.default_rng(0)
     rand = np.mean([ds.lengths[b].max() - ds.lengths[b].mean() for b in np.array_split(rng.permutation(len(ds)), len(sampler))])
     assert waste < rand / 2
+
+
+def _row_batches(tok, ds, epoch=0, batch_size=16, seed=0):
+    collator = EHRDataCollator(tok, seed=5)
+    sampler = RowBucketSampler(ds, collator, batch_size, seed=seed, window=50)  # as train() builds it
+    sampler.set_epoch(epoch)
+    collator.set_epoch(epoch)
+    plan = list(sampler)
+    return sampler, plan, [collator([ds[item] for item in b]) for b in plan]
+
+
+def test_row_buckets_build_every_planned_row_once_in_len_batches(setup):
+    tok, ds = setup
+    sampler, plan, batches = _row_batches(tok, ds)
+    assert len(plan) == len(sampler) == -(-len(ds) // 16) and all(plan)
+    items = [item for b in plan for item in b]
+    assert sorted(item[3] for item in items) == list(range(len(items)))  # row ids unique
+    # every patient gets its whole-patient row exactly once; next-visit rows only for 2+ visits, at most one
+    per_patient = {}
+    for i, task, k, _ in items:
+        per_patient.setdefault(i, []).append((TASK_TYPES[task], k))
+    assert sorted(per_patient) == list(range(len(ds)))
+    for i, rows in per_patient.items():
+        kinds = [t for t, _ in rows]
+        assert sum(t in ("reconstruction", "denoising") for t in kinds) == 1
+        assert kinds.count("next_visit_prediction") == (len(ds.visits[i]) >= 2)
+        assert all(1 <= k < len(ds.visits[i]) for t, k in rows if t == "next_visit_prediction")
+    # the collator built exactly the planned rows: task types, demographics, the hidden visit's codes
+    for b, batch in zip(plan, batches):
+        assert batch["task_type"].tolist() == [task for _, task, _, _ in b]
+        assert batch["x_num"][:, 0].tolist() == pytest.approx([float(ds.ages[i]) for i, *_ in b])
+        for r, (i, task, k, _) in enumerate(b):
+            lab = batch["labels"][r][batch["labels"][r] != -100].tolist()
+            got = [sorted(v) for v in split_visits(tok, lab)]
+            want = [sorted(v.tolist()) for v in ds.visits[i]]
+            assert got == (want if k < 0 else want[: k + 1])
+
+
+def test_row_buckets_pad_less_than_patient_buckets(setup):
+    tok, ds = setup
+    _, _, batches = _row_batches(tok, ds)
+    collator = EHRDataCollator(tok, seed=5)
+    patient_batches = [collator([ds[i] for i in b]) for b in LengthBucketSampler(ds.lengths, 16, seed=0, window=50)]
+
+    def useful(bs, key):
+        real = sum(int((b[key] != (-100 if key == "labels" else tok.pad_token_id)).sum()) for b in bs)
+        return real / sum(b[key].numel() for b in bs)
+
+    for key in ("input_ids", "labels"):
+        assert useful(batches, key) > useful(patient_batches, key) + 0.05, key
+        assert useful(batches, key) > 0.8, key
+
+
+def test_row_buckets_are_reproducible_per_epoch(setup):
+    tok, ds = setup
+    _, plan_a, batches_a = _row_batches(tok, ds, epoch=2)
+    _, plan_b, batches_b = _row_batches(tok, ds, epoch=2)
+    assert plan_a == plan_b
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches_a, batches_b))
+    _, plan_c, _ = _row_batches(tok, ds, epoch=3)
+    assert plan_c != plan_a
+
+
+@pytest.mark.parametrize("n_patients,batch_size", [(1, 1), (3, 2), (5, 64), (40, 1), (40, 7)])
+def test_row_buckets_never_yield_an_empty_batch(cohort, n_patients, batch_size):
+    tok = DiagnosisCodeTokenizer.from_patients(cohort)
+    ds = EHRPatientDataset(cohort[:n_patients], tok)
+    sampler = RowBucketSampler(ds, EHRDataCollator(tok), batch_size, window=2)
+    plan = list(sampler)
+    assert len(plan) == len(sampler) and all(len(b) > 0 for b in plan)
+    assert sorted({i for b in plan for i, *_ in b}) == list(range(n_patients))
