@@ -305,10 +305,13 @@ class RowBucketSampler(Sampler[list[tuple[int, int, int, int]]]):
     A patient's rows differ in length (its whole-patient row holds every visit, a next-visit row's
     encoder only the history, a first-visit row's encoder 5 tokens), so batching patients pads every
     row to its patient's longest. Each epoch this sampler plans every patient's rows with the
-    collator's own `plan_rows` (seeded by (seed, epoch)) and shuffles them; then within windows of
-    `window` batches it keeps the three kinds of row apart (whole-patient, next-visit, first-visit),
-    sorts each kind by (label length, encoder length) and cuts it into batches holding about equal
-    numbers of tokens (so a batch of long rows has fewer of them); the batches are then shuffled.
+    collator's own `plan_rows` (seeded by (seed, epoch)) and shuffles them; then it keeps the three
+    kinds of row apart (whole-patient, next-visit, first-visit), sorts each kind by (label length,
+    encoder length) and cuts it into batches holding about equal numbers of tokens (so a batch of
+    long rows has fewer of them); the batches are then shuffled. Rows of equal lengths are batched
+    in random order, so batches differ from epoch to epoch. `window` (batches) sorts within windows
+    instead of the whole epoch: more mixing, more padding (base config: 50 batches give 90% useful
+    FLOPs, the whole epoch 94%).
     An epoch has exactly ceil(patients / batch_size) batches, as with patient batches, so
     `batch_size` keeps its meaning (the rows of that many patients on average) and so do schedules
     counted in steps. Items are `(patient index, task id, k, row id)`; `EHRPatientDataset` and
@@ -316,7 +319,7 @@ class RowBucketSampler(Sampler[list[tuple[int, int, int, int]]]):
     """
 
     def __init__(self, dataset: EHRPatientDataset, collator: EHRDataCollator, batch_size: int, seed: int = 0,
-                 window: int = 50):
+                 window: int | None = None):
         self.visit_lengths = [np.array([len(v) for v in visits], dtype=np.int64) for visits in dataset.visits]
         self.collator = collator
         self.batch_size = batch_size
@@ -374,7 +377,7 @@ class RowBucketSampler(Sampler[list[tuple[int, int, int, int]]]):
         rows = self.plan(rng)
         rows = rows[rng.permutation(len(rows))]
         n_batches = len(self)
-        n_windows = (n_batches + self.window - 1) // self.window
+        n_windows = 1 if self.window is None else (n_batches + self.window - 1) // self.window
         batches = []
         for part, n_part in zip(np.array_split(rows, n_windows), np.array_split(np.arange(n_batches), n_windows)):
             batches += self._window_batches(part, len(n_part))

@@ -86,7 +86,7 @@ def build_loaders(cfg: Config, tokenizer, train_patients, val_patients):
     # validation rows are drawn the same way every time (seeded, epoch fixed at 0)
     val_collator = EHRDataCollator.from_config(tokenizer, cfg.collator, seed=tcfg.seed + 1)
     if tcfg.bucket_by_length:  # rows (not patients) of similar length batched together
-        train_sampler = RowBucketSampler(train_ds, train_collator, tcfg.batch_size, seed=tcfg.seed, window=50)
+        train_sampler = RowBucketSampler(train_ds, train_collator, tcfg.batch_size, seed=tcfg.seed)
     else:  # patients in random batches
         train_sampler = LengthBucketSampler(train_ds.lengths, tcfg.batch_size, seed=tcfg.seed, window=1)
     val_sampler = LengthBucketSampler(val_ds.lengths, tcfg.eval_batch_size, seed=0, window=10**9, shuffle=False)

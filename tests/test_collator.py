@@ -186,7 +186,7 @@ def test_length_buckets_cover_every_patient_once(setup):
 
 def _row_batches(tok, ds, epoch=0, batch_size=16, seed=0):
     collator = EHRDataCollator(tok, seed=5)
-    sampler = RowBucketSampler(ds, collator, batch_size, seed=seed, window=50)  # as train() builds it
+    sampler = RowBucketSampler(ds, collator, batch_size, seed=seed)  # as train() builds it
     sampler.set_epoch(epoch)
     collator.set_epoch(epoch)
     plan = list(sampler)
