@@ -69,6 +69,7 @@ class ModelConfig:
     prompt_hidden_size: int = 128   # reparameterisation width of the age and sex prompts
     age_loss_weight: float = 0.001
     sex_loss_weight: float = 0.001
+    target_visit_loss_weight: float = 1.0  # LM loss weight of a next-/first-visit row's hidden visit (codes and </v>) vs other label tokens
 
 
 @dataclass

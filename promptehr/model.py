@@ -136,6 +136,7 @@ class PromptBartWithDemographicPrediction(nn.Module):
         self.sex_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, len(SEXES)))
         self.age_loss_weight = mcfg.age_loss_weight
         self.sex_loss_weight = mcfg.sex_loss_weight
+        self.target_visit_loss_weight = mcfg.target_visit_loss_weight
 
     # ------------------------------------------------------------------ pieces used by generation
 
@@ -167,10 +168,14 @@ class PromptBartWithDemographicPrediction(nn.Module):
 
     # ------------------------------------------------------------------ training forward
 
-    def forward(self, input_ids, attention_mask, labels, x_num, x_cat, decoder_input_ids=None, **_batch_extras):
+    def forward(self, input_ids, attention_mask, labels, x_num, x_cat, decoder_input_ids=None, target_mask=None,
+                **_batch_extras):
         """Denoising loss on `labels` (clean ids, -100 = ignore) plus weighted auxiliary losses.
 
-        Extra batch keys (target_mask, task_type) are accepted and ignored, so `model(**batch)` works.
+        `lm_loss` is the mean NLL over label tokens. With `target_visit_loss_weight` w != 1 and a
+        `target_mask`, the objective `loss` weighs the hidden visit of next-visit and first-visit rows
+        (its codes and its closing `</v>`) w times the other label tokens. Extra batch keys
+        (task_type) are accepted and ignored, so `model(**batch)` works.
         """
         hidden, enc_mask = self.encode(input_ids, attention_mask, x_num, x_cat)
         if decoder_input_ids is None:
@@ -181,7 +186,15 @@ class PromptBartWithDemographicPrediction(nn.Module):
         ).last_hidden_state
         logits = self.lm_logits(dec[:, N_PROMPTS:]).float()             # (B, T, V), aligned with labels
         logits = logits.masked_fill(grammar_mask(labels, self.grammar_ids, logits.shape[-1]), BANNED_LOGIT)
-        lm_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        token_nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, T)
+        valid = (labels != -100).float()
+        lm_loss = token_nll.sum() / valid.sum().clamp(min=1.0)
+        lm_objective = lm_loss
+        if self.target_visit_loss_weight != 1.0 and target_mask is not None:
+            hidden_visit = target_mask.clone()
+            hidden_visit[:, 1:] |= target_mask[:, :-1]  # ... and the </v> that closes it
+            weight = valid + (self.target_visit_loss_weight - 1.0) * (hidden_visit.float() * valid)
+            lm_objective = (token_nll * weight).sum() / weight.sum().clamp(min=1e-6)
 
         features, has_codes = self.demographic_features(input_ids)
         age_pred = self.age_head(features).squeeze(-1).float()
@@ -192,5 +205,5 @@ class PromptBartWithDemographicPrediction(nn.Module):
             sex_loss = F.cross_entropy(sex_logits[has_codes], x_cat[has_codes, 0].long())
         else:  # only placeholder rows: nothing to read
             age_loss = sex_loss = age_pred.sum() * 0.0
-        loss = lm_loss + self.age_loss_weight * age_loss + self.sex_loss_weight * sex_loss
+        loss = lm_objective + self.age_loss_weight * age_loss + self.sex_loss_weight * sex_loss
         return {"loss": loss, "lm_loss": lm_loss, "age_loss": age_loss, "sex_loss": sex_loss, "logits": logits}

@@ -41,6 +41,35 @@ def test_forward_backward_and_outputs(parts):
         assert grads[name] is not None and grads[name].abs().sum() > 0, name
 
 
+def test_target_visit_loss_weight_weighs_the_hidden_visit(parts):
+    import copy
+
+    import torch.nn.functional as F
+
+    cfg, tok, train, _ = parts
+    batch = next(iter(loader(tok, train)))
+    assert batch["target_mask"].any()
+    outs = {}
+    for w in (1.0, 5.0):
+        mcfg = copy.deepcopy(cfg)
+        mcfg.model.target_visit_loss_weight = w
+        torch.manual_seed(0)
+        outs[w] = PromptBartWithDemographicPrediction(tok, mcfg).eval()(**batch)
+    labels, target = batch["labels"], batch["target_mask"]
+    nll = F.cross_entropy(outs[5.0]["logits"].transpose(1, 2), labels.clamp(min=0), reduction="none")
+    valid = labels != -100
+    hidden = target.clone()
+    hidden[:, 1:] |= target[:, :-1]
+    assert (labels[hidden & ~target] == tok.visit_close_id).all()  # the token after the codes is </v>
+    weight = valid.float() + 4.0 * hidden.float()
+    aux = cfg.model.age_loss_weight * outs[5.0]["age_loss"] + cfg.model.sex_loss_weight * outs[5.0]["sex_loss"]
+    # the reported lm_loss stays the plain mean over label tokens; the objective weighs the hidden visit
+    assert torch.allclose(outs[5.0]["lm_loss"], nll[valid].mean(), atol=1e-5)
+    assert torch.allclose(outs[5.0]["lm_loss"], outs[1.0]["lm_loss"])
+    assert torch.allclose(outs[5.0]["loss"], (nll * weight).sum() / weight.sum() + aux, atol=1e-5)
+    assert not torch.allclose(outs[5.0]["loss"], outs[1.0]["loss"])
+
+
 def test_prompts_change_the_predictions(parts):
     cfg, tok, train, _ = parts
     torch.manual_seed(0)
