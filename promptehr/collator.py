@@ -9,6 +9,8 @@
 Labels are always the CLEAN patient (pad = -100); a next-visit row's labels stop after visit k plus
 the token that follows it (`<v>` if more visits come, `</s>` if not), so the model learns when to stop.
 Batches: input_ids, attention_mask, labels, target_mask, x_num (age), x_cat (sex), task_type.
+Training batches come from `RowBucketSampler` (rows planned per epoch, batched by length: little
+padding); `LengthBucketSampler` batches whole patients (validation, or `bucket_by_length: false`).
 """
 
 from __future__ import annotations
