@@ -76,7 +76,7 @@ def test_space_is_the_seed_table_and_defaults_are_enqueued_when_in_range():
         "collator.corruption_prob": {"low": 0.3, "high": 0.7},
         "collator.lambda_poisson": {"low": 2.0, "high": 5.0},
     }
-    # base.yaml's small-model learning rate (1e-3) is outside the seed's range: that key is sampled
+    # base.yaml's small-model learning rate (1.5e-3) is outside the seed's range: that key is sampled
     cfg = load_config(ROOT / "experiments" / "base.yaml")
     assert default_params(cfg, space) == {"model.age_loss_weight": 1e-3, "model.sex_loss_weight": 1e-3,
                                           "collator.corruption_prob": 0.5, "collator.lambda_poisson": 3.0}
