@@ -256,6 +256,56 @@ def report(title: str, s: dict, orders: int) -> None:
           f"({diff_m / s['n_codes'].mean():.3f} per code)")
 
 
+# ------------------------------------------------------------------ diagnosis: the first code of a next visit
+
+
+@torch.no_grad()
+def first_code_persistence(model, tok, cohort_model, patients, events, samples: int = 400, seed: int = 0,
+                           batch_size: int = 64) -> dict[str, float]:
+    """What the model and the optimum predict for the FIRST code of next visit k (random order).
+
+    The optimum's first-code distribution is P(first = c) = E[1{c in V} / |V|] over visits V of the
+    exact posterior (state from the forward algorithm, codes from `code_probs` with the previous
+    visit's persistence, empty visits redrawn), estimated with `samples` draws per event. Returns the
+    mean mass each puts on the previous visit's chronic codes (persistence > 0), on its acute codes,
+    and the mean KL(optimum || model) of the first-code distribution in nats."""
+    rng = np.random.default_rng(seed)
+    collator = EHRDataCollator(tok)
+    index = {c: j for j, c in enumerate(cohort_model.codes)}
+    token_of_code = torch.tensor([tok.token_to_id.get(c, tok.unk_token_id) for c in cohort_model.codes])
+    rows = []
+    for i, k in events:
+        p = patients[i]
+        ids = [np.array([tok.token_to_id[c] for c in v], dtype=np.int64) for v in p.visits]
+        rows.append((*collator.cut_row(ids, k), p.age, SEXES.index(p.sex)))
+    out = {"model_chronic": [], "optimum_chronic": [], "model_acute": [], "optimum_acute": [], "kl": []}
+    for s in range(0, len(rows), batch_size):
+        batch, _ = scored_batch(collator, rows[s:s + batch_size])
+        logp = F.log_softmax(model(**batch)["logits"].float(), dim=-1)
+        for j, row in enumerate(rows[s:s + batch_size]):
+            i, k = events[s + j]
+            p = patients[i]
+            model_p = logp[j, row[2]].exp()[token_of_code].numpy()  # over the cohort's codes
+            states = rng.choice(cohort_model.n_states, size=samples, p=cohort_model.next_visit_state_probs(p, k))
+            optimum = np.zeros(cohort_model.n_codes)
+            drawn = 0
+            for z in states:
+                visit = rng.random(cohort_model.n_codes) < cohort_model.code_probs(int(z), p.age, p.sex, p.visits[k - 1])
+                if visit.any():
+                    optimum += visit / visit.sum()
+                    drawn += 1
+            optimum /= max(drawn, 1)
+            prev = np.array(sorted({index[c] for c in p.visits[k - 1]}), dtype=np.int64)
+            chronic = cohort_model.persistence[prev] > 0
+            out["model_chronic"].append(model_p[prev[chronic]].sum())
+            out["optimum_chronic"].append(optimum[prev[chronic]].sum())
+            out["model_acute"].append(model_p[prev[~chronic]].sum())
+            out["optimum_acute"].append(optimum[prev[~chronic]].sum())
+            nz = optimum > 0
+            out["kl"].append(float(optimum[nz] @ (np.log(optimum[nz]) - np.log(np.maximum(model_p[nz], 1e-12)))))
+    return {key: float(np.mean(v)) for key, v in out.items()}
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -336,6 +386,13 @@ def main(argv=None) -> int:
                score(model, tokenizer, train_patients, val_patients, args.orders, args.seed, first=True), args.orders)
         report("TRAINING patients (in-sample), next visits k >= 1",
                score(model, tokenizer, train_patients, train_patients, args.orders, args.seed), args.orders)
+        events, _ = next_visit_events(val_patients, tokenizer)
+        events = events[:300]
+        d = first_code_persistence(model, tokenizer, default_cohort_model(), val_patients, events, seed=args.seed)
+        print(f"\nfirst code of {len(events)} held-out next visits (random order), model vs optimum (400 posterior "
+              f"draws each):\n  mass on the previous visit's chronic codes {d['model_chronic']:.3f} vs "
+              f"{d['optimum_chronic']:.3f}; on its acute codes {d['model_acute']:.3f} vs {d['optimum_acute']:.3f}; "
+              f"KL(optimum || model) {d['kl']:.3f} nats")
     if args.fresh_patients:
         fresh = default_cohort_model().sample(args.fresh_patients, seed=cfg.data.synthetic.seed + 10_007)
         report(f"{args.fresh_patients} fresh patients from the cohort model, next visits k >= 1",
