@@ -74,7 +74,7 @@ class ModelConfig:
 
 @dataclass
 class TrainingConfig:
-    batch_size: int = 8             # patients per batch (each expands into 1-2 rows)
+    batch_size: int = 8             # patients per batch (each expands into 1-3 rows; length-bucketed batches hold that many patients' rows on average)
     num_epochs: int = 30
     learning_rate: float = 1e-4
     weight_decay: float = 0.01

@@ -136,6 +136,8 @@ class PromptBartWithDemographicPrediction(nn.Module):
         self.sex_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, len(SEXES)))
         self.age_loss_weight = mcfg.age_loss_weight
         self.sex_loss_weight = mcfg.sex_loss_weight
+        if mcfg.target_visit_loss_weight < 0:
+            raise ValueError(f"model.target_visit_loss_weight must be >= 0, got {mcfg.target_visit_loss_weight}")
         self.target_visit_loss_weight = mcfg.target_visit_loss_weight
 
     # ------------------------------------------------------------------ pieces used by generation

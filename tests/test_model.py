@@ -68,6 +68,9 @@ def test_target_visit_loss_weight_weighs_the_hidden_visit(parts):
     assert torch.allclose(outs[5.0]["lm_loss"], outs[1.0]["lm_loss"])
     assert torch.allclose(outs[5.0]["loss"], (nll * weight).sum() / weight.sum() + aux, atol=1e-5)
     assert not torch.allclose(outs[5.0]["loss"], outs[1.0]["loss"])
+    mcfg.model.target_visit_loss_weight = -1.0
+    with pytest.raises(ValueError, match="target_visit_loss_weight"):
+        PromptBartWithDemographicPrediction(tok, mcfg)
 
 
 def test_prompts_change_the_predictions(parts):
