@@ -1,6 +1,6 @@
 """Model quality against the exact optimum of the built-in cohort (a benchmark that prints figures).
 
-    python bench/quality.py                                   # experiments/base.yaml, its 30 epochs
+    python bench/quality.py                                   # experiments/base.yaml, its own num_epochs
     python bench/quality.py --epochs 10 --minutes 20 --overrides "training.learning_rate=2e-3"
     python bench/quality.py --checkpoint checkpoints/<run>/best_model   # score a trained model only
 
