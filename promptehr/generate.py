@@ -118,8 +118,12 @@ def sample_visit_batch(
     sexes: list[int],
     sampling: SamplingConfig,
     generator: torch.Generator,
-) -> tuple[list[list[int]], list[bool]]:
-    """Sample one new visit per row. Returns (new code ids per row, whether another visit follows)."""
+    return_first_logits: bool = False,
+):
+    """Sample one new visit per row. Returns (new code ids per row, whether another visit follows), and
+    with `return_first_logits` also the (n, vocab) logits of the first sampled position under the
+    grammar mask (banned tokens at -inf, before temperature and top-k/top-p): the model's own
+    distribution of the visit's next code after the revealed ones."""
     device = next(model.parameters()).device
     n = len(histories)
     enc_rows, dec_rows = [], []
@@ -174,7 +178,10 @@ def sample_visit_batch(
         visit_ban[force_close] = True
         visit_ban[force_close, tok.visit_close_id] = False
         ban = torch.where(in_visit.unsqueeze(1), visit_ban, after_visit.unsqueeze(0).expand(n, -1))
-        logits = logits.masked_fill(ban, float("-inf")) / max(sampling.temperature, 1e-6)
+        logits = logits.masked_fill(ban, float("-inf"))
+        if step == 0:
+            first_logits = logits
+        logits = logits / max(sampling.temperature, 1e-6)
         logits = _filter_logits(logits, sampling.top_k, sampling.top_p)
         token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
         token = torch.where(done, torch.full_like(token, tok.pad_token_id), token)
@@ -199,6 +206,8 @@ def sample_visit_batch(
                       encoder_attention_mask=hidden_mask, past_key_values=past, use_cache=True)
         past = out.past_key_values
         last = out.last_hidden_state[:, -1]
+    if return_first_logits:
+        return new_codes, more.tolist(), first_logits
     return new_codes, more.tolist()
 
 
@@ -228,7 +237,10 @@ def reveal_codes(visit: list[str], prompt_prob: float, rng: np.random.Generator)
 
 
 def generate_conditional_batch(model, tokenizer, patients, prompt_prob=0.5, sampling=None, seed=0, batch_size=64):
-    """Batched `generate_patient_sequence_conditional` over patients (all visits of each)."""
+    """Batched `generate_patient_sequence_conditional` over patients (all visits of each). Each result
+    also holds "ranked": per visit, the codes the model finds most likely to come next after the
+    revealed ones (by the first sampled position's distribution; revealed codes excluded), as many as
+    the visit has codes, most likely first."""
     sampling = sampling or SamplingConfig()
     rng = np.random.default_rng(seed)
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
@@ -237,7 +249,8 @@ def generate_conditional_batch(model, tokenizer, patients, prompt_prob=0.5, samp
     for pi, p in enumerate(patients):
         ids = _encode_patient_codes(tokenizer, p.visits)
         prompts = [reveal_codes(v, prompt_prob, rng) for v in p.visits]
-        results.append({"prompts": prompts, "generated": [None] * len(p.visits), "target": [list(v) for v in p.visits]})
+        results.append({"prompts": prompts, "generated": [None] * len(p.visits), "ranked": [None] * len(p.visits),
+                        "target": [list(v) for v in p.visits]})
         for vi in range(len(p.visits)):
             jobs.append((pi, vi, ids[:vi], [tokenizer.encode_code(c) for c in prompts[vi]], p.age, SEXES.index(p.sex)))
     was_training = model.training
@@ -245,10 +258,15 @@ def generate_conditional_batch(model, tokenizer, patients, prompt_prob=0.5, samp
     try:
         for s in range(0, len(jobs), batch_size):
             chunk = jobs[s:s + batch_size]
-            codes, _ = sample_visit_batch(model, tokenizer, [j[2] for j in chunk], [j[3] for j in chunk],
-                                          [j[4] for j in chunk], [j[5] for j in chunk], sampling, gen)
-            for (pi, vi, *_), new in zip(chunk, codes):
+            codes, _, first = sample_visit_batch(model, tokenizer, [j[2] for j in chunk], [j[3] for j in chunk],
+                                                 [j[4] for j in chunk], [j[5] for j in chunk], sampling, gen,
+                                                 return_first_logits=True)
+            first[:, : tokenizer.n_special] = float("-inf")  # codes only (`</v>` may be allowed there)
+            order = first.argsort(dim=1, descending=True)
+            for row, ((pi, vi, *_), new) in enumerate(zip(chunk, codes)):
                 results[pi]["generated"][vi] = results[pi]["prompts"][vi] + [tokenizer.id_to_token[c] for c in new]
+                n_rank = min(len(results[pi]["target"][vi]), int(torch.isfinite(first[row]).sum()))
+                results[pi]["ranked"][vi] = [tokenizer.id_to_token[c] for c in order[row, :n_rank].tolist()]
     finally:
         model.train(was_training)
     return results

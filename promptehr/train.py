@@ -266,9 +266,11 @@ def train(cfg: Config, tracker: Tracker | None = None, on_validate=None) -> dict
                 last_metrics = metrics
                 tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step=global_step)
                 logger.info("validation epoch %d: loss %.4f, perplexity %.2f, tpl %.2f (frequency %.2f, repeat %.2f), "
-                            "jaccard %.3f (baseline %.3f)", epoch + 1, metrics["loss"], metrics["perplexity"],
-                            metrics.get("tpl", float("nan")), metrics["tpl_frequency_baseline"], metrics["tpl_repeat_baseline"],
-                            metrics.get("reconstruction_jaccard", float("nan")), metrics.get("reconstruction_jaccard_baseline", float("nan")))
+                            "jaccard %.3f sampled, %.3f ranked (baseline %.3f)", epoch + 1, metrics["loss"],
+                            metrics["perplexity"], metrics.get("tpl", float("nan")), metrics["tpl_frequency_baseline"],
+                            metrics["tpl_repeat_baseline"], metrics.get("reconstruction_jaccard", float("nan")),
+                            metrics.get("reconstruction_jaccard_ranked", float("nan")),
+                            metrics.get("reconstruction_jaccard_baseline", float("nan")))
                 samples = sample_patients(model, tokenizer, demographics, cfg.tracking.n_sample_patients, tcfg.seed + epoch)
                 if samples:
                     tracker.log_dict({"epoch": epoch + 1, "synthetic_patients": samples}, f"samples/epoch_{epoch + 1:03d}.json")

@@ -138,7 +138,7 @@ def test_quality_report_logs_metrics_report_and_plots_without_records(tiny, coho
     train, heldout = cohort[:400], cohort[400:]
     tracker = RecordingTracker()
     metrics = ev.run_quality_report(model, tok, train, heldout, tracker, step=7, n_patients=40, seed=1)
-    expected = {"reconstruction_jaccard", "reconstruction_jaccard_baseline", "prevalence_pearson_visit",
+    expected = {"reconstruction_jaccard", "reconstruction_jaccard_ranked", "reconstruction_jaccard_baseline", "prevalence_pearson_visit",
                 "prevalence_pearson_patient", "top100_overlap", "cooccurrence_pearson", "visits_per_patient_tv",
                 "codes_per_visit_wasserstein", "invalid_code_rate", "invalid_code_rate_real", "duplicate_code_rate",
                 "exact_copy_share", "exact_copy_share_heldout", "nn_distance_ratio", "membership_auc",

@@ -94,6 +94,31 @@ def test_no_code_repeats_inside_a_visit_and_delimiters_still_work():
         assert len(gen) == len(set(gen)) and set(r["prompts"][0]) <= set(gen)
 
 
+def test_ranked_reconstruction_guesses_the_models_most_likely_hidden_codes():
+    """`reconstruction_jaccard_ranked` plays the baseline's game (told how many codes are hidden) with
+    the model's ranking: a model biased towards C01 > C02 > the rest, on visits {C01, C02} with one
+    code revealed, must guess the other one whichever is revealed (revealed codes are not guesses);
+    the frequency baseline, trained on other codes, guesses wrong."""
+    from promptehr.metrics import compute_reconstruction_jaccard
+
+    model, tok, _ = tiny_model(12)
+    with torch.no_grad():
+        model.bart.final_logits_bias[0, tok.encode_code("C01")] = 50.0
+        model.bart.final_logits_bias[0, tok.encode_code("C02")] = 40.0
+    heldout = [Patient(f"h{i}", 50.0, "F", [["C01", "C02"], ["C02", "C01"]]) for i in range(20)]
+    train = [Patient(f"t{i}", 50.0, "M", [["C05", "C06"]]) for i in range(5)]
+    results = generate_conditional_batch(model, tok, heldout, prompt_prob=0.5, seed=0)
+    pairs = [(r["prompts"][v], r["ranked"][v]) for r in results for v in range(2)]
+    assert {tuple(p) for p, _ in pairs} == {("C01",), ("C02",)}  # both cases occur
+    for prompts, ranked in pairs:
+        assert ranked[0] == ({"C01", "C02"} - set(prompts)).pop()
+        assert len(ranked) == 2 and prompts[0] not in ranked and all(c in tok.codes for c in ranked)
+    m = compute_reconstruction_jaccard(model, tok, heldout, train, prompt_prob=0.5, n_patients=20, seed=0)
+    assert m["reconstruction_jaccard_visits"] == 40
+    assert m["reconstruction_jaccard_ranked"] == 1.0 and m["reconstruction_jaccard_baseline"] == 0.0
+    assert 0.0 < m["reconstruction_jaccard"] <= 1.0  # the sampled visit holds the hidden code, maybe more
+
+
 def test_n_visits_is_honoured_exactly_and_max_visits_ends_the_rest():
     model, tok, _ = tiny_model()
     targets = [1, 3, 7, None, None, 25]

@@ -34,7 +34,7 @@ def test_train_returns_honest_validation_metrics(tmp_path):
     assert [e for e, _ in seen] == [0, 1]
     m = result["final_metrics"]
     for key in ("loss", "lm_loss", "age_loss", "sex_loss", "perplexity", "tpl", "reconstruction_jaccard",
-                "reconstruction_jaccard_baseline", "tpl_frequency_baseline", "tpl_repeat_baseline"):
+                "reconstruction_jaccard_ranked", "reconstruction_jaccard_baseline", "tpl_frequency_baseline", "tpl_repeat_baseline"):
         assert key in m and math.isfinite(m[key]), key
     # a 2-epoch tiny model is nowhere near a copy task: perplexity far above 1
     assert m["perplexity"] > 5 and m["tpl"] > 5
