@@ -262,11 +262,12 @@ def generate_conditional_batch(model, tokenizer, patients, prompt_prob=0.5, samp
                                                  [j[4] for j in chunk], [j[5] for j in chunk], sampling, gen,
                                                  return_first_logits=True)
             first[:, : tokenizer.n_special] = float("-inf")  # codes only (`</v>` may be allowed there)
-            order = first.argsort(dim=1, descending=True)
+            order = first.argsort(dim=1, descending=True).tolist()
+            n_allowed = torch.isfinite(first).sum(dim=1).tolist()
             for row, ((pi, vi, *_), new) in enumerate(zip(chunk, codes)):
                 results[pi]["generated"][vi] = results[pi]["prompts"][vi] + [tokenizer.id_to_token[c] for c in new]
-                n_rank = min(len(results[pi]["target"][vi]), int(torch.isfinite(first[row]).sum()))
-                results[pi]["ranked"][vi] = [tokenizer.id_to_token[c] for c in order[row, :n_rank].tolist()]
+                n_rank = min(len(results[pi]["target"][vi]), n_allowed[row])
+                results[pi]["ranked"][vi] = [tokenizer.id_to_token[c] for c in order[row][:n_rank]]
     finally:
         model.train(was_training)
     return results

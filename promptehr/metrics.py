@@ -132,8 +132,8 @@ def compute_reconstruction_jaccard(model, tokenizer, patients, train_patients=No
     excluded from both sides), and the same score for the most frequent training codes when told how
     many codes are hidden (an oracle-length baseline).
 
-    The sampled visit (temperature 1, the model choosing its own length) scores below what the model
-    knows: sampling spreads its guesses over plausible codes, and the baseline is told the length.
+    The sampled visit (temperature 1, the model choosing its own length) can score below the baseline
+    while the model knows more: sampling spreads its guesses over plausible codes, and the baseline is told the length.
     `reconstruction_jaccard_ranked` gives the model the baseline's protocol: the n codes it finds most
     likely to come next after the revealed ones, n the number hidden."""
     rng = np.random.default_rng(seed)
