@@ -202,10 +202,12 @@ class PromptBartWithDemographicPrediction(nn.Module):
         age_pred = self.age_head(features).squeeze(-1).float()
         sex_logits = self.sex_head(features).float()
         age_target = x_num[:, 0].float() / MAX_AGE
-        if has_codes.any():
-            age_loss = F.mse_loss(age_pred[has_codes], age_target[has_codes])
-            sex_loss = F.cross_entropy(sex_logits[has_codes], x_cat[has_codes, 0].long())
-        else:  # only placeholder rows: nothing to read
-            age_loss = sex_loss = age_pred.sum() * 0.0
+        # means over the rows that have codes (placeholder rows have nothing to read; none at all: 0),
+        # as masked sums: no data-dependent branch or boolean indexing, so no host sync per step on a
+        # GPU and no graph break under torch.compile
+        reads = has_codes.float()
+        n_reads = reads.sum().clamp(min=1.0)
+        age_loss = (reads * (age_pred - age_target) ** 2).sum() / n_reads
+        sex_loss = (reads * F.cross_entropy(sex_logits, x_cat[:, 0].long(), reduction="none")).sum() / n_reads
         loss = lm_objective + self.age_loss_weight * age_loss + self.sex_loss_weight * sex_loss
         return {"loss": loss, "lm_loss": lm_loss, "age_loss": age_loss, "sex_loss": sex_loss, "logits": logits}

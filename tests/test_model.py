@@ -103,6 +103,59 @@ def test_aux_heads_cannot_read_the_prompts(parts):
     assert torch.equal(feats, seen[0]) and not torch.equal(feats, feats2)
 
 
+def test_aux_losses_are_means_over_the_rows_that_have_codes(parts):
+    import torch.nn.functional as F
+
+    from promptehr.model import MAX_AGE
+
+    cfg, tok, train, _ = parts
+    torch.manual_seed(0)
+    model = PromptBartWithDemographicPrediction(tok, cfg).eval()
+    batch = next(iter(loader(tok, train)))
+    # rows 0-2 become placeholders (no code in the encoder input); their targets are made absurd,
+    # so that any weight they kept would move the losses
+    ids = batch["input_ids"].clone()
+    ids[:3] = torch.where(ids[:3] >= tok.n_special, tok.mask_token_id, ids[:3])
+    feats, has_codes = model.demographic_features(ids)
+    assert not has_codes[:3].any() and has_codes.sum() >= len(ids) // 2  # (first-visit rows read nothing too)
+    x_num, x_cat = batch["x_num"].clone(), batch["x_cat"].clone()
+    x_num[~has_codes, 0] = 1e4
+    out = model(**dict(batch, input_ids=ids, x_num=x_num, x_cat=x_cat))
+    age_pred, sex_logits = model.age_head(feats).squeeze(-1), model.sex_head(feats)
+    reads = has_codes
+    assert torch.allclose(out["age_loss"], F.mse_loss(age_pred[reads], x_num[reads, 0] / MAX_AGE), atol=1e-6)
+    assert torch.allclose(out["sex_loss"], F.cross_entropy(sex_logits[reads], x_cat[reads, 0].long()), atol=1e-6)
+    # a batch of placeholder rows only: nothing to read, zero aux losses and zero (not NaN) gradients
+    model.train()
+    ids_all = torch.where(ids >= tok.n_special, tok.mask_token_id, ids)
+    out = model(**dict(batch, input_ids=ids_all, x_num=x_num))
+    assert out["age_loss"].item() == 0.0 and out["sex_loss"].item() == 0.0
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    grad = model.age_head[2].weight.grad
+    assert grad is not None and torch.count_nonzero(grad) == 0
+
+
+def test_training_forward_traces_as_one_graph(parts):
+    """torch.compile must see the whole training forward (loss included) as one graph: a graph break
+    (a data-dependent branch, boolean indexing) splits the compiled step and, on a GPU, forces a host
+    sync every step. The eager backend traces with dynamo without compiling kernels (fast on CPU)."""
+    torch._dynamo.reset()
+    cfg, tok, train, _ = parts
+    torch.manual_seed(0)
+    model = PromptBartWithDemographicPrediction(tok, cfg)
+    batch = next(iter(loader(tok, train)))
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # raises at the first graph break
+    model.eval()  # no dropout: the traced and the eager forward must agree
+    out, eager = compiled(**batch), model(**batch)
+    for key in ("loss", "lm_loss", "age_loss", "sex_loss"):
+        assert torch.allclose(out[key], eager[key], atol=1e-5), key
+    model.train()  # the training step itself (dropout on in tiny.yaml), with its backward
+    compiled(**batch)["loss"].backward()
+    assert model.age_head[0].weight.grad.abs().sum() > 0
+    torch._dynamo.reset()
+
+
 def test_untrained_perplexity_is_of_the_order_of_the_vocabulary(parts):
     cfg, tok, _, val = parts
     torch.manual_seed(0)
