@@ -105,6 +105,14 @@ def build_optimizer(model, tcfg, device):
     return torch.optim.AdamW(groups, lr=tcfg.learning_rate, fused=device.type in ("cuda", "cpu"))
 
 
+def compiled_step_model(model, tcfg):
+    """The module the training step calls: `model` itself, or with `training.compile` its
+    `torch.compile` wrapper (sharing its parameters). dynamic=True: every length-bucketed batch has a
+    shape of its own, so the static graph a first compile would build is thrown away at the second
+    batch; one dynamic compile instead of two (the training forward is one graph, no breaks: tested)."""
+    return torch.compile(model, dynamic=True) if tcfg.compile else model
+
+
 def training_step(model, step_model, batch, optimizer, scheduler, max_grad_norm, autocast, device) -> torch.Tensor:
     """One optimizer step on `batch`; returns the detached (loss, lm_loss, age_loss, sex_loss) without
     a host sync, so the loop only syncs when it logs."""
@@ -190,7 +198,7 @@ def train(cfg: Config, tracker: Tracker | None = None, on_validate=None) -> dict
         start_epoch, global_step = resume["epoch"] + 1, resume["global_step"]
         best_val_loss, run_id = resume.get("best_val_loss", math.inf), resume.get("run_id")
         logger.info("resuming from %s at epoch %d (step %d)", tcfg.resume_from, start_epoch + 1, global_step)
-    step_model = torch.compile(model) if tcfg.compile else model
+    step_model = compiled_step_model(model, tcfg)
 
     run_id = tracker.start(run_id)
     n_params = sum(p.numel() for p in model.parameters())
