@@ -2,13 +2,15 @@
 
     python bench/throughput.py                           # tiny, base, bart-base shapes on this CPU
     python bench/throughput.py --shapes base --steps 100
-    python bench/throughput.py --device cuda --bf16 --tf32 --fused-adamw --compile --patients 25000
+    python bench/throughput.py --device cuda --bf16 --tf32 --fused-adamw --compile --shapes bart-base
+        --patients 31250 --epochs 2 --num-workers 4    (one command: 25,000 training patients per epoch)
 
 For each model shape, on the built-in (MIMIC-shaped) cohort, with the loaders, model, optimizer and
 step of `promptehr.train` (forward, backward, grad clip, AdamW, schedule): training rows/s and code
 tokens/s in steady state (the first `--warmup` steps are one-time warm-up and are not timed),
 achieved FLOP/s against a matmul peak measured in the same run, peak memory, collator rows/s on one
-core, generation patients/s, and the MLflow logging overhead per step.
+core, generation patients/s, and the MLflow logging overhead per step. `--epochs N` then times N
+whole training epochs wall clock (new epoch plan, DataLoader and workers, every step, device synced).
 
 FLOPs (matmul only, 2 per multiply-add; training = 3x forward). Per row with L_e encoder and L_d decoder
 positions (the 2 prompt positions included), d = d_model, f = ffn dim, V = vocabulary:
@@ -45,7 +47,8 @@ from promptehr.config import ModelConfig, load_config  # noqa: E402
 from promptehr.data import load_patients, split_patients  # noqa: E402
 from promptehr.model import N_PROMPTS, PromptBartWithDemographicPrediction  # noqa: E402
 from promptehr.tokenizer import DiagnosisCodeTokenizer  # noqa: E402
-from promptehr.train import autocast_context, build_loaders, build_optimizer, seed_everything, training_step  # noqa: E402
+from promptehr.train import (autocast_context, build_loaders, build_optimizer, compiled_step_model,  # noqa: E402
+                             seed_everything, training_step)
 
 logger = logging.getLogger("bench.throughput")
 
@@ -200,7 +203,7 @@ def measure_shape(name: str, args, peak: float) -> dict:
     from transformers import get_linear_schedule_with_warmup
 
     scheduler = get_linear_schedule_with_warmup(optimizer, tcfg.warmup_steps, 10**6)
-    step_model = torch.compile(model) if tcfg.compile else model
+    step_model = compiled_step_model(model, tcfg)
     autocast = autocast_context(device, tcfg.precision)
     n_params = sum(p.numel() for p in model.parameters())
     slow = name == "bart-base" and device.type == "cpu"  # seconds per step here: fewer steps
@@ -231,6 +234,8 @@ def measure_shape(name: str, args, peak: float) -> dict:
             records.append((time.perf_counter() - t0, t1 - t0, batch["labels"].shape[0], codes, useful, executed))
         done += 1
     other = meter.other_share()
+    timed_epochs = [time_epoch(train_loader, train_collator, epoch, model, step_model, optimizer, scheduler, tcfg,
+                               autocast, device) for epoch in range(1, args.epochs + 1)]
     loss = float(sums[0]) / done
     rec = np.array(records)
     secs = rec[:, 0].sum()
@@ -249,9 +254,36 @@ def measure_shape(name: str, args, peak: float) -> dict:
     result["peak_share_useful"] = result["useful_flops_per_s"] / peak
     result["peak_share_executed"] = result["executed_flops_per_s"] / peak
     result["epoch_s"] = len(train_patients) * rows_per_patient / result["rows_per_s"]
+    result["timed_epochs"] = timed_epochs
     if args.gen_patients and (name != "bart-base" or device.type == "cuda"):
         result["generation_patients_per_s"] = generation_speed(model, tokenizer, train_patients, args.gen_patients)
     return result
+
+
+def time_epoch(train_loader, train_collator, epoch, model, step_model, optimizer, scheduler, tcfg, autocast, device) -> dict:
+    """One whole training epoch, wall clock, as `promptehr.train.train` runs it: a new epoch's rows
+    and batches, the DataLoader (and its workers, started anew as in training), every step, the
+    device synchronised at the end. Validation, logging and checkpoints are not included."""
+    train_loader.batch_sampler.set_epoch(epoch)
+    train_collator.set_epoch(epoch)
+    sync(device)
+    t0 = time.perf_counter()
+    wait = 0.0
+    rows = steps = 0
+    it = iter(train_loader)
+    while True:
+        t = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            break
+        wait += time.perf_counter() - t
+        training_step(model, step_model, batch, optimizer, scheduler, tcfg.max_grad_norm, autocast, device)
+        rows += batch["labels"].shape[0]
+        steps += 1
+    sync(device)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "rows": rows, "steps": steps, "data_wait_share": wait / seconds}
 
 
 def generation_speed(model, tokenizer, train_patients, n: int) -> float:
@@ -310,6 +342,8 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (training.compile=true)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--gen-patients", type=int, default=64, help="patients for the generation timing (0: skip)")
+    parser.add_argument("--epochs", type=int, default=0,
+                        help="after the step timings, also time this many whole training epochs, wall clock")
     parser.add_argument("--no-logging-bench", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -350,11 +384,17 @@ def main(argv=None) -> int:
     for r in results:
         print(f"  {r['shape']}: {r['n_train_patients']} training patients x {r['rows_per_patient']:.2f} rows -> "
               f"one epoch {r['epoch_s']:.1f}s at this rate; data wait {100 * r['data_wait_share']:.1f}% of step time")
+    for r in results:
+        for i, e in enumerate(r["timed_epochs"], 1):
+            print(f"  {r['shape']}: timed epoch {i}: {e['seconds']:.1f}s wall for {r['n_train_patients']} training "
+                  f"patients ({e['rows']} rows, {e['steps']} steps of batch {r['batch_patients']} patients), "
+                  f"{e['rows'] / e['seconds']:.0f} rows/s, data wait {100 * e['data_wait_share']:.1f}%")
     bart = next((r for r in results if r["shape"] == "bart-base"), None)
     if bart is not None:
-        rows = 25_000 * 0.8 * bart["rows_per_patient"]
-        print(f"  bart-base, one epoch of 25k MIMIC-shaped patients (80% train, {rows:.0f} rows): "
-              f"{rows / bart['rows_per_s']:.0f}s measured here on {device.type}")
+        rows = 25_000 * bart["rows_per_patient"]
+        print(f"  bart-base, one epoch of 25,000 MIMIC-shaped training patients ({rows:.0f} rows): "
+              f"{rows / bart['rows_per_s']:.0f}s at the steady-state rate measured here on {device.type} "
+              f"(--patients 31250 --epochs 2 times such epochs whole)")
         if device.type == "cpu":
             flops = rows * bart["useful_flops_per_s"] / bart["rows_per_s"]
             steps = math.ceil(rows / (bart["rows_per_patient"] * bart["batch_patients"]))

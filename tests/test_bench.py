@@ -123,3 +123,31 @@ def test_first_code_persistence_compares_model_and_optimum(small):
     assert any(cohort.persistence[cohort.codes.index(c)] > 0 for i, _ in events for c in patients[i].visits[0])
     assert d["optimum_chronic"] > 0.1 and d["model_chronic"] < d["optimum_chronic"] / 2
     assert d["kl"] > 0.5
+
+
+def test_timed_epoch_runs_every_batch_of_a_new_epoch(tmp_path):
+    """`bench/throughput.py --epochs`: the timed epoch is the whole epoch train() would run (every
+    batch of the epoch's own plan, each through the training step), not an extrapolation."""
+    from promptehr.data import load_patients, split_patients
+    from promptehr.train import autocast_context, build_loaders, build_optimizer, training_step
+    from transformers import get_linear_schedule_with_warmup
+
+    cfg = load_config(ROOT / "experiments" / "tiny.yaml", ["data.synthetic.n_patients=120"])
+    patients, _, _ = load_patients(cfg.data)
+    train_p, val_p = split_patients(patients, cfg.data.val_fraction, cfg.data.split_seed)
+    tok = DiagnosisCodeTokenizer.from_patients(train_p)
+    loader, _, sampler, collator, _ = build_loaders(cfg, tok, train_p, val_p)
+    model = PromptBartWithDemographicPrediction(tok, cfg)
+    device = torch.device("cpu")
+    optimizer = build_optimizer(model, cfg.training, device)
+    scheduler = get_linear_schedule_with_warmup(optimizer, 1, 100)
+    before = model.age_head[0].weight.detach().clone()
+    timed = throughput.time_epoch(loader, collator, 3, model, model, optimizer, scheduler, cfg.training,
+                                  autocast_context(device, "fp32"), device)
+    sampler.set_epoch(3)
+    collator.set_epoch(3)
+    plan = list(sampler)
+    assert timed["steps"] == len(plan) > 1 and scheduler.last_epoch == len(plan)  # one optimizer step per batch
+    assert timed["rows"] == sum(collator([loader.dataset[i] for i in idx])["labels"].shape[0] for idx in plan)
+    assert timed["seconds"] > 0 and 0 <= timed["data_wait_share"] < 1
+    assert not torch.equal(before, model.age_head[0].weight)
