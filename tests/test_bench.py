@@ -125,11 +125,11 @@ def test_first_code_persistence_compares_model_and_optimum(small):
     assert d["kl"] > 0.5
 
 
-def test_timed_epoch_runs_every_batch_of_a_new_epoch(tmp_path):
+def test_timed_epoch_runs_every_batch_of_a_new_epoch():
     """`bench/throughput.py --epochs`: the timed epoch is the whole epoch train() would run (every
     batch of the epoch's own plan, each through the training step), not an extrapolation."""
     from promptehr.data import load_patients, split_patients
-    from promptehr.train import autocast_context, build_loaders, build_optimizer, training_step
+    from promptehr.train import autocast_context, build_loaders, build_optimizer
     from transformers import get_linear_schedule_with_warmup
 
     cfg = load_config(ROOT / "experiments" / "tiny.yaml", ["data.synthetic.n_patients=120"])

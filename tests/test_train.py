@@ -166,10 +166,10 @@ def test_compiled_training_matches_eager(tmp_path):
     only reorder floating-point sums."""
     common = ("training.num_epochs=1", "training.compute_reconstruction_jaccard=false", "training.quality_report=false",
               "model.dropout=0.0", "model.attention_dropout=0.0", "model.activation_dropout=0.0")
-    torch._dynamo.reset()
-    eager = train(tiny(tmp_path / "e", *common), Tracker())
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()
+    eager = train(tiny(tmp_path / "e", *common), Tracker())
     counters.clear()
     compiled = train(tiny(tmp_path / "c", *common, "training.compile=true"), Tracker())
     graphs, breaks = counters["stats"]["unique_graphs"], dict(counters["graph_break"])
