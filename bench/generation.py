@@ -43,7 +43,7 @@ SHAPES = {"tiny": "experiments/tiny.yaml", "base": "experiments/base.yaml"}
 def build_checkpoint(shape: str, train_steps: int, random_init: bool, folder: Path) -> Path:
     """A checkpoint of `shape`: trained for `train_steps` steps, or random-init (with the histogram)."""
     overrides = [f"training.checkpoint_dir={folder}", "training.quality_report=false", "tracking.n_sample_patients=0",
-                 "training.compute_reconstruction_jaccard=false", "training.compute_tpl=false", "training.device=cpu"]
+                 "validation.jaccard_patients=0", "training.device=cpu"]
     cfg = load_config(ROOT / SHAPES[shape], overrides)
     if random_init:
         patients, _, _ = load_patients(cfg.data)

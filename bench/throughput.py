@@ -47,7 +47,7 @@ from promptehr.config import ModelConfig, load_config  # noqa: E402
 from promptehr.data import load_patients, split_patients  # noqa: E402
 from promptehr.model import N_PROMPTS, PromptBartWithDemographicPrediction  # noqa: E402
 from promptehr.tokenizer import DiagnosisCodeTokenizer  # noqa: E402
-from promptehr.train import (autocast_context, build_loaders, build_optimizer, compiled_step_model,  # noqa: E402
+from promptehr.train import (autocast_context, build_loader, build_optimizer, compiled_step_model,  # noqa: E402
                              seed_everything, training_step)
 
 logger = logging.getLogger("bench.throughput")
@@ -179,7 +179,7 @@ def measure_shape(name: str, args, peak: float) -> dict:
     patients, _, _ = load_patients(cfg.data)
     train_patients, val_patients = split_patients(patients, cfg.data.val_fraction, cfg.data.split_seed)
     tokenizer = DiagnosisCodeTokenizer.from_patients(train_patients)
-    train_loader, _, _, train_collator, _ = build_loaders(cfg, tokenizer, train_patients, val_patients)
+    train_loader, _, train_collator, _ = build_loader(cfg, tokenizer, train_patients)
     vocab = len(tokenizer)
 
     # collator alone, in this process (one core: numpy, no torch threads involved)

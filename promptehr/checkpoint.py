@@ -22,7 +22,7 @@ import torch
 import yaml
 from safetensors.torch import load_model, save_model
 
-from promptehr.config import Config, config_from_dict, to_dict
+from promptehr.config import Config, config_from_dict, migrate_legacy_keys, to_dict
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def read_metadata(folder) -> dict:
 
 def load_config_from_checkpoint(folder) -> Config:
     path = Path(folder) / "config.yaml"
-    return config_from_dict(yaml.safe_load(path.read_text()), str(path))
+    return config_from_dict(migrate_legacy_keys(yaml.safe_load(path.read_text())), str(path))
 
 
 def check_folder(folder) -> Path:

@@ -40,9 +40,9 @@ def cmd_train(args) -> int:
     result = train(cfg, tracker)
     best = result["best_metrics"]
     logging.getLogger("promptehr").info(
-        "done: best val/loss %.4f (perplexity %.2f, tpl %.2f), checkpoint %s, run %s",
-        result["best_val_loss"], best.get("perplexity", float("nan")), best.get("tpl", float("nan")),
-        result["best_checkpoint"], result["run_id"])
+        "done: best val/%s %.4f at epoch %s (TPL %.2f, perplexity of unseen codes %.2f), checkpoint %s, run %s",
+        result["selection_metric"], result["best_score"], best.get("epoch"), best.get("tpl", float("nan")),
+        best.get("perplexity", float("nan")), result["best_checkpoint"], result["run_id"])
     return 0
 
 
@@ -100,6 +100,11 @@ def cmd_evaluate(args) -> int:
     from promptehr.evaluate import log_quality_report, plot_report, quality_report
     from promptehr.tracking import MLflowTracker, Tracker
     from promptehr.train import resolve_device, split_fingerprint
+    from promptehr.validation import ValidationProtocol
+    from promptehr.validation import protocol_id as validation_id
+
+    def model_device(m):
+        return next(m.parameters()).device
 
     log = logging.getLogger("promptehr")
     sampling = _sampling(args)
@@ -127,12 +132,17 @@ def cmd_evaluate(args) -> int:
         tracker.log_params({"n_patients": int(args.n_patients), "seed": int(args.seed), **{
             f"sampling.{k}": v for k, v in vars(sampling).items()}})
         metrics, report = quality_report(model, tokenizer, train_patients, heldout, n_patients=int(args.n_patients),
-                                         seed=int(args.seed), sampling=sampling, prompt_prob=ckpt_cfg.training.prompt_prob,
+                                         seed=int(args.seed), sampling=sampling, prompt_prob=ckpt_cfg.validation.prompt_prob,
                                          max_length=ckpt_cfg.collator.max_length, progress=True)
         log_quality_report(tracker, metrics, report)
+        validation = ValidationProtocol(cfg, tokenizer, train_patients, heldout).evaluate(model, model_device(model))
+        tracker.set_tags({"protocol_id": validation_id(cfg, train_patients, heldout)})
+        tracker.log_metrics({f"val/{k}": v for k, v in validation.items()}, step=0)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "quality.json").write_text(json.dumps(report, indent=1))
+        (out / "validation.json").write_text(json.dumps(
+            {**validation, "protocol_id": validation_id(cfg, train_patients, heldout)}, indent=1))
         plot_report(report, out)
         status = "FINISHED"
     finally:

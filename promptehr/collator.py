@@ -226,6 +226,29 @@ class EHRDataCollator:
         start = sum(len(v) + 2 for v in visits[:k]) + 1
         return enc, target, start
 
+    def unseen_labels(self, enc: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Per label position: True for a code that the encoder's version of the same visit does not
+        hold (infilled, deleted or replaced, or a hidden visit behind its `<mask>` placeholder);
+        False for codes the encoder shows and for every special token."""
+        tok = self.tok
+        enc_visits, current = [], None
+        for t in enc.tolist():
+            if t == tok.visit_open_id:
+                current = set()
+            elif t == tok.visit_close_id and current is not None:
+                enc_visits.append(current)
+                current = None
+            elif current is not None:
+                current.add(t)
+        out = np.zeros(len(labels), dtype=bool)
+        j = -1
+        for pos, t in enumerate(labels.tolist()):
+            if t == tok.visit_open_id:
+                j += 1
+            elif t >= tok.n_special:
+                out[pos] = j >= len(enc_visits) or t not in enc_visits[j]
+        return out
+
     def __call__(self, items) -> dict[str, torch.Tensor]:
         planned = len(items[0]) == 5  # rows planned by RowBucketSampler: (task id, k, row id) each
         first = int(items[0][4][2]) if planned else int(items[0][0])
@@ -242,7 +265,9 @@ class EHRDataCollator:
                 sexes.append(sex)
         return self.pad(enc_rows, label_rows, starts, tasks, ages, sexes)
 
-    def pad(self, enc_rows, label_rows, starts, tasks, ages, sexes) -> dict[str, torch.Tensor]:
+    def pad(self, enc_rows, label_rows, starts, tasks, ages, sexes, unseen_rows=None) -> dict[str, torch.Tensor]:
+        """Pad rows to the longest of the batch; `unseen_rows` (per row a bool array over its labels,
+        see `unseen_labels`) adds an `unseen_mask` of the labels' shape."""
         n = len(enc_rows)
         enc_len = max(len(r) for r in enc_rows)
         dec_len = max(len(r) for r in label_rows)
@@ -258,7 +283,7 @@ class EHRDataCollator:
                 # codes of the hidden visit k: from its first code up to its </v>
                 stop = start + int(np.argmax(lab[start:] == self.tok.visit_close_id))
                 target_mask[i, start:stop] = True
-        return {
+        batch = {
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy(attention_mask),
             "labels": torch.from_numpy(labels),
@@ -267,6 +292,12 @@ class EHRDataCollator:
             "x_cat": torch.tensor(sexes, dtype=torch.long).unsqueeze(1),
             "task_type": torch.tensor(tasks, dtype=torch.long),
         }
+        if unseen_rows is not None:
+            unseen = np.zeros((n, dec_len), dtype=bool)
+            for i, row in enumerate(unseen_rows):
+                unseen[i, : len(row)] = row
+            batch["unseen_mask"] = torch.from_numpy(unseen)
+        return batch
 
 
 class LengthBucketSampler(Sampler[list[int]]):

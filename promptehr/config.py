@@ -85,11 +85,6 @@ class TrainingConfig:
     save_every_n_epochs: int = 10
     log_every_n_steps: int = 50
     validate_every_n_epochs: int = 1
-    compute_tpl: bool = True
-    compute_reconstruction_jaccard: bool = True
-    jaccard_patients: int = 100     # held-out patients scored by reconstruction Jaccard per validation
-    prompt_prob: float = 0.5        # share of each visit's codes revealed as prompts for the Jaccard
-    eval_batch_size: int = 64
     num_workers: int = 0            # DataLoader workers for collation
     bucket_by_length: bool = True   # batch rows of similar length together (less padding); false: random patient batches
     precision: str = "fp32"         # fp32 | bf16 (autocast)
@@ -99,6 +94,22 @@ class TrainingConfig:
     max_steps: int | None = None    # stop after this many optimizer steps (benchmarks, smoke tests)
     quality_report: bool = True     # at the end: generated vs held-out quality report on the best model (gen/ metrics, report/ artifacts)
     quality_report_patients: int = 500  # held-out patients whose demographics the report's generated cohort gets
+
+
+@dataclass
+class ValidationConfig:
+    """The evaluation protocol: which held-out rows are scored, how denoising rows are corrupted and
+    which codes the reconstruction probe reveals. Fixed by these settings and the held-out patients,
+    never by a training knob (collator.*, training.seed), so runs and trials sit the same exam."""
+    seed: int = 0                   # protocol seed: row kinds, code orders, corruptions, revealed codes
+    corruption_prob: float = 0.5    # share of whole-patient rows that are denoising rows (the rest: clean reconstruction)
+    lambda_poisson: float = 3.0     # corruption of the denoising rows, as collator.* describes
+    mask_probability: float = 0.15
+    del_probability: float = 0.15
+    rep_probability: float = 0.15
+    prompt_prob: float = 0.5        # share of each visit's codes revealed by the reconstruction probe
+    jaccard_patients: int = 100     # held-out patients of the reconstruction probe (0: no probe)
+    batch_size: int = 64            # rows per evaluation batch (does not change the numbers)
 
 
 @dataclass
@@ -118,6 +129,7 @@ class Config:
     collator: CollatorConfig = field(default_factory=CollatorConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -171,11 +183,41 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
 
 
+# keys of earlier versions: where they live now (None: removed); old checkpoints are migrated
+MOVED_KEYS = {
+    "training.prompt_prob": "validation.prompt_prob",
+    "training.jaccard_patients": "validation.jaccard_patients",
+    "training.eval_batch_size": "validation.batch_size",
+    "training.compute_tpl": None,                      # TPL is computed in the validation pass itself
+    "training.compute_reconstruction_jaccard": None,   # validation.jaccard_patients=0 turns the probe off
+}
+
+
+def migrate_legacy_keys(values: dict) -> dict:
+    """A config tree of an earlier version (a checkpoint's config.yaml) with moved keys moved."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in (values or {}).items()}
+    for old, new in MOVED_KEYS.items():
+        section, name = old.split(".")
+        if name not in out.get(section, {}):
+            continue
+        value = out[section].pop(name)
+        if new is not None:
+            new_section, new_name = new.split(".")
+            out.setdefault(new_section, {}).setdefault(new_name, value)
+        elif name == "compute_reconstruction_jaccard" and value is False:
+            out.setdefault("validation", {})["jaccard_patients"] = 0
+    return out
+
+
 def _build(cls: type, values: dict, where: str) -> Any:
     types_ = _field_types(cls)
     unknown = sorted(set(values) - set(types_))
     if unknown:
         prefix = f"{where}." if where else ""
+        moved = f"{prefix}{unknown[0]}"
+        if moved in MOVED_KEYS:
+            raise ConfigError(f"config key {moved} " + (f"is now {MOVED_KEYS[moved]}" if MOVED_KEYS[moved]
+                                                         else "was removed (see experiments/base.yaml)"))
         raise ConfigError(
             f"unknown config key {prefix}{unknown[0]!s}; valid keys under "
             f"{where or 'the top level'}: {', '.join(sorted(types_))}"

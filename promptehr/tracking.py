@@ -8,6 +8,7 @@ Only counts, aggregates and synthetic samples are logged: never patient records 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -31,7 +32,7 @@ class Tracker:
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
     def flush(self) -> None: ...
-    def log_model(self, checkpoint_dir: str, val_loss: float, tags: dict) -> dict | None:
+    def log_model(self, checkpoint_dir: str, score: float, tags: dict, rescore=None) -> dict | None:
         return None
     def end(self, status: str = "FINISHED") -> None: ...
 
@@ -124,17 +125,16 @@ class MLflowTracker(Tracker):
     def flush(self) -> None:
         self.mlflow.flush_async_logging()
 
-    def log_model(self, checkpoint_dir: str, val_loss: float, tags: dict) -> dict | None:
+    def log_model(self, checkpoint_dir: str, score: float, tags: dict, rescore=None) -> dict | None:
         """Log the checkpoint as a pyfunc model (models-from-code) and register it; the new version
-        takes alias `champion` if there is none, or if the champion was trained on the same data
-        (same `data_fingerprint`) and has a higher val_loss."""
+        takes alias `champion` by `promote_champion` (`score`: its selection metric, lower is better)."""
         self.flush()
         info = log_pyfunc_model(checkpoint_dir, self.registered_model_name if self.register_model else None)
         result = {"model_uri": info.model_uri}
         if self.register_model:
             version = str(info.registered_model_version)
             result["version"] = version
-            result["champion"] = promote_champion(self.registered_model_name, version, val_loss, tags)
+            result["champion"] = promote_champion(self.registered_model_name, version, score, tags, rescore)
         return result
 
     def end(self, status: str = "FINISHED") -> None:
@@ -202,14 +202,23 @@ def _requirements() -> list[str]:
             ("torch", "transformers", "mlflow", "numpy", "pandas", "pyyaml", "safetensors", "tqdm")]
 
 
-def promote_champion(model_name: str, version: str, val_loss: float, tags: dict) -> bool:
-    """Tag the version; move alias `champion` to it if there is none, or if the champion shares its
-    `data_fingerprint` and has a higher val_loss. Returns whether it took the alias."""
+def promote_champion(model_name: str, version: str, score: float, tags: dict, rescore=None) -> bool:
+    """Tag the version with `tags` and its score; move alias `champion` to it if there is none, or if
+    the champion was trained on the same data (`data_fingerprint`) and scores worse on the same
+    validation protocol (`protocol_id`, metric `selection_metric`, lower is better). A champion
+    measured on another protocol, or registered before protocols existed, is first re-scored on this
+    version's protocol with `rescore(checkpoint folder) -> score` (a legacy champion keeps the result as
+    its tags); without `rescore` the two are not compared and the champion stays. Returns whether the
+    version took the alias."""
+    import tempfile
+
+    import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
-    for key, value in {**tags, "val_loss": val_loss}.items():
+    metric = tags.get("selection_metric", "next_visit_nll")
+    for key, value in {**tags, metric: score}.items():
         client.set_model_version_tag(model_name, version, key, str(value))
     try:
         current = client.get_model_version_by_alias(model_name, "champion")
@@ -221,10 +230,33 @@ def promote_champion(model_name: str, version: str, val_loss: float, tags: dict)
                         "(set it by hand: MlflowClient().set_registered_model_alias(%r, 'champion', %s))",
                         current.version, version, model_name, version)
             return False
-        if float(current.tags.get("val_loss", "inf")) <= val_loss:
-            logger.info("champion v%s (val_loss %s) stays; v%s has val_loss %.4f", current.version,
-                        current.tags.get("val_loss"), version, val_loss)
+        same_exam = (current.tags.get("protocol_id") == str(tags.get("protocol_id"))
+                     and current.tags.get("selection_metric") == metric and metric in current.tags)
+        if same_exam:
+            champion_score = float(current.tags[metric])
+        else:
+            if rescore is None:
+                logger.info("champion v%s was measured on another validation protocol and cannot be re-scored "
+                            "here; it stays", current.version)
+                return False
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = download_model_checkpoint(f"models:/{model_name}/{current.version}", tmp,
+                                                   mlflow.get_tracking_uri())
+                champion_score = float(rescore(folder))
+            logger.info("champion v%s was measured on protocol %s: re-scored on protocol %s, %s %.4f",
+                        current.version, current.tags.get("protocol_id", "(none: registered before protocols)"),
+                        tags.get("protocol_id"), metric, champion_score)
+            if "protocol_id" not in current.tags:  # a legacy champion: keep the score it now has
+                for key, value in {"protocol_id": tags.get("protocol_id"), "selection_metric": metric,
+                                   metric: champion_score, "rescored": "true"}.items():
+                    client.set_model_version_tag(model_name, current.version, key, str(value))
+        if not (math.isfinite(score) and (score < champion_score or not math.isfinite(champion_score))):
+            logger.info("champion v%s (%s %.4f) stays; v%s has %.4f", current.version, metric, champion_score,
+                        version, score)
             return False
+    elif not math.isfinite(score):
+        logger.warning("v%s has %s %s: it does not become the champion", version, metric, score)
+        return False
     client.set_registered_model_alias(model_name, "champion", version)
-    logger.info("registered %s v%s is the new champion (val_loss %.4f)", model_name, version, val_loss)
+    logger.info("registered %s v%s is the new champion (%s %.4f)", model_name, version, metric, score)
     return True

@@ -1,7 +1,8 @@
 """Training recipe: config -> data -> tokenizer -> datasets -> model -> AdamW + linear schedule -> loop.
 
 `train(cfg, tracker, on_validate)` is a plain function: entry points only parse arguments, build the
-tracker and call it. Validation (held-out patients) every `validate_every_n_epochs`; checkpoints
+tracker and call it. Validation on the split's fixed protocol (`promptehr.validation`) every
+`validate_every_n_epochs`; `best_model` is the epoch with the lowest held-out next-visit NLL; checkpoints
 `best_model`, `last` and `epoch_N` folders; `training.resume_from` continues in the same MLflow run.
 `on_validate(epoch, metrics)` lets tuning report and prune; raising `TrainingPruned` there ends the
 run with status KILLED.
@@ -30,10 +31,10 @@ from promptehr.config import Config, flatten, to_yaml
 from promptehr.data import load_patients, split_patients
 from promptehr.evaluate import run_quality_report
 from promptehr.generate import SamplingConfig, demographics_histogram, generate_patients, sample_demographics
-from promptehr.metrics import compute_reconstruction_jaccard, evaluate_loss, next_visit_baselines
 from promptehr.model import PromptBartWithDemographicPrediction
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 from promptehr.tracking import Tracker
+from promptehr.validation import ValidationProtocol
 
 logger = logging.getLogger(__name__)
 
@@ -78,22 +79,19 @@ def split_fingerprint(train_patients, val_patients) -> str:
     return h.hexdigest()[:16]
 
 
-def build_loaders(cfg: Config, tokenizer, train_patients, val_patients):
+def build_loader(cfg: Config, tokenizer, train_patients):
+    """The training DataLoader, its sampler and collator (both told the epoch), and the dataset's
+    counts of unknown codes and truncations."""
     tcfg = cfg.training
     train_ds = EHRPatientDataset(train_patients, tokenizer, cfg.collator.max_length)
-    val_ds = EHRPatientDataset(val_patients, tokenizer, cfg.collator.max_length)
     train_collator = EHRDataCollator.from_config(tokenizer, cfg.collator, seed=tcfg.seed)
-    # validation rows are drawn the same way every time (seeded, epoch fixed at 0)
-    val_collator = EHRDataCollator.from_config(tokenizer, cfg.collator, seed=tcfg.seed + 1)
     if tcfg.bucket_by_length:  # rows (not patients) of similar length batched together
         train_sampler = RowBucketSampler(train_ds, train_collator, tcfg.batch_size, seed=tcfg.seed)
     else:  # patients in random batches
         train_sampler = LengthBucketSampler(train_ds.lengths, tcfg.batch_size, seed=tcfg.seed, window=1)
-    val_sampler = LengthBucketSampler(val_ds.lengths, tcfg.eval_batch_size, seed=0, window=10**9, shuffle=False)
-    common = {"num_workers": tcfg.num_workers, "persistent_workers": False, "pin_memory": torch.cuda.is_available()}
-    train_loader = DataLoader(train_ds, batch_sampler=train_sampler, collate_fn=train_collator, **common)
-    val_loader = DataLoader(val_ds, batch_sampler=val_sampler, collate_fn=val_collator, **common)
-    return train_loader, val_loader, train_sampler, train_collator, (train_ds.report + val_ds.report)
+    train_loader = DataLoader(train_ds, batch_sampler=train_sampler, collate_fn=train_collator, num_workers=tcfg.num_workers,
+                              persistent_workers=False, pin_memory=torch.cuda.is_available())
+    return train_loader, train_sampler, train_collator, train_ds.report
 
 
 def build_optimizer(model, tcfg, device):
@@ -130,16 +128,24 @@ def training_step(model, step_model, batch, optimizer, scheduler, max_grad_norm,
 # ------------------------------------------------------------------ validation
 
 
-def validate(model, val_loader, device, cfg, tokenizer, train_patients, val_patients, autocast, epoch) -> dict:
-    tcfg = cfg.training
-    metrics = evaluate_loss(model, val_loader, device, autocast)
-    if not tcfg.compute_tpl:
-        metrics.pop("tpl", None)
-    if tcfg.compute_reconstruction_jaccard:
-        metrics.update(compute_reconstruction_jaccard(
-            model, tokenizer, val_patients, train_patients, prompt_prob=tcfg.prompt_prob,
-            n_patients=tcfg.jaccard_patients, seed=tcfg.seed))
-    return metrics
+def log_validation(epoch: int, metrics: dict, selection: str) -> None:
+    get = lambda key: metrics.get(key, float("nan"))  # noqa: E731
+    logger.info("validation epoch %d: next-visit NLL %.3f nats/visit (frequency %.3f, repeat %.3f), TPL %.2f "
+                "(frequency %.2f, repeat %.2f), perplexity of unseen codes %.2f (reconstruction rows %.2f), "
+                "loss %.4f, jaccard %.3f ranked (baseline %.3f); selecting by %s", epoch + 1, get("next_visit_nll"),
+                get("next_visit_nll_frequency"), get("next_visit_nll_repeat"), get("tpl"), get("tpl_frequency_baseline"),
+                get("tpl_repeat_baseline"), get("perplexity"), get("perplexity_reconstruction"), get("loss"),
+                get("reconstruction_jaccard_ranked"), get("reconstruction_jaccard_baseline"), selection)
+
+
+def checkpoint_scorer(protocol: ValidationProtocol, device, selection: str):
+    """score(checkpoint folder) -> the checkpoint's `selection` metric on `protocol`: how the champion
+    gate re-scores a registered model measured on another protocol (or before protocols existed)."""
+    def score(folder) -> float:
+        model = load_checkpoint(folder, device)[0]
+        return protocol.evaluate(model, device, jaccard=False)[selection]
+
+    return score
 
 
 def sample_patients(model, tokenizer, demographics, n, seed) -> list[dict]:
@@ -180,7 +186,11 @@ def train(cfg: Config, tracker: Tracker | None = None, on_validate=None) -> dict
     report.log()
     logger.info("split: %d train / %d validation patients, %d codes", len(train_patients), len(val_patients), tokenizer.n_codes)
 
-    train_loader, val_loader, train_sampler, train_collator, ds_report = build_loaders(cfg, tokenizer, train_patients, val_patients)
+    train_loader, train_sampler, train_collator, ds_report = build_loader(cfg, tokenizer, train_patients)
+    protocol = ValidationProtocol(cfg, tokenizer, train_patients, val_patients)
+    selection = protocol.selection_metric
+    logger.info("validation protocol %s: %d held-out rows, %d next visits scored (%d left out: unknown codes)",
+                protocol.id, len(protocol.rows), protocol.pairs.n_events, protocol.n_excluded)
     model = PromptBartWithDemographicPrediction(tokenizer, cfg).to(device)
     optimizer = build_optimizer(model, tcfg, device)
     steps_per_epoch = len(train_loader)
@@ -189,14 +199,19 @@ def train(cfg: Config, tracker: Tracker | None = None, on_validate=None) -> dict
         total_steps = min(total_steps, tcfg.max_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, min(tcfg.warmup_steps, total_steps), max(total_steps, 1))
 
-    start_epoch, global_step, best_val_loss, run_id = 0, 0, math.inf, None
+    start_epoch, global_step, best_score, run_id = 0, 0, math.inf, None
     if resume:
         from safetensors.torch import load_model
 
         load_model(model, str(Path(tcfg.resume_from) / "model.safetensors"), device=str(device))
         load_training_state(tcfg.resume_from, optimizer, scheduler)
         start_epoch, global_step = resume["epoch"] + 1, resume["global_step"]
-        best_val_loss, run_id = resume.get("best_val_loss", math.inf), resume.get("run_id")
+        run_id = resume.get("run_id")
+        if resume.get("protocol_id") == protocol.id and resume.get("selection_metric") == selection:
+            best_score = resume.get("best_score", math.inf)
+        else:  # a checkpoint of an earlier version: its best was chosen on another exam
+            logger.warning("resume: the checkpoint's best model was selected on another validation protocol; "
+                           "the next validation sets a new best")
         logger.info("resuming from %s at epoch %d (step %d)", tcfg.resume_from, start_epoch + 1, global_step)
     step_model = compiled_step_model(model, tcfg)
 
@@ -207,6 +222,7 @@ def train(cfg: Config, tracker: Tracker | None = None, on_validate=None) -> dict
         tracker.log_params(flatten(cfg))
         tracker.set_tags({
             "data.source": cfg.data.source, "data_fingerprint": data_fingerprint, "split_fingerprint": fingerprint,
+            "protocol_id": protocol.id, "selection_metric": selection,
             "n_parameters": n_params, "device": str(device), "vocab_size": len(tokenizer),
             **{f"data.{k}": v for k, v in report.counts.items()},
             **{f"dataset.{k}": v for k, v in ds_report.items()},
@@ -215,7 +231,6 @@ def train(cfg: Config, tracker: Tracker | None = None, on_validate=None) -> dict
         })
         tracker.log_text(to_yaml(cfg), "config/resolved.yaml")
         tracker.log_dict({"codes": tokenizer.codes}, "config/vocab.json")
-    baselines = next_visit_baselines(train_patients, val_patients, tokenizer.codes)
     logger.info("model: %.2fM parameters on %s; %d steps/epoch", n_params / 1e6, device, steps_per_epoch)
 
     ckpt_dir = Path(tcfg.checkpoint_dir) / (run_id or "run")
@@ -229,8 +244,8 @@ def train(cfg: Config, tracker: Tracker | None = None, on_validate=None) -> dict
     def checkpoint(folder, epoch, metrics):
         tracker.flush()
         save_checkpoint(folder, model, optimizer, scheduler, cfg, tokenizer, {
-            "epoch": epoch, "global_step": global_step, "metrics": metrics, "best_val_loss": best_val_loss,
-            "best_metrics": best_metrics, "seed": tcfg.seed, "run_id": run_id, "split_fingerprint": fingerprint,
+            "epoch": epoch, "global_step": global_step, "metrics": metrics, "selection_metric": selection,
+            "best_score": best_score, "protocol_id": protocol.id, "best_metrics": best_metrics, "seed": tcfg.seed, "run_id": run_id, "split_fingerprint": fingerprint,
             "data_fingerprint": data_fingerprint, "data_source": cfg.data.source,
             "demographics": demographics,  # (sex, age bin) counts: what unconditional generation samples from
         })
@@ -268,22 +283,16 @@ def train(cfg: Config, tracker: Tracker | None = None, on_validate=None) -> dict
 
             is_last = epoch + 1 == tcfg.num_epochs or (tcfg.max_steps is not None and global_step >= tcfg.max_steps)
             if (epoch + 1) % tcfg.validate_every_n_epochs == 0 or is_last:
-                metrics = validate(step_model, val_loader, device, cfg, tokenizer, train_patients, val_patients, autocast, epoch)
-                metrics.update(baselines)
+                metrics = protocol.evaluate(step_model, device, autocast)
                 metrics["epoch"] = epoch + 1
                 last_metrics = metrics
                 tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step=global_step)
-                logger.info("validation epoch %d: loss %.4f, perplexity %.2f, tpl %.2f (frequency %.2f, repeat %.2f), "
-                            "jaccard %.3f sampled, %.3f ranked (baseline %.3f)", epoch + 1, metrics["loss"],
-                            metrics["perplexity"], metrics.get("tpl", float("nan")), metrics["tpl_frequency_baseline"],
-                            metrics["tpl_repeat_baseline"], metrics.get("reconstruction_jaccard", float("nan")),
-                            metrics.get("reconstruction_jaccard_ranked", float("nan")),
-                            metrics.get("reconstruction_jaccard_baseline", float("nan")))
+                log_validation(epoch, metrics, selection)
                 samples = sample_patients(model, tokenizer, demographics, cfg.tracking.n_sample_patients, tcfg.seed + epoch)
                 if samples:
                     tracker.log_dict({"epoch": epoch + 1, "synthetic_patients": samples}, f"samples/epoch_{epoch + 1:03d}.json")
-                if metrics["loss"] < best_val_loss:
-                    best_val_loss, best_metrics = metrics["loss"], dict(metrics)
+                if metrics[selection] < best_score:
+                    best_score, best_metrics = metrics[selection], dict(metrics)
                     checkpoint(best_dir, epoch, metrics)
                 if on_validate is not None:
                     on_validate(epoch, metrics)
@@ -294,7 +303,7 @@ def train(cfg: Config, tracker: Tracker | None = None, on_validate=None) -> dict
             best_model = load_checkpoint(best_dir, device)[0]
             result_quality = run_quality_report(
                 best_model, tokenizer, train_patients, val_patients, tracker, step=global_step,
-                n_patients=tcfg.quality_report_patients, seed=tcfg.seed, prompt_prob=tcfg.prompt_prob,
+                n_patients=tcfg.quality_report_patients, seed=cfg.validation.seed, prompt_prob=cfg.validation.prompt_prob,
                 max_length=cfg.collator.max_length)
         status = "FINISHED"
     except TrainingPruned:
@@ -304,13 +313,16 @@ def train(cfg: Config, tracker: Tracker | None = None, on_validate=None) -> dict
         status = "KILLED"
         raise
     finally:
-        result = {"run_id": run_id, "global_step": global_step, "best_val_loss": best_val_loss,
+        result = {"run_id": run_id, "global_step": global_step, "selection_metric": selection, "best_score": best_score,
+                  "protocol_id": protocol.id,
                   "best_metrics": best_metrics, "final_metrics": last_metrics, "checkpoint_dir": str(ckpt_dir),
                   "best_checkpoint": str(best_dir) if best_dir.exists() else None, "quality": result_quality}
         if status == "FINISHED" and best_dir.exists():
-            tracker.set_tags({"best_val_loss": best_val_loss})
-            model_info = tracker.log_model(str(best_dir), best_val_loss, {
-                "data_source": cfg.data.source, "data_fingerprint": data_fingerprint, "run_id": run_id})
+            tracker.set_tags({f"best_{selection}": best_score, "best_epoch": best_metrics.get("epoch")})
+            model_info = tracker.log_model(str(best_dir), best_score, {
+                "data_source": cfg.data.source, "data_fingerprint": data_fingerprint, "run_id": run_id,
+                "protocol_id": protocol.id, "selection_metric": selection, "val_loss": best_metrics.get("loss")},
+                rescore=checkpoint_scorer(protocol, device, selection))
             result["model"] = model_info
         tracker.end(status)
     return result

@@ -2,6 +2,7 @@
 print are only as good as these pieces."""
 
 import importlib.util
+import math
 from pathlib import Path
 
 import numpy as np
@@ -61,22 +62,16 @@ def test_scored_positions_are_visit_k_and_its_close_hidden_from_the_encoder(smal
         assert enc == [tok.bos_token_id, *history, tok.visit_open_id, tok.mask_token_id, tok.visit_close_id, tok.eos_token_id]
 
 
-def test_bernoulli_set_probabilities_sum_to_one_over_nonempty_sets():
-    p = np.array([0.1, 0.5, 0.02])
-    subsets = np.array([[(m >> j) & 1 for j in range(3)] for m in range(1, 8)], dtype=float)
-    total = np.exp(-quality.bernoulli_set_nll(np.broadcast_to(p, subsets.shape), subsets)).sum()
-    assert total == pytest.approx(1.0, abs=1e-9)
-
-
-def test_repeat_weight_is_recovered_from_data_it_generated():
-    rng = np.random.default_rng(0)
-    n, c, a = 4000, 30, 0.6
-    prior = rng.uniform(0.01, 0.2, c)
-    prev = (rng.random((n, c)) < 0.2).astype(float)
-    p = a * prev + (1 - a) * prior
-    y = (rng.random((n, c)) < p).astype(float)
-    keep = y.sum(1) > 0  # the estimator conditions on a non-empty visit
-    assert quality.fit_repeat_weight(prior, y[keep], prev[keep]) == pytest.approx(a, abs=0.03)
+def test_tighter_bound_is_the_mean_order_probability_not_the_best_order():
+    """-log mean_orders P(order) - log n!: orders of a set are equally likely, so the bound averages
+    their probabilities; taking the best order would claim a set probability the model does not give."""
+    per_order = np.array([[1.0, 3.0], [2.0, 2.0]])
+    log_fact = np.array([math.lgamma(3), math.lgamma(3)])
+    mean_order, tight = quality.order_bounds(per_order, log_fact)
+    assert mean_order == pytest.approx([2.0 - log_fact[0], 2.0 - log_fact[1]])
+    expected = -np.log((np.exp(-1.0) + np.exp(-3.0)) / 2) - log_fact[0]
+    assert tight[0] == pytest.approx(expected) and tight[0] > 1.0 - log_fact[0] + 0.5  # not the best order (1.0)
+    assert tight[1] == pytest.approx(mean_order[1])  # equal orders: both bounds agree
 
 
 def test_model_nll_bounds_and_optimum_are_finite(small):
@@ -129,14 +124,14 @@ def test_timed_epoch_runs_every_batch_of_a_new_epoch():
     """`bench/throughput.py --epochs`: the timed epoch is the whole epoch train() would run (every
     batch of the epoch's own plan, each through the training step), not an extrapolation."""
     from promptehr.data import load_patients, split_patients
-    from promptehr.train import autocast_context, build_loaders, build_optimizer
+    from promptehr.train import autocast_context, build_loader, build_optimizer
     from transformers import get_linear_schedule_with_warmup
 
     cfg = load_config(ROOT / "experiments" / "tiny.yaml", ["data.synthetic.n_patients=120"])
     patients, _, _ = load_patients(cfg.data)
     train_p, val_p = split_patients(patients, cfg.data.val_fraction, cfg.data.split_seed)
     tok = DiagnosisCodeTokenizer.from_patients(train_p)
-    loader, _, sampler, collator, _ = build_loaders(cfg, tok, train_p, val_p)
+    loader, sampler, collator, _ = build_loader(cfg, tok, train_p)
     model = PromptBartWithDemographicPrediction(tok, cfg)
     device = torch.device("cpu")
     optimizer = build_optimizer(model, cfg.training, device)

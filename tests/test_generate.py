@@ -119,6 +119,19 @@ def test_ranked_reconstruction_guesses_the_models_most_likely_hidden_codes():
     assert 0.0 < m["reconstruction_jaccard"] <= 1.0  # the sampled visit holds the hidden code, maybe more
 
 
+def test_reconstruction_jaccard_does_not_count_the_revealed_codes():
+    """A model that closes every visit right after the revealed codes generates nothing new: its
+    Jaccard is 0, not the 0.5 that counting the revealed code as a correct guess would give."""
+    from promptehr.metrics import compute_reconstruction_jaccard
+
+    model, tok, _ = tiny_model(12)
+    with torch.no_grad():
+        model.bart.final_logits_bias[0, tok.visit_close_id] = 60.0
+    heldout = [Patient(f"h{i}", 50.0, "F", [["C01", "C02"]]) for i in range(10)]
+    m = compute_reconstruction_jaccard(model, tok, heldout, heldout, prompt_prob=0.5, n_patients=10, seed=0)
+    assert m["reconstruction_jaccard_visits"] == 10 and m["reconstruction_jaccard"] == 0.0
+
+
 def test_n_visits_is_honoured_exactly_and_max_visits_ends_the_rest():
     model, tok, _ = tiny_model()
     targets = [1, 3, 7, None, None, 25]
@@ -228,7 +241,7 @@ def test_sex_prompt_controls_a_sex_specific_code(cohort, tmp_path):
     cfg = load_config(ROOT / "experiments" / "tiny.yaml", [
         "data.source=mimic3", f"data.path={tmp_path / 'data'}", f"training.checkpoint_dir={tmp_path / 'ck'}",
         "model.d_model=64", "training.num_epochs=60", "training.learning_rate=5e-3", "collator.first_visit_prob=1.0",
-        "training.validate_every_n_epochs=100", "training.save_every_n_epochs=100", "training.compute_reconstruction_jaccard=false",
+        "training.validate_every_n_epochs=100", "training.save_every_n_epochs=100", "validation.jaccard_patients=0",
         "training.quality_report=false", "tracking.n_sample_patients=0"])
     result = train(cfg, Tracker())
     model, tok, _, _ = load_checkpoint(result["best_checkpoint"])

@@ -41,22 +41,51 @@ def test_train_returns_honest_validation_metrics(tmp_path):
     assert 0 <= m["reconstruction_jaccard"] <= 1
     best = Path(result["best_checkpoint"])
     model, tok, cfg2, meta = load_checkpoint(best)
-    assert cfg2 == cfg and meta["best_val_loss"] == pytest.approx(result["best_val_loss"])
+    # the vocabulary is the training split's: a code only held-out patients have is unknown to the model
+    from promptehr.data import load_patients, split_patients
+
+    train_p, val_p = split_patients(load_patients(cfg.data)[0], cfg.data.val_fraction, cfg.data.split_seed)
+    train_codes = {c for p in train_p for v in p.visits for c in v}
+    assert set(tok.codes) == train_codes and {c for p in val_p for v in p.visits for c in v} - train_codes
+    assert cfg2 == cfg and meta["best_score"] == pytest.approx(result["best_score"])
+    assert meta["selection_metric"] == "next_visit_nll" and meta["protocol_id"] == result["protocol_id"]
     assert {"model.safetensors", "training_state.pt", "config.yaml", "vocab.json", "metadata.json"} <= {p.name for p in best.iterdir()}
     assert "versions" in meta and meta["epoch"] in (0, 1)
 
 
+class Payload:
+    """Unpickling this runs code: what a tampered training_state.pt could hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+
+
 def test_checkpoint_loads_without_pickle(tmp_path):
-    cfg = tiny(tmp_path, "training.num_epochs=1", "training.compute_reconstruction_jaccard=false")
+    from promptehr.checkpoint import load_training_state
+
+    cfg = tiny(tmp_path, "training.num_epochs=1", "validation.jaccard_patients=0", "training.quality_report=false")
     result = train(cfg, Tracker())
-    state = torch.load(Path(result["best_checkpoint"]) / "training_state.pt", weights_only=True)
+    folder = Path(result["best_checkpoint"])
+    state = torch.load(folder / "training_state.pt", weights_only=True)
     assert {"optimizer", "scheduler", "rng"} <= set(state)
+    # the project's own loader refuses a training state that would run code when unpickled
+    marker = tmp_path / "payload-ran"
+    torch.save({**state, "extra": Payload(marker)}, folder / "training_state.pt")
+    model = load_checkpoint(folder)[0]
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    with pytest.raises(Exception, match="[Ww]eights only"):
+        load_training_state(folder, optimizer, scheduler)
+    assert not marker.exists()
 
 
 def test_bf16_autocast_trains_like_fp32(tmp_path):
     """training.precision=bf16 (autocast; weights, optimizer state and checkpoint stay fp32) learns
     what fp32 learns: the same number of steps to a validation loss within a few percent."""
-    common = ("training.num_epochs=2", "training.compute_reconstruction_jaccard=false", "training.quality_report=false")
+    common = ("training.num_epochs=2", "validation.jaccard_patients=0", "training.quality_report=false")
     fp32 = train(tiny(tmp_path / "f", *common), Tracker())
     bf16 = train(tiny(tmp_path / "b", *common, "training.precision=bf16"), Tracker())
     assert bf16["global_step"] == fp32["global_step"]
@@ -164,7 +193,7 @@ def test_compiled_training_matches_eager(tmp_path):
     """training.compile=true runs the recipe through torch.compile (inductor; ~1-2 min of compiling
     on 2 CPU cores) and, without dropout, trains the same model as eager mode: the compiled kernels
     only reorder floating-point sums."""
-    common = ("training.num_epochs=1", "training.compute_reconstruction_jaccard=false", "training.quality_report=false",
+    common = ("training.num_epochs=1", "validation.jaccard_patients=0", "training.quality_report=false",
               "model.dropout=0.0", "model.attention_dropout=0.0", "model.activation_dropout=0.0")
     from torch._dynamo.utils import counters
 

@@ -40,7 +40,7 @@ TINY = ROOT / "experiments" / "tiny.yaml"
 
 def tiny_overrides(tmp_path, *extra) -> str:
     """The tiny config at its fastest: 150 patients, 2 epochs, no Jaccard, no samples, no quality report."""
-    return " ".join(["data.synthetic.n_patients=150", "training.num_epochs=2", "training.compute_reconstruction_jaccard=false",
+    return " ".join(["data.synthetic.n_patients=150", "training.num_epochs=2", "validation.jaccard_patients=0",
                      "tracking.n_sample_patients=0", "training.quality_report=false",
                      f"training.checkpoint_dir={tmp_path / 'checkpoints'}", *extra])
 
@@ -203,6 +203,38 @@ def test_pruned_trial_ends_its_run_killed_and_a_failing_trial_failed(tmp_path, m
     assert [m.step for m in client.get_metric_history(killed.info.run_id, "val/loss")] == [8]  # one validation
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_trials_of_any_corruption_sit_the_same_exam(tmp_path, monkeypatch):
+    """4 trials enqueued across corruption_prob 0.3-0.7: every trial is scored on one validation
+    protocol (one protocol id) and reports val/next_visit_nll, the default objective."""
+    import mlflow
+
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        monkeypatch.delenv(key)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(TINY, tiny_overrides(tmp_path, f"tracking.tracking_uri={uri}", "tracking.register_model=false",
+                                           "training.learning_rate=1e-4").split())
+    space = load_space()
+    storage = open_storage(f"journal:{tmp_path / 'optuna_journal.log'}")
+    study = init_study(storage, "exam", settings_from_config(cfg, space, n_trials=4, pruner="none"))
+    fixed = {k: v for k, v in default_params(cfg, space).items() if k != "collator.corruption_prob"}
+    for corruption in (0.3, 0.6, 0.7):  # trial 0, the config's own values, has 0.5
+        study.enqueue_trial({**fixed, "collator.corruption_prob": corruption})
+    from tuning.objective import Objective
+
+    assert run_worker(study, Objective(study)) == 4
+    trials = study.trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert sorted(t.params["collator.corruption_prob"] for t in trials) == [0.3, 0.5, 0.6, 0.7]
+    client = mlflow.MlflowClient(uri)
+    runs = [client.get_run(t.user_attrs["mlflow_run_id"]) for t in trials]
+    assert len({r.data.tags["protocol_id"] for r in runs}) == 1
+    for trial, run in zip(trials, runs):
+        history = [m.value for m in client.get_metric_history(run.info.run_id, "val/next_visit_nll")]
+        assert len(history) == 2 and trial.value == pytest.approx(min(history))
+
+
 # ------------------------------------------------------------------ the real entry point on SQLite
 
 
@@ -233,12 +265,14 @@ def test_search_on_sqlite_end_to_end_and_resume(tmp_path):
         assert run.info.run_id == trial.user_attrs["mlflow_run_id"] and run.info.run_name == f"trial-{trial.number}"
         assert run.info.status == "FINISHED"
         assert float(run.data.params["training.learning_rate"]) == pytest.approx(trial.params["training.learning_rate"])
-        assert run.data.metrics["val/loss"] == pytest.approx(trial.value)  # 2 epochs, loss still falling
+        history = [m.value for m in client.get_metric_history(run.info.run_id, "val/next_visit_nll")]
+        assert len(history) == 2 and min(history) == pytest.approx(trial.value)  # the default objective
+        assert run.data.tags["protocol_id"] == trial.user_attrs["protocol_id"] == study.trials[0].user_attrs["protocol_id"]
         checkpoint = Path(trial.user_attrs["best_checkpoint"])
         assert checkpoint.parent.parent == tmp_path / "checkpoints" / "trials" / "tiny" / str(trial.number)
         assert not client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
     best = study.best_trial
-    assert parent.data.metrics["best/val_loss"] == pytest.approx(best.value)
+    assert parent.data.metrics["best/val_next_visit_nll"] == pytest.approx(best.value)
     assert parent.data.tags["best_trial"] == str(best.number)
     assert float(parent.data.tags["best_params.collator.corruption_prob"]) == pytest.approx(best.params["collator.corruption_prob"])
     assert parent.data.metrics["trials/complete"] == 3
@@ -249,6 +283,7 @@ def test_search_on_sqlite_end_to_end_and_resume(tmp_path):
     assert version.run_id == parent_id and version.tags["optuna.trial_number"] == str(best.number)
     assert len(client.search_logged_models([parent.info.experiment_id], filter_string=f"source_run_id = '{parent_id}'")) == 1
     assert version.tags["data_source"] == "synthetic" and version.tags["data_fingerprint"]
+    assert version.tags["protocol_id"] == best.user_attrs["protocol_id"] and version.tags["selection_metric"] == "next_visit_nll"
 
     # resuming: the same command finds the budget spent and adds nothing; more trials extend the study
     proc = search(*args, env=clean_env(MLFLOW_TRACKING_URI=uri), cwd=tmp_path)
@@ -291,7 +326,7 @@ def test_mlflow_run_search_entry_point(tmp_path):
     study = optuna.load_study(study_name="cli", storage=storage)
     parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
     assert parent.data.tags["mlflow.project.entryPoint"] == "search" and parent.data.params["n_trials"] == "2"
-    assert parent.info.status == "FINISHED" and "best/val_loss" in parent.data.metrics
+    assert parent.info.status == "FINISHED" and "best/val_next_visit_nll" in parent.data.metrics
     children = child_runs(client, parent.info.run_id)
     assert sorted(r.info.run_name for r in children) == ["trial-0", "trial-1"]
     assert len(client.search_runs([parent.info.experiment_id])) == 3  # parent + 2 trials, no stray run

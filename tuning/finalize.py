@@ -97,6 +97,25 @@ def finalize(study: optuna.Study) -> dict:
     return summary
 
 
+def lazy_scorer(checkpoint: str, metric: str):
+    """score(folder): a checkpoint's `metric` on the validation protocol of `checkpoint`'s own config
+    and data; the data are loaded only if the champion gate needs to re-score (rarely)."""
+    def score(folder) -> float:
+        from promptehr.checkpoint import load_checkpoint, load_config_from_checkpoint
+        from promptehr.data import load_patients, split_patients
+        from promptehr.tokenizer import DiagnosisCodeTokenizer
+        from promptehr.validation import ValidationProtocol
+
+        cfg = load_config_from_checkpoint(checkpoint)
+        patients, _, _ = load_patients(cfg.data)
+        train, val = split_patients(patients, cfg.data.val_fraction, cfg.data.split_seed)
+        tokenizer = DiagnosisCodeTokenizer.load(Path(checkpoint) / "vocab.json")
+        model = load_checkpoint(folder)[0]
+        return ValidationProtocol(cfg, tokenizer, train, val).evaluate(model, "cpu", jaccard=False)[metric]
+
+    return score
+
+
 def register_best(study: optuna.Study, settings: StudySettings, uri: str, parent: str) -> dict | None:
     best = study.best_trial
     tracking = settings.config.tracking
@@ -111,10 +130,12 @@ def register_best(study: optuna.Study, settings: StudySettings, uri: str, parent
         logger.info("best trial %d was registered already (version %s)", best.number, done.get("version"))
         return done
     meta = read_metadata(checkpoint)
-    model = runs.log_champion(uri, parent, checkpoint, tracking.registered_model_name, float(meta["best_val_loss"]), {
+    model = runs.log_champion(uri, parent, checkpoint, tracking.registered_model_name, float(meta["best_score"]), {
         "data_source": meta["data_source"], "data_fingerprint": meta["data_fingerprint"],
+        "protocol_id": meta["protocol_id"], "selection_metric": meta["selection_metric"],
+        "val_loss": meta.get("best_metrics", {}).get("loss"),
         "run_id": best.user_attrs.get("mlflow_run_id", ""), "optuna.study_name": study.study_name,
-        "optuna.trial_number": best.number})
+        "optuna.trial_number": best.number}, rescore=lazy_scorer(checkpoint, meta["selection_metric"]))
     study.set_user_attr("registered_trial", {"trial": best.number, **model})
     runs.log_study_summary(uri, parent, {}, {"registered_version": model["version"], "champion": model["champion"]}, {}, 0)
     return model

@@ -1,4 +1,5 @@
-"""The objective: trial -> config -> `train()` in a child MLflow run -> best validation loss or perplexity.
+"""The objective: trial -> config -> `train()` in a child MLflow run -> the best held-out next-visit NLL
+(or, with --objective, validation loss or perplexity) over the trial's validations.
 
 Every validation is reported to Optuna (`trial.report(value, epoch)`); when the pruner says so the
 `on_validate` callback raises `TrainingPruned`, the child run ends KILLED and Optuna records the
@@ -74,7 +75,8 @@ class Objective:
             result = train(cfg, tracker, on_validate=report)
             if not math.isfinite(best):
                 raise FloatingPointError(f"{self.settings.objective} is {best}")
-            trial.set_user_attr("best_val_loss", result["best_val_loss"])
+            trial.set_user_attr("best_score", result["best_score"])
+            trial.set_user_attr("protocol_id", result["protocol_id"])
             trial.set_user_attr("best_checkpoint", result["best_checkpoint"])
             status = "FINISHED"
             return best

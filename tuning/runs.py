@@ -24,7 +24,7 @@ class TrialTracker(MLflowTracker):
     """The tracker of one trial: attaches to the trial's child run and logs no model (the study
     logs and registers only the best trial's checkpoint, when it ends)."""
 
-    def log_model(self, checkpoint_dir: str, val_loss: float, tags: dict) -> dict | None:
+    def log_model(self, checkpoint_dir: str, score: float, tags: dict, rescore=None) -> dict | None:
         return None
 
 
@@ -97,15 +97,17 @@ def log_study_summary(tracking_uri: str, run_id: str, metrics: dict, tags: dict,
         client.log_artifact(run_id, path, artifact_dir)
 
 
-def log_champion(tracking_uri: str, run_id: str, checkpoint: str, model_name: str, val_loss: float, tags: dict) -> dict:
+def log_champion(tracking_uri: str, run_id: str, checkpoint: str, model_name: str, score: float, tags: dict,
+                 rescore=None) -> dict:
     """Log the checkpoint as a pyfunc model in the parent run, register it as a version of
-    `model_name` and let it take alias `champion` if it beats the champion on the same data."""
+    `model_name` and let it take alias `champion` if it beats the champion on the same data and
+    validation protocol (`promptehr.tracking.promote_champion`)."""
     mlflow.set_tracking_uri(tracking_uri)
     os.environ.pop("MLFLOW_RUN_ID", None)
     with mlflow.start_run(run_id=run_id):
         info = log_pyfunc_model(checkpoint, model_name)
     version = str(info.registered_model_version)
-    champion = promote_champion(model_name, version, val_loss, tags)
+    champion = promote_champion(model_name, version, score, tags, rescore)
     return {"model_uri": info.model_uri, "version": version, "champion": champion}
 
 

@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--overrides", action="append", default=[], help='dotted overrides of the base config, "a=b c=d"')
     study.add_argument("--space", default=None, help="search space YAML (default: tuning/space.yaml)")
     study.add_argument("--n-trials", type=int, default=None, help="trial budget of the study, across all workers (default 20)")
-    study.add_argument("--objective", choices=("val_loss", "val_perplexity"), default=None, help="minimised; default val_loss")
+    study.add_argument("--objective", choices=("val_next_visit_nll", "val_loss", "val_perplexity"), default=None,
+                       help="minimised; default val_next_visit_nll (what the best checkpoint and champion are chosen by)")
     study.add_argument("--pruner", choices=("median", "hyperband", "none"), default=None, help="default median")
     study.add_argument("--seed", type=int, default=None, help="sampler seed (worker i uses seed + i)")
 

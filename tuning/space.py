@@ -35,6 +35,9 @@ def check_space(space: dict, where: str = "search space") -> None:
     for key, spec in space.items():
         if key not in fields:
             raise ConfigError(f"{where}: {key} is not a config key (see experiments/base.yaml)")
+        if key.startswith("validation."):
+            raise ConfigError(f"{where}: {key} is part of the validation protocol, which every trial must share: "
+                              "it cannot be searched")
         if not isinstance(spec, dict):
             raise ConfigError(f"{where}: {key} needs a mapping like {{low: 0.1, high: 0.5}}")
         kind = spec.get("type", "float")

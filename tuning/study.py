@@ -15,14 +15,15 @@ import warnings
 import optuna
 from optuna.trial import TrialState
 
-from promptehr.config import ConfigError, config_from_dict, flatten, to_dict
+from promptehr.config import ConfigError, config_from_dict, flatten, migrate_legacy_keys, to_dict
 from promptehr.tracking import resolve_tracking_uri
 from tuning import runs
 from tuning.space import check_space, default_params
 
 logger = logging.getLogger(__name__)
 
-OBJECTIVES = {"val_loss": "loss", "val_perplexity": "perplexity"}  # option -> key of train()'s metrics
+# option -> key of train()'s metrics; the default selects what the best checkpoint and champion are chosen by
+OBJECTIVES = {"val_next_visit_nll": "next_visit_nll", "val_loss": "loss", "val_perplexity": "perplexity"}
 PRUNERS = ("median", "hyperband", "none")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -34,7 +35,7 @@ class StudySettings:
     base_config: dict
     space: dict
     n_trials: int = 20
-    objective: str = "val_loss"
+    objective: str = "val_next_visit_nll"
     pruner: str = "median"
     seed: int | None = None
 
@@ -49,7 +50,7 @@ class StudySettings:
 
     @property
     def config(self):
-        return config_from_dict(self.base_config, "the study's base config")
+        return config_from_dict(migrate_legacy_keys(self.base_config), "the study's base config")
 
     @property
     def tracking_uri(self) -> str:
