@@ -81,7 +81,14 @@ def cmd_generate(args) -> int:
     ages, sexes = sample_demographics(metadata["demographics"], n, seed=int(args.seed))
     patients = generate_patients(model, tokenizer, ages, sexes, sampling, seed=int(args.seed),
                                  batch_size=int(args.batch_size), progress=True)
-    paths = export_patients(patients, args.out, seed=int(args.seed))
+    if args.format == "meds":
+        from promptehr.meds import export_meds
+
+        paths = export_meds(patients, args.out, seed=int(args.seed), generating_model={
+            "model": args.model, "run_id": metadata.get("run_id"), "data_source": metadata.get("data_source"),
+            "seed": int(args.seed), "sampling": vars(sampling)})
+    else:
+        paths = export_patients(patients, args.out, seed=int(args.seed))
     n_visits = sum(len(p.visits) for p in patients)
     log.info("generated %d patients, %d visits (%.2f per patient), %.2f codes per visit -> %s", n, n_visits,
              n_visits / max(n, 1), sum(len(v) for p in patients for v in p.visits) / max(n_visits, 1),
@@ -96,7 +103,7 @@ def cmd_evaluate(args) -> int:
 
     from promptehr.checkpoint import load_checkpoint
     from promptehr.config import to_yaml
-    from promptehr.data import load_patients, split_patients
+    from promptehr.data import held_out_subject_ids, load_patients, split_for_training
     from promptehr.evaluate import log_quality_report, plot_report, quality_report
     from promptehr.tracking import MLflowTracker, Tracker
     from promptehr.train import resolve_device, split_fingerprint
@@ -117,8 +124,8 @@ def cmd_evaluate(args) -> int:
             saved.write_text(to_yaml(ckpt_cfg))
             cfg = load_config(saved, _overrides(args))
     patients, _, _ = load_patients(cfg.data)
-    train_patients, heldout = split_patients(patients, cfg.data.val_fraction, cfg.data.split_seed)
-    same_split = split_fingerprint(train_patients, heldout) == metadata.get("split_fingerprint")
+    train_patients, heldout = split_for_training(patients, cfg.data)
+    same_split = split_fingerprint(train_patients, heldout, held_out_subject_ids(cfg.data)) == metadata.get("split_fingerprint")
     if not same_split:
         log.warning("the data split differs from the one the model was trained on: privacy figures compare with "
                     "patients that are not its training set")
@@ -175,11 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     model_help = "checkpoint folder or logged model URI (models:/promptehr@champion, runs:/<id>/model)"
-    p = sub.add_parser("generate", help="generate synthetic patients as MIMIC-III CSV tables and patients.jsonl")
+    p = sub.add_parser("generate", help="generate synthetic patients as MIMIC-III CSV tables or a MEDS dataset, and patients.jsonl")
     p.add_argument("--model", default="models:/promptehr@champion", help=model_help)
     p.add_argument("--n-patients", default=1000, type=int)
     p.add_argument("--seed", default=0, type=int, help="seeds demographics, sampling and the synthetic dates")
-    p.add_argument("--out", default="outputs/synthetic", help="folder for PATIENTS.csv, ADMISSIONS.csv, DIAGNOSES_ICD.csv, patients.jsonl")
+    p.add_argument("--out", default="outputs/synthetic", help="folder for PATIENTS.csv, ADMISSIONS.csv, DIAGNOSES_ICD.csv "
+                   "(--format meds: data/, metadata/) and patients.jsonl")
+    p.add_argument("--format", default="mimic3", choices=("mimic3", "meds"),
+                   help="mimic3: MIMIC-III CSV tables (default); meds: a MEDS dataset that data.source=meds reads")
     p.add_argument("--batch-size", default=256, type=int, help="patients generated together")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_generate)

@@ -29,12 +29,14 @@ class SyntheticCohortConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"       # synthetic | mimic3 | mimic4
-    path: str | None = None         # folder holding the MIMIC tables (mimic4: the folder with hosp/ or hosp/ itself)
-    icd_versions: str = "both"      # mimic4 only: "9", "10" or "both" (codes are prefixed by version)
+    source: str = "synthetic"       # synthetic | mimic3 | mimic4 | meds
+    path: str | None = None         # folder holding the MIMIC tables (mimic4: the folder with hosp/ or hosp/ itself; meds: the dataset root)
+    icd_versions: str = "both"      # mimic4 and meds: "9", "10" or "both" (codes are prefixed by version)
+    meds_diagnosis_prefix: str = "DIAGNOSIS//ICD//"  # meds: diagnosis events are codes <prefix><ICD version>//<code>
     min_visits: int = 1             # patients with fewer visits are excluded (counted and reported)
     max_visits: int | None = None   # keep only the first N visits of a patient (truncations counted)
     max_patients: int | None = None # take the first N patients after filtering (None = all)
+    split: str = "random"           # random: seeded val_fraction split; meds: the MEDS subject_splits (train / tuning; held_out never used)
     val_fraction: float = 0.2       # seeded patient-level split: 80/20 by default
     split_seed: int = 42
     synthetic: SyntheticCohortConfig = field(default_factory=SyntheticCohortConfig)

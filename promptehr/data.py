@@ -1,4 +1,4 @@
-"""Data: patient records from MIMIC-III, MIMIC-IV or the built-in synthetic cohort.
+"""Data: patient records from MIMIC-III, MIMIC-IV, a MEDS dataset or the built-in synthetic cohort.
 
 A patient is `(subject_id, age, sex, visits)`; a visit is the set of ICD diagnosis codes of one
 admission, visits in admission-time order. `load_patients(cfg.data)` returns the records, the code
@@ -89,6 +89,32 @@ def split_patients(patients: list[Patient], val_fraction: float, seed: int) -> t
     return train, val
 
 
+SPLITS = ("random", "meds")
+
+
+def split_for_training(patients: list[Patient], cfg, report: DataReport | None = None) -> tuple[list[Patient], list[Patient]]:
+    """(train, val) by `data.split` (cfg: a DataConfig): `random` is the seeded `split_patients`;
+    `meds` takes the MEDS dataset's train and tuning subjects (held_out never), counting into `report`."""
+    if cfg.split == "random":
+        return split_patients(patients, cfg.val_fraction, cfg.split_seed)
+    if cfg.split != "meds":
+        raise DataError(f"data.split must be one of {', '.join(SPLITS)}; got {cfg.split!r}")
+    if cfg.source != "meds":
+        raise DataError(f"data.split=meds needs data.source=meds (the dataset's subject_splits), got data.source={cfg.source}")
+    from promptehr.meds import split_by_subject_splits
+
+    return split_by_subject_splits(patients, cfg.path, report)
+
+
+def held_out_subject_ids(cfg) -> list[str]:
+    """Subjects `data.split` keeps for a final test, never training or validation (MEDS held_out); [] for random."""
+    if cfg.split != "meds":
+        return []
+    from promptehr.meds import held_out_subject_ids as meds_held_out
+
+    return meds_held_out(cfg.path)
+
+
 def summarize(patients: list[Patient], report: DataReport) -> None:
     report.counts["patients"] = len(patients)
     report.counts["visits"] = sum(len(p.visits) for p in patients)
@@ -112,8 +138,14 @@ def load_patients(cfg) -> tuple[list[Patient], list[str], DataReport]:
         if not cfg.path:
             raise DataError("data.source=mimic4 needs data.path (the MIMIC-IV folder holding hosp/)")
         patients, _, report = load_mimic4_data(cfg.path, icd_versions=cfg.icd_versions)
+    elif cfg.source == "meds":
+        if not cfg.path:
+            raise DataError("data.source=meds needs data.path (the MEDS dataset root holding data/ and metadata/)")
+        from promptehr.meds import load_meds_data
+
+        patients, _, report = load_meds_data(cfg.path, icd_versions=cfg.icd_versions, diagnosis_prefix=cfg.meds_diagnosis_prefix)
     else:
-        raise DataError(f"data.source must be synthetic, mimic3 or mimic4, got {cfg.source!r}")
+        raise DataError(f"data.source must be synthetic, mimic3, mimic4 or meds, got {cfg.source!r}")
     patients = apply_filters(patients, cfg, report)
     if not patients:
         raise DataError(f"no patients left from data.source={cfg.source} after filtering")

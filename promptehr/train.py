@@ -28,7 +28,7 @@ from promptehr.checkpoint import (git_commit, load_checkpoint, load_config_from_
                                   package_versions, read_metadata, save_checkpoint)
 from promptehr.collator import EHRDataCollator, EHRPatientDataset, LengthBucketSampler, RowBucketSampler
 from promptehr.config import Config, flatten, to_yaml
-from promptehr.data import load_patients, split_patients
+from promptehr.data import held_out_subject_ids, load_patients, split_for_training
 from promptehr.evaluate import run_quality_report
 from promptehr.generate import SamplingConfig, demographics_histogram, generate_patients, sample_demographics
 from promptehr.model import PromptBartWithDemographicPrediction
@@ -69,13 +69,16 @@ def autocast_context(device: torch.device, precision: str):
     return contextlib.nullcontext
 
 
-def split_fingerprint(train_patients, val_patients) -> str:
-    """Hash of the split (for checks on resume); reveals nothing about the patients."""
+def split_fingerprint(train_patients, val_patients, held_out_ids=()) -> str:
+    """Hash of the split (for checks on resume), with the subjects kept for a final test when there are
+    such (MEDS held_out); reveals nothing about the patients."""
     h = hashlib.sha256()
     for group in (train_patients, val_patients):
         for p in group:
             h.update(p.subject_id.encode())
         h.update(b"|")
+    if held_out_ids:  # only then, so a random split keeps the fingerprint its checkpoints hold
+        h.update(b"held_out|" + "|".join(held_out_ids).encode())
     return h.hexdigest()[:16]
 
 
@@ -171,8 +174,8 @@ def train(cfg: Config, tracker: Tracker | None = None, on_validate=None) -> dict
 
     resume = read_metadata(tcfg.resume_from) if tcfg.resume_from else None
     patients, _, report = load_patients(cfg.data)
-    train_patients, val_patients = split_patients(patients, cfg.data.val_fraction, cfg.data.split_seed)
-    fingerprint = split_fingerprint(train_patients, val_patients)
+    train_patients, val_patients = split_for_training(patients, cfg.data, report)
+    fingerprint = split_fingerprint(train_patients, val_patients, held_out_subject_ids(cfg.data))
     if resume:
         if resume.get("split_fingerprint") != fingerprint:
             raise ValueError(f"{tcfg.resume_from}: the data split differs from the checkpoint's (data config or files changed)")
