@@ -258,18 +258,23 @@ def test_train_on_meds_with_meds_split(demo_meds, tmp_path, monkeypatch):
 
     root, split = demo_meds
     seen = {}
-    build_loaders = train_module.build_loaders
+    build_loader, protocol = train_module.build_loader, train_module.ValidationProtocol
 
-    def spy(cfg, tokenizer, train_patients, val_patients):
-        seen["train"], seen["val"] = [p.subject_id for p in train_patients], [p.subject_id for p in val_patients]
-        return build_loaders(cfg, tokenizer, train_patients, val_patients)
+    def spy_loader(cfg, tokenizer, train_patients):
+        seen["train"] = [p.subject_id for p in train_patients]
+        return build_loader(cfg, tokenizer, train_patients)
 
-    monkeypatch.setattr(train_module, "build_loaders", spy)
+    def spy_protocol(cfg, tokenizer, train_patients, val_patients):
+        seen["val"], seen["protocol_train"] = [p.subject_id for p in val_patients], [p.subject_id for p in train_patients]
+        return protocol(cfg, tokenizer, train_patients, val_patients)
+
+    monkeypatch.setattr(train_module, "build_loader", spy_loader)
+    monkeypatch.setattr(train_module, "ValidationProtocol", spy_protocol)
     cfg = load_config(ROOT / "experiments" / "tiny.yaml", [
         "data.source=meds", f"data.path={root}", "data.split=meds", "training.num_epochs=1",
-        f"training.checkpoint_dir={tmp_path / 'ck'}", "training.quality_report=false", "training.jaccard_patients=5"])
+        f"training.checkpoint_dir={tmp_path / 'ck'}", "training.quality_report=false", "validation.jaccard_patients=5"])
     result = train(cfg, Tracker())
-    assert math.isfinite(result["best_val_loss"])
+    assert math.isfinite(result["final_metrics"]["loss"]) and seen["protocol_train"] == seen["train"]
     loaded = {p.subject_id for p in load_patients(cfg.data)[0]}
     assert sorted(seen["train"]) == sorted(s for s in loaded if split[s] == "train")
     assert sorted(seen["val"]) == sorted(s for s in loaded if split[s] == "tuning")
