@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from promptehr.checkpoint import load_checkpoint  # noqa: E402
 from promptehr.collator import TASK_ID, EHRDataCollator  # noqa: E402
-from promptehr.cohort import default_cohort_model  # noqa: E402
+from promptehr.cohorts import CohortModel, cohort_model_for  # noqa: E402
 from promptehr.config import load_config  # noqa: E402
 from promptehr.data import SEXES, load_patients, split_patients  # noqa: E402
 from promptehr.tokenizer import DiagnosisCodeTokenizer  # noqa: E402
@@ -206,7 +206,7 @@ def bootstrap_gap_share(freq, model, optimum, groups, n_boot=2000, seed=0) -> tu
     return float(np.percentile(shares, 2.5)), float(np.percentile(shares, 97.5))
 
 
-def score(model, tokenizer, train_patients, eval_patients, orders, seed, device="cpu", first=False) -> dict:
+def score(model, tokenizer, train_patients, eval_patients, orders, seed, device="cpu", first=False, *, cohort) -> dict:
     """All estimators on the next visits of `eval_patients` (with `first`: on their first visits,
     where "repeat" has no previous visit and equals the prior); returns per-event arrays and `a`."""
     events, skipped = next_visit_events(eval_patients, tokenizer, first)
@@ -214,7 +214,7 @@ def score(model, tokenizer, train_patients, eval_patients, orders, seed, device=
         raise ValueError("no held-out patient has 2+ visits")
     codes = tokenizer.codes
     model_nll, model_tight = model_visit_nll(model, tokenizer, eval_patients, events, orders, seed, device=device)
-    optimum = optimum_visit_nll(default_cohort_model(), eval_patients, events)
+    optimum = optimum_visit_nll(cohort, eval_patients, events)
     prior = code_prior(train_patients, codes)
     y = visit_matrix(eval_patients, events, codes)
     prev = np.zeros_like(y) if first else visit_matrix(eval_patients, events, codes, offset=1)
@@ -372,7 +372,8 @@ def main(argv=None) -> int:
     patients, _, _ = load_patients(cfg.data)
     train_patients, val_patients = split_patients(patients, cfg.data.val_fraction, cfg.data.split_seed)
     t = time.perf_counter()
-    s = score(model, tokenizer, train_patients, val_patients, args.orders, args.seed)
+    cohort = cohort_model_for(cfg.data)  # the generator of data.synthetic.generator: the exact optimum
+    s = score(model, tokenizer, train_patients, val_patients, args.orders, args.seed, cohort=cohort)
     m = meta.get("metrics", {})
     print(f"\nconfig {args.checkpoint or args.config} {' '.join(overrides)}")
     print(f"training wall time {wall / 60:.1f} min; best checkpoint epoch {meta.get('epoch', -1) + 1}, "
@@ -383,20 +384,25 @@ def main(argv=None) -> int:
     report("held-out patients of the training split, next visits k >= 1", s, args.orders)
     if args.diagnose:
         report("held-out patients, FIRST visits k = 0 given demographics (repeat = prior)",
-               score(model, tokenizer, train_patients, val_patients, args.orders, args.seed, first=True), args.orders)
+               score(model, tokenizer, train_patients, val_patients, args.orders, args.seed, first=True, cohort=cohort),
+               args.orders)
         report("TRAINING patients (in-sample), next visits k >= 1",
-               score(model, tokenizer, train_patients, train_patients, args.orders, args.seed), args.orders)
+               score(model, tokenizer, train_patients, train_patients, args.orders, args.seed, cohort=cohort), args.orders)
         events, _ = next_visit_events(val_patients, tokenizer)
         events = events[:300]
-        d = first_code_persistence(model, tokenizer, default_cohort_model(), val_patients, events, seed=args.seed)
-        print(f"\nfirst code of {len(events)} held-out next visits (random order), model vs optimum (400 posterior "
-              f"draws each):\n  mass on the previous visit's chronic codes {d['model_chronic']:.3f} vs "
-              f"{d['optimum_chronic']:.3f}; on its acute codes {d['model_acute']:.3f} vs {d['optimum_acute']:.3f}; "
-              f"KL(optimum || model) {d['kl']:.3f} nats")
+        if not isinstance(cohort, CohortModel):
+            print(f"\nfirst code of held-out next visits: not available for data.synthetic.generator="
+                  f"{cfg.data.synthetic.generator} (it needs the hidden states of an HMM cohort: hmm or small)")
+        else:
+            d = first_code_persistence(model, tokenizer, cohort, val_patients, events, seed=args.seed)
+            print(f"\nfirst code of {len(events)} held-out next visits (random order), model vs optimum (400 posterior "
+                  f"draws each):\n  mass on the previous visit's chronic codes {d['model_chronic']:.3f} vs "
+                  f"{d['optimum_chronic']:.3f}; on its acute codes {d['model_acute']:.3f} vs {d['optimum_acute']:.3f}; "
+                  f"KL(optimum || model) {d['kl']:.3f} nats")
     if args.fresh_patients:
-        fresh = default_cohort_model().sample(args.fresh_patients, seed=cfg.data.synthetic.seed + 10_007)
+        fresh = cohort.sample(args.fresh_patients, seed=cfg.data.synthetic.seed + 10_007)
         report(f"{args.fresh_patients} fresh patients from the cohort model, next visits k >= 1",
-               score(model, tokenizer, train_patients, fresh, args.orders, args.seed), args.orders)
+               score(model, tokenizer, train_patients, fresh, args.orders, args.seed, cohort=cohort), args.orders)
     print(f"\nscoring took {time.perf_counter() - t:.1f}s")
     if tmp is not None:
         tmp.cleanup()

@@ -23,8 +23,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class SyntheticCohortConfig:
-    n_patients: int = 5000          # built-in latent-state cohort size
+    n_patients: int = 5000          # built-in cohort size
     seed: int = 0                   # cohort sampling seed (independent of the split seed)
+    generator: str = "small"        # promptehr.cohorts.GENERATORS: small (389 codes, smoke tests)
 
 
 @dataclass

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from promptehr.cohort import sample_cohort
+from promptehr.cohorts import cohort_model, sample_cohort
 from promptehr.collator import EHRDataCollator, EHRPatientDataset
 from promptehr.config import load_config
 from promptehr.model import PromptBartWithDemographicPrediction
@@ -31,7 +31,7 @@ throughput = load_bench("throughput")
 
 @pytest.fixture(scope="module")
 def small():
-    patients = [p for p in sample_cohort(300, seed=5) if len(p.visits) >= 2][:40]
+    patients = [p for p in sample_cohort(300, seed=5, generator="small") if len(p.visits) >= 2][:40]
     tok = DiagnosisCodeTokenizer.from_patients(patients)
     return patients, tok
 
@@ -89,7 +89,7 @@ def test_model_nll_bounds_and_optimum_are_finite(small):
         mean_order, tight = quality.model_visit_nll(model, tok, patients, events[:10], orders=3)
     assert np.all(np.isfinite(mean_order)) and np.all(tight <= mean_order + 1e-9)
     # an untrained model is far from the optimum: ~log(vocab) nats per code
-    optimum = quality.optimum_visit_nll(quality.default_cohort_model(), patients, events[:10])
+    optimum = quality.optimum_visit_nll(cohort_model("small"), patients, events[:10])
     assert np.all(optimum > 0) and mean_order.mean() > optimum.mean() + 5
 
 
@@ -114,7 +114,7 @@ def test_first_code_persistence_compares_model_and_optimum(small):
     torch.manual_seed(0)
     model = PromptBartWithDemographicPrediction(tok, cfg).eval()
     events = [(i, 1) for i in range(12)]
-    cohort = quality.default_cohort_model()
+    cohort = cohort_model("small")
     d = quality.first_code_persistence(model, tok, cohort, patients, events, samples=200)
     for key in ("model_chronic", "optimum_chronic", "model_acute", "optimum_acute"):
         assert 0.0 <= d[key] <= 1.0, key
