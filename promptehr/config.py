@@ -25,7 +25,8 @@ class ConfigError(ValueError):
 class SyntheticCohortConfig:
     n_patients: int = 5000          # built-in cohort size
     seed: int = 0                   # cohort sampling seed (independent of the split seed)
-    generator: str = "small"        # promptehr.cohorts.GENERATORS: small (389 codes, smoke tests)
+    generator: str = "hmm"          # promptehr.cohorts.GENERATORS: hmm (MIMIC-scale, hidden states), transition
+                                    # (MIMIC-scale, code-to-code), small (389 codes, smoke tests)
 
 
 @dataclass

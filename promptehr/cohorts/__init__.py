@@ -10,13 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from promptehr.cohorts.hmm import CohortModel
+from promptehr.cohorts.mimic_hmm import mimic_hmm_model
 from promptehr.cohorts.small import small_cohort_model
 from promptehr.data import DataError, Patient
 
 GENERATORS: dict[str, Callable[[], CohortModel]] = {
+    "hmm": mimic_hmm_model,           # MIMIC-scale: ~9,000 ICD-9 codes, 31 hidden phenotype states
     "small": small_cohort_model,      # 389 codes, 9 hidden states: smoke tests
 }
-DEFAULT_GENERATOR = "small"
+DEFAULT_GENERATOR = "hmm"
 
 
 def cohort_model(name: str = DEFAULT_GENERATOR):

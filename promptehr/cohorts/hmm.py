@@ -37,18 +37,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from promptehr.cohorts.base import (
+    N_DEMOGRAPHIC_KEYS,
+    allowed_for_key,
+    demographic_key,
+    demographic_keys,
+    draw_demographics,
+    draw_nonempty_visits,
+    emit_visits,
+    key_from_bits,
+    logsumexp,
+    sample_categorical,
+)
 from promptehr.data import MAX_AGE, Patient
-from promptehr.validity import NEWBORN_AGE_LIMIT, PREGNANCY_AGE_RANGE, code_restriction
+from promptehr.validity import code_restriction
 
 DEFAULT_MAX_VISITS = 20
-
-
-def _logsumexp(x: np.ndarray, axis=None) -> np.ndarray:
-    m = np.max(x, axis=axis, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    with np.errstate(divide="ignore"):
-        out = np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True)) + m
-    return np.squeeze(out, axis=axis) if axis is not None else out.reshape(())[()]
 
 
 @dataclass
@@ -133,25 +137,15 @@ class CohortModel:
 
     # -- demographics -------------------------------------------------------------------------
 
-    @staticmethod
-    def _demo_key(age: float, sex: str) -> tuple[bool, bool, bool]:
-        """The facts the code rules depend on: (female, newborn age, pregnancy age)."""
-        return (sex == "F", age < NEWBORN_AGE_LIMIT,
-                PREGNANCY_AGE_RANGE[0] <= age <= PREGNANCY_AGE_RANGE[1])
-
     def _key_mask(self, key: tuple[bool, bool, bool]) -> np.ndarray:
         mask = self._mask_cache.get(key)
         if mask is None:
-            female, newborn, preg_age = key
-            ok = {None: True, "pregnancy": female and preg_age, "newborn": newborn,
-                  "male": not female, "female": female}
-            mask = np.array([ok[r] for r in self._restriction], dtype=np.float64)
-            self._mask_cache[key] = mask
+            mask = self._mask_cache[key] = allowed_for_key(self._restriction, key)
         return mask
 
     def allowed_mask(self, age: float, sex: str) -> np.ndarray:
         """(C,) 1.0 where `code_allowed(code, age, sex)`, else 0.0."""
-        return self._key_mask(self._demo_key(age, sex))
+        return self._key_mask(demographic_key(age, sex))
 
     def eligible_states(self, age: float, sex: str) -> np.ndarray:
         """(S,) bool: states the patient can be in (age window and sex)."""
@@ -222,7 +216,7 @@ class CohortModel:
 
     def _emission_tables(self, age: float, sex: str):
         """Per demographic key: masked (S, C) probabilities, log p, log(1-p) and their row sums."""
-        key = self._demo_key(age, sex)
+        key = demographic_key(age, sex)
         cached = self._emission_cache.get(key)
         if cached is None:
             P = self.code_prob * self._key_mask(key)[None, :]
@@ -286,11 +280,11 @@ class CohortModel:
                 log_prior = log_pi
             else:
                 w = log_post + log_q                      # P(z_{k-1}, visit k exists | history)
-                log_prior = _logsumexp(w[:, None] + logT, axis=0) - _logsumexp(w)
+                log_prior = logsumexp(w[:, None] + logT, axis=0) - logsumexp(w)
             idx = self._visit_indices(patient.visits[k])
             ll = self._visit_loglik_states(idx, prev_idx, age, sex)
             joint = log_prior + ll
-            out = float(_logsumexp(joint))
+            out = float(logsumexp(joint))
             yield log_prior, ll, out
             with np.errstate(invalid="ignore"):
                 log_post = joint - out                    # P(z_k | visits[:k+1]); nan after an impossible visit
@@ -359,18 +353,7 @@ class CohortModel:
 
     def sample_demographics(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """(ages (n,), male (n,) bool) drawn from the model's demographic distribution."""
-        neo = rng.random(n) < self.neonate_share
-        male = rng.random(n) < np.where(neo, self.neonate_male_share, self.adult_male_share)
-        top = rng.random(n) < self.age_top_share
-        body = self.age_min_adult + (self.age_top - self.age_min_adult) * rng.beta(self.age_beta_a, self.age_beta_b, n)
-        age = np.where(neo, 0.0, np.where(top, self.age_top, np.round(body, 1)))
-        return np.minimum(age, self.age_top), male
-
-    def _sample_categorical(self, weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """One draw per row of non-negative (n, K) weights (rows need not be normalised)."""
-        cdf = np.cumsum(weights, axis=1)
-        u = (1.0 - rng.random(weights.shape[0])) * cdf[:, -1]      # in (0, total]
-        return np.minimum((cdf < u[:, None]).sum(1), weights.shape[1] - 1)
+        return draw_demographics(self, n, rng)
 
     def sample(self, n_patients: int, seed: int) -> list[Patient]:
         """Draw `n_patients` patients (vectorised over patients); the same seed gives the same cohort."""
@@ -391,9 +374,8 @@ class CohortModel:
         sex_ok = np.array([[s is None or (s == "M") == m for s in self.state_sex] for m in (False, True)])
         eligible = (self.state_min_age[None, :] <= age[:, None]) & (age[:, None] < self.state_max_age[None, :])
         eligible &= sex_ok[male.astype(int)]
-        key = (female.astype(int) * 4 + (age < NEWBORN_AGE_LIMIT) * 2
-               + ((age >= PREGNANCY_AGE_RANGE[0]) & (age <= PREGNANCY_AGE_RANGE[1])))
-        masks = np.stack([self._key_mask((bool(g & 4), bool(g & 2), bool(g & 1))) for g in range(8)])
+        key = demographic_keys(age, female)
+        masks = np.stack([self._key_mask(key_from_bits(g)) for g in range(N_DEMOGRAPHIC_KEYS)])
 
         # first-visit states
         logits = self.init_logit[None, :] + self.init_logit_age[None, :] * (age[:, None] - 60.0) / 10.0
@@ -402,7 +384,7 @@ class CohortModel:
         if n and not eligible.any(1).all():
             raise ValueError("a sampled patient has no eligible state")
         w = np.exp(logits - logits.max(1, keepdims=True)) if n else np.zeros((0, S))
-        z = self._sample_categorical(w, rng)
+        z = sample_categorical(w, rng)
 
         codes_arr = np.array(self.codes, dtype=object)
         chronic = self.persistence > 0
@@ -426,22 +408,10 @@ class CohortModel:
                     p = p * masks[key[active[rows]]]
                     if not (p > 0).any(1).all():
                         raise ValueError(f"state {self.state_names[s]} cannot make a non-empty visit for some patient")
-                    v = rng.random((rows.size, C)) < p
-                    empty = np.flatnonzero(~v.any(1))
-                    while empty.size:                      # condition on a non-empty visit
-                        v[empty] = rng.random((empty.size, C)) < p[empty]
-                        empty = empty[~v[empty].any(1)]
-                    cur[rows] = v
-            # emit the code strings, in random order inside each visit
-            r, c = np.nonzero(cur)
-            order = np.lexsort((rng.random(r.size), r))
-            names = codes_arr[c[order]].tolist()
-            ends = np.cumsum(cur.sum(1)).tolist()
-            start = 0
-            for i, end, state in zip(active.tolist(), ends, z.tolist()):
-                visits[i].append(names[start:end])
+                    cur[rows] = draw_nonempty_visits(p, rng)
+            for i, visit, state in zip(active.tolist(), emit_visits(cur, codes_arr, rng), z.tolist()):
+                visits[i].append(visit)
                 states[i].append(state)
-                start = end
             # does another visit follow, and in which state
             if j + 1 >= self.max_visits:
                 break
@@ -451,7 +421,7 @@ class CohortModel:
                 T = self.transition[z] * eligible[active]
                 if not (T.sum(1) > 0).all():
                     raise ValueError("a state transitions only to states the patient is not eligible for")
-                z = self._sample_categorical(T, rng)
+                z = sample_categorical(T, rng)
 
         patients = [Patient(f"S{i + 1:07d}", float(age[i]), str(sex[i]), visits[i]) for i in range(n)]
         return patients, states

@@ -7,12 +7,10 @@ Bernoulli probability of each code, plus a shared tail of comorbidities) and `ta
 
 from __future__ import annotations
 
-import csv
-from importlib import resources
-
 import numpy as np
 
 from promptehr.cohorts.hmm import DEFAULT_MAX_VISITS, CohortModel
+from promptehr.cohorts.icd9 import chronic_persistence, state_code_tables
 from promptehr.validity import NEWBORN_AGE_LIMIT
 
 OBSTETRIC_STATE_AGES = (15.0, 46.0)  # the obstetric state: women with 15 <= age < 46, inside the pregnancy rule's 12-55
@@ -55,40 +53,9 @@ TRANSITION = np.array([
 ])
 
 
-def read_table(name: str) -> list[dict[str, str]]:
-    """The rows of `promptehr/cohorts/tables/<name>` (a TSV file with a header line)."""
-    text = resources.files("promptehr.cohorts").joinpath("tables", name).read_text(encoding="utf-8")
-    rows = list(csv.DictReader(text.splitlines(), delimiter="\t"))
-    if not rows:
-        raise ValueError(f"promptehr/cohorts/tables/{name} holds no rows")
-    return rows
-
-
-def state_code_tables() -> dict[str, dict[str, float]]:
-    """{state or "shared_tail": {code: p}} from tables/small_states.tsv, in file order."""
-    tables: dict[str, dict[str, float]] = {}
-    for i, row in enumerate(read_table("small_states.tsv"), start=2):
-        table = tables.setdefault(row["state"], {})
-        if row["code"] in table:
-            raise ValueError(f"tables/small_states.tsv line {i}: code {row['code']} listed twice for {row['state']}")
-        table[row["code"]] = float(row["p"])
-    unknown = set(tables) - set(STATE_NAMES) - {"shared_tail"}
-    if unknown:
-        raise ValueError(f"tables/small_states.tsv: unknown states {sorted(unknown)}")
-    return tables
-
-
-def chronic_persistence() -> dict[str, float]:
-    """{code: persistence} of the chronic codes (tables/small_chronic.tsv); other codes are acute."""
-    out: dict[str, float] = {}
-    for row in read_table("small_chronic.tsv"):
-        out[row["code"]] = max(out.get(row["code"], 0.0), float(row["persistence"]))
-    return out
-
-
 def small_cohort_model() -> CohortModel:
     """The 389-code cohort model (a fresh object on every call)."""
-    tables = state_code_tables()
+    tables = state_code_tables(STATE_NAMES)
     state_tables = [tables[s] for s in STATE_NAMES]
     shared = tables["shared_tail"]
     codes = list(dict.fromkeys(code for table in [*state_tables, shared] for code in table))
