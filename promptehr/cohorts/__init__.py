@@ -12,10 +12,12 @@ from collections.abc import Callable
 from promptehr.cohorts.hmm import CohortModel
 from promptehr.cohorts.mimic_hmm import mimic_hmm_model
 from promptehr.cohorts.small import small_cohort_model
+from promptehr.cohorts.transition import TransitionModel, transition_model
 from promptehr.data import DataError, Patient
 
-GENERATORS: dict[str, Callable[[], CohortModel]] = {
+GENERATORS: dict[str, Callable[[], CohortModel | TransitionModel]] = {
     "hmm": mimic_hmm_model,           # MIMIC-scale: ~9,000 ICD-9 codes, 31 hidden phenotype states
+    "transition": transition_model,   # MIMIC-scale, same codes: sparse code-to-code transitions, no hidden state
     "small": small_cohort_model,      # 389 codes, 9 hidden states: smoke tests
 }
 DEFAULT_GENERATOR = "hmm"

@@ -218,3 +218,71 @@ def mimic_vocabulary() -> Vocabulary:
         restriction=tuple(code_restriction(c) for c in codes),
         n_head=len(head),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Phenotypes: the hidden states of `hmm` and the first-visit profiles of `transition`
+# ----------------------------------------------------------------------------------------------
+
+FOCUS_WEIGHT = 30.0         # weight of a phenotype's focus category, against 1-4 for its chapters
+CATEGORY_NOISE_SIGMA = 0.8  # log-normal factor per phenotype and category: related phenotypes differ
+
+
+@dataclass(frozen=True)
+class Phenotype:
+    """One row of a phenotype table (tables/mimic_hmm_states.tsv, tables/transition_profiles.tsv)."""
+
+    name: str
+    sex: str | None                # only for this sex; None: both
+    min_age: float                 # eligible iff min_age <= age < max_age
+    max_age: float
+    init_logit: float              # first-visit log-weight at age 60, female
+    age_slope: float               # added per 10 years above 60
+    male: float                    # added for men
+    background: float              # weight of every chapter not in `chapters`
+    emits: frozenset[str]          # restricted code groups it may hold: pregnancy, newborn
+    chapters: dict[str, float]
+    focus: tuple[str, ...]         # categories ("428", "V45", "E888")
+    extra: dict[str, str]          # the table's other columns
+
+
+def read_phenotypes(name: str, vocab: Vocabulary) -> list[Phenotype]:
+    """The rows of tables/<name> (first column: the phenotype's name), checked against the vocabulary."""
+    out = []
+    common = {"sex", "min_age", "max_age", "init_logit", "age_slope", "male", "background", "emits", "chapters", "focus"}
+    for i, row in enumerate(read_table(name), start=2):
+        first = next(iter(row))
+        where = f"tables/{name} line {i} ({row[first]})"
+        try:
+            ph = Phenotype(
+                name=row[first], sex=None if row["sex"] == "-" else row["sex"], min_age=float(row["min_age"]),
+                max_age=float(row["max_age"]), init_logit=float(row["init_logit"]), age_slope=float(row["age_slope"]),
+                male=float(row["male"]), background=float(row["background"]),
+                emits=frozenset() if row["emits"] == "-" else frozenset(row["emits"].split(",")),
+                chapters={k: float(w) for k, w in (item.split(":") for item in row["chapters"].split())},
+                focus=tuple(row["focus"].split()),
+                extra={k: v for k, v in row.items() if k != first and k not in common})
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"{where}: {exc!r}") from None
+        unknown = (set(ph.chapters) - set(vocab.chapter_names)) | (ph.emits - {"pregnancy", "newborn"})
+        if unknown or ph.sex not in (None, "M", "F"):
+            raise ValueError(f"{where}: unknown chapter, emits or sex: {sorted(unknown) or ph.sex}")
+        out.append(ph)
+    return out
+
+
+def phenotype_weights(ph: Phenotype, vocab: Vocabulary, idx: np.ndarray, popularity: np.ndarray,
+                      rng: np.random.Generator) -> np.ndarray:
+    """(len(idx),) unnormalised weights of codes `idx` in phenotype `ph`: popularity x (chapter weight, or
+    `background` outside its chapters, + FOCUS_WEIGHT in its focus categories) x a log-normal factor per
+    category; 0 for pregnancy/newborn codes unless the phenotype emits them."""
+    chapter_w = np.array([ph.chapters.get(name, ph.background) for name in vocab.chapter_names])
+    focus = np.isin(np.array(vocab.categories), ph.focus)
+    noise = rng.lognormal(0.0, CATEGORY_NOISE_SIGMA, len(vocab.categories))
+    cat = vocab.category_id[idx]
+    w = popularity * (chapter_w[vocab.chapter[idx]] + FOCUS_WEIGHT * focus[cat]) * noise[cat]
+    restriction = np.array([vocab.restriction[i] or "" for i in idx])
+    for group in ("pregnancy", "newborn"):
+        if group not in ph.emits:
+            w[restriction == group] = 0.0
+    return w
