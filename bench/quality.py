@@ -276,7 +276,7 @@ def first_code_persistence(model, tok, cohort_model, patients, events, samples: 
     rows = []
     for i, k in events:
         p = patients[i]
-        ids = [np.array([tok.token_to_id[c] for c in v], dtype=np.int64) for v in p.visits]
+        ids = [np.array([tok.token_to_id.get(c, tok.unk_token_id) for c in v], dtype=np.int64) for v in p.visits]
         rows.append((*collator.cut_row(ids, k), p.age, SEXES.index(p.sex)))
     out = {"model_chronic": [], "optimum_chronic": [], "model_acute": [], "optimum_acute": [], "kl": []}
     for s in range(0, len(rows), batch_size):
