@@ -11,7 +11,7 @@ import pytest
 
 from promptehr.cohorts import TransitionModel, cohort_model
 from promptehr.data import Patient
-from promptehr.validity import code_allowed
+from promptehr.validity import code_allowed, code_restriction
 
 TINY_CODES = ["4019", "0389", "V270", "185"]   # chronic, acute, pregnancy (F 12-55), male-only
 TINY_T = np.array([                              # rows: previous code, columns: next code
@@ -197,7 +197,7 @@ def test_mimic_scale_transition_table_is_sparse_and_respects_restricted_groups()
     per_code = np.diff(indptr)
     assert 5 <= per_code.mean() <= 15 and per_code.max() <= 30          # sparse: a handful of targets per code
     assert np.all((data > 0) & (data < 1))
-    groups = np.array([{"pregnancy": 1, "newborn": 2}.get(r, 0) for r in m._restriction])
+    groups = np.array([{"pregnancy": 1, "newborn": 2}.get(code_restriction(c), 0) for c in m.codes])
     source = np.repeat(np.arange(m.n_codes), per_code)
     assert np.all((groups[indices] == 0) | (groups[indices] == groups[source]))
     # a chronic code persists through its own row; an acute one barely recurs

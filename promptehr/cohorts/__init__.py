@@ -34,7 +34,8 @@ def cohort_model_for(data_cfg):
     """The model that generated the patients `data_cfg` (a DataConfig) loads: the built-in cohort of
     `data.synthetic.generator`; only `data.source=synthetic` has one."""
     if data_cfg.source != "synthetic":
-        raise DataError(f"only the built-in cohort (data.source=synthetic) has an exact model; got data.source={data_cfg.source}")
+        raise DataError("only the built-in cohort (data.source=synthetic) has an exact model; "
+                        f"got data.source={data_cfg.source}")
     return cohort_model(data_cfg.synthetic.generator)
 
 

@@ -1,9 +1,9 @@
 """The MIMIC-scale ICD-9-CM vocabulary shared by the `hmm` and `transition` cohorts.
 
-The 389 real codes of the `small` cohort are the head; a tail of procedurally generated codes (about
-8,000) lies inside the real ICD-9-CM category ranges of `tables/icd9_chapters.tsv`, in MIMIC-III format
-(no dot: 3-digit categories 001-999 with 4th/5th digits, V01-V90, E800-E999 with a 4th digit), drawn
-from the fixed `STRUCTURE_SEED`, so the same codes come back on every machine.
+The 389 real codes of the `small` cohort are the head; a tail of procedurally generated codes (so many
+per chapter of `tables/icd9_chapters.tsv`) lies inside the real ICD-9-CM category ranges, in MIMIC-III
+format (no dot: 3-digit categories 001-999 with 4th/5th digits, V01-V90, E800-E999 with a 4th digit),
+drawn from the fixed `STRUCTURE_SEED`, so the same codes come back on every machine.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The `hmm` built-in cohort: MIMIC-scale vocabulary (~9,000 ICD-9 codes), 31 hidden phenotype states.
+"""The `hmm` built-in cohort: the MIMIC-scale ICD-9 vocabulary (icd9.py) and hidden phenotype states.
 
 A `CohortModel` (promptehr/cohorts/hmm.py: same generative process and exact forward algorithm as the
 `small` cohort) whose states are the rows of `tables/mimic_hmm_states.tsv`. Each state refines one of

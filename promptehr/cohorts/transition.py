@@ -103,10 +103,12 @@ class TransitionModel:
         self.transition = (indptr.astype(np.int64), indices.astype(np.int64), data.astype(np.float64))
         if len(set(self.codes)) != C:
             raise ValueError("codes must be distinct")
-        if indptr.shape != (C + 1,) or indptr[0] != 0 or np.any(np.diff(indptr) < 0) or indptr[-1] != indices.size \
-                or indices.size != data.size or np.any((indices < 0) | (indices >= C)):
+        csr_ok = indptr.shape == (C + 1,) and indptr[0] == 0 and np.all(np.diff(indptr) >= 0)
+        csr_ok = csr_ok and indptr[-1] == indices.size == data.size and np.all((indices >= 0) & (indices < C))
+        if not csr_ok:
             raise ValueError("transition must be a CSR triple (indptr (C+1,), indices in [0, C), data)")
-        for name, arr in (("profile_prob", self.profile_prob), ("background", self.background), ("transition data", data)):
+        for name, arr in (("profile_prob", self.profile_prob), ("background", self.background),
+                          ("transition data", data)):
             if np.any(arr < 0) or np.any(arr >= 1):
                 raise ValueError(f"{name} must lie in [0, 1)")
         if len(self.profile_sex) != K or any(x not in (None, "M", "F") for x in self.profile_sex):
@@ -158,14 +160,21 @@ class TransitionModel:
 
     # -- probabilities ------------------------------------------------------------------------
 
+    def profile_weights(self, age: np.ndarray, male: np.ndarray) -> np.ndarray:
+        """(n, K) P(profile | age, sex) of n patients, up to a factor per row (0 where not eligible)."""
+        sex_ok = np.array([[s is None or (s == "M") == m for s in self.profile_sex] for m in (False, True)])
+        eligible = (self.profile_min_age <= age[:, None]) & (age[:, None] < self.profile_max_age)
+        eligible &= sex_ok[male.astype(int)]
+        if not eligible.any(1).all():
+            i = int(np.flatnonzero(~eligible.any(1))[0])
+            raise ValueError(f"no profile is eligible for age={age[i]}, male={bool(male[i])}")
+        logits = self.profile_logit + self.profile_logit_age * (age[:, None] - 60.0) / 10.0
+        logits = np.where(eligible, logits + self.profile_logit_male * male[:, None], -np.inf)
+        return np.exp(logits - logits.max(1, keepdims=True))
+
     def profile_probs(self, age: float, sex: str) -> np.ndarray:
         """(K,) P(profile | age, sex)."""
-        eligible = (self.profile_min_age <= age) & (age < self.profile_max_age)
-        eligible &= np.array([s is None or s == sex for s in self.profile_sex])
-        if not eligible.any():
-            raise ValueError(f"no profile is eligible for age={age}, sex={sex!r}")
-        logits = self.profile_logit + self.profile_logit_age * (age - 60.0) / 10.0 + self.profile_logit_male * (sex == "M")
-        w = np.where(eligible, np.exp(logits - logits[eligible].max()), 0.0)
+        w = self.profile_weights(np.array([age], dtype=np.float64), np.array([sex == "M"]))[0]
         return w / w.sum()
 
     def _first_tables(self, key):
@@ -277,19 +286,11 @@ class TransitionModel:
         masks = np.stack([self._key_mask(key_from_bits(g)) for g in range(N_DEMOGRAPHIC_KEYS)])
         band = np.searchsorted(self.age_band_edges, age, side="right")
         log1m_background = np.log1p(-self.background)
-        indptr, indices, data = self.transition
-        log1m_t = np.log1p(-data)
         codes_arr = np.array(self.codes, dtype=object)
         visits: list[list[list[str]]] = [[] for _ in range(n)]
 
         # first visits: a profile, then its codes
-        eligible = (self.profile_min_age[None, :] <= age[:, None]) & (age[:, None] < self.profile_max_age[None, :])
-        eligible &= np.array([[s is None or (s == "M") == m for s in self.profile_sex] for m in (False, True)])[male.astype(int)]
-        if n and not eligible.any(1).all():
-            raise ValueError("a sampled patient has no eligible profile")
-        logits = self.profile_logit + self.profile_logit_age * (age[:, None] - 60.0) / 10.0 + self.profile_logit_male * male[:, None]
-        logits = np.where(eligible, logits, -np.inf)
-        z = sample_categorical(np.exp(logits - logits.max(1, keepdims=True)) if n else np.zeros((0, self.n_profiles)), rng)
+        z = sample_categorical(self.profile_weights(age, male), rng)
         active = np.arange(n)
         cur = np.zeros((n, C), dtype=bool)
         for b in range(0, n, self.sample_block_rows):
@@ -312,11 +313,9 @@ class TransitionModel:
             for b in range(0, active.size, self.sample_block_rows):
                 rows = np.arange(b, min(b + self.sample_block_rows, active.size))
                 r, src = np.nonzero(prev[rows])
-                counts = indptr[src + 1] - indptr[src]
-                pos = np.repeat(indptr[src] - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
-                flat = np.repeat(r, counts) * C + indices[pos]
-                log1m = log1m_background[band[active[rows]]]
-                log1m = log1m + np.bincount(flat, weights=log1m_t[pos], minlength=rows.size * C).reshape(rows.size, C)
+                which, target, t = self._targets(src)
+                added = np.bincount(r[which] * C + target, weights=np.log1p(-t), minlength=rows.size * C)
+                log1m = log1m_background[band[active[rows]]] + added.reshape(rows.size, C)
                 cur[rows] = draw_nonempty_visits(-np.expm1(log1m) * masks[key[active[rows]]], rng)
         return [Patient(f"S{i + 1:07d}", float(age[i]), str(sex[i]), visits[i]) for i in range(n)]
 
@@ -469,6 +468,6 @@ def _parameters() -> dict:
 def transition_model() -> TransitionModel:
     """The MIMIC-scale code-to-code cohort model (a fresh object on every call)."""
     params = _parameters()
-    fresh = {k: tuple(a.copy() for a in v) if k == "transition" else v.copy() if isinstance(v, (np.ndarray, list)) else v
-             for k, v in params.items()}
+    fresh = {key: value.copy() if isinstance(value, (np.ndarray, list)) else value for key, value in params.items()}
+    fresh["transition"] = tuple(a.copy() for a in params["transition"])
     return TransitionModel(**fresh)
