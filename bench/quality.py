@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from promptehr.checkpoint import load_checkpoint  # noqa: E402
 from promptehr.collator import TASK_ID, EHRDataCollator  # noqa: E402
-from promptehr.cohort import default_cohort_model  # noqa: E402
+from promptehr.cohorts import CohortModel, cohort_model_for  # noqa: E402
 from promptehr.config import load_config  # noqa: E402
 from promptehr.data import SEXES, load_patients, split_patients  # noqa: E402
 from promptehr.baselines import NextVisitBaselines, VisitPairs  # noqa: E402
@@ -161,9 +161,10 @@ def bootstrap(groups, columns, statistic, n_boot=2000, seed=0) -> tuple[float, f
     return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
 
 
-def score(model, tokenizer, train_patients, eval_patients, orders, seed, cohort_model, device="cpu", first=False) -> dict:
+def score(model, tokenizer, train_patients, eval_patients, orders, seed, device="cpu", first=False, *, cohort) -> dict:
     """All estimators on the next visits of `eval_patients` (with `first`: on their first visits, the
-    baselines then fitted on training first visits, where "repeat" equals the prior); per-event arrays."""
+    baselines then fitted on training first visits, where "repeat" equals the prior); per-event arrays.
+    `cohort`: the generator of the data, whose exact next-visit likelihood is the optimum."""
     events, skipped = next_visit_events(eval_patients, tokenizer, first)
     if not events:
         raise ValueError("no held-out patient has 2+ visits")
@@ -175,7 +176,7 @@ def score(model, tokenizer, train_patients, eval_patients, orders, seed, cohort_
     b = fitted.score(pairs)
     return {
         "events": events, "skipped": skipped, "repeat_weight": fitted.repeat_weight,
-        "model": model_nll, "model_tight": model_tight, "optimum": optimum_visit_nll(cohort_model, eval_patients, events),
+        "model": model_nll, "model_tight": model_tight, "optimum": optimum_visit_nll(cohort, eval_patients, events),
         "frequency": b["frequency"], "stratified": b["stratified"], "repeat": b["repeat"],
         "n_codes": np.array([len(eval_patients[i].visits[k]) for i, k in events]),
     }
@@ -235,7 +236,7 @@ def first_code_persistence(model, tok, cohort_model, patients, events, samples: 
     rows = []
     for i, k in events:
         p = patients[i]
-        ids = [np.array([tok.token_to_id[c] for c in v], dtype=np.int64) for v in p.visits]
+        ids = [np.array([tok.token_to_id.get(c, tok.unk_token_id) for c in v], dtype=np.int64) for v in p.visits]
         rows.append((*collator.cut_row(ids, k), p.age, SEXES.index(p.sex)))
     out = {"model_chronic": [], "optimum_chronic": [], "model_acute": [], "optimum_acute": [], "kl": []}
     for s in range(0, len(rows), batch_size):
@@ -335,8 +336,8 @@ def main(argv=None) -> int:
     patients, _, _ = load_patients(cfg.data)
     train_patients, val_patients = split_patients(patients, cfg.data.val_fraction, cfg.data.split_seed)
     t = time.perf_counter()
-    cohort_model = default_cohort_model()
-    s = score(model, tokenizer, train_patients, val_patients, args.orders, args.seed, cohort_model)
+    cohort = cohort_model_for(cfg.data)  # the generator of data.synthetic.generator: the exact optimum
+    s = score(model, tokenizer, train_patients, val_patients, args.orders, args.seed, cohort=cohort)
     m = meta.get("metrics", {})
     print(f"\nconfig {args.checkpoint or args.config} {' '.join(overrides)}")
     print(f"training wall time {wall / 60:.1f} min; best checkpoint epoch {meta.get('epoch', -1) + 1}, "
@@ -350,22 +351,26 @@ def main(argv=None) -> int:
     report("held-out patients of the training split, next visits k >= 1", s, args.orders)
     if args.diagnose:
         report("held-out patients, FIRST visits k = 0 given demographics (repeat = prior)",
-               score(model, tokenizer, train_patients, val_patients, args.orders, args.seed, cohort_model, first=True),
+               score(model, tokenizer, train_patients, val_patients, args.orders, args.seed, first=True, cohort=cohort),
                args.orders)
         report("TRAINING patients (in-sample), next visits k >= 1",
-               score(model, tokenizer, train_patients, train_patients, args.orders, args.seed, cohort_model), args.orders)
+               score(model, tokenizer, train_patients, train_patients, args.orders, args.seed, cohort=cohort), args.orders)
         events, _ = next_visit_events(val_patients, tokenizer)
         events = events[:300]
-        d = first_code_persistence(model, tokenizer, cohort_model, val_patients, events, seed=args.seed)
-        print(f"\nfirst code of {len(events)} held-out next visits (random order), model vs optimum (400 posterior "
-              f"draws each):\n  mass on the previous visit's chronic codes {d['model_chronic']:.3f} vs "
-              f"{d['optimum_chronic']:.3f}; on its acute codes {d['model_acute']:.3f} vs {d['optimum_acute']:.3f}; "
-              f"KL(optimum || model) {d['kl']:.3f} nats")
+        if not isinstance(cohort, CohortModel):
+            print(f"\nfirst code of held-out next visits: not available for data.synthetic.generator="
+                  f"{cfg.data.synthetic.generator} (it needs the hidden states of an HMM cohort: hmm or small)")
+        else:
+            d = first_code_persistence(model, tokenizer, cohort, val_patients, events, seed=args.seed)
+            print(f"\nfirst code of {len(events)} held-out next visits (random order), model vs optimum (400 posterior "
+                  f"draws each):\n  mass on the previous visit's chronic codes {d['model_chronic']:.3f} vs "
+                  f"{d['optimum_chronic']:.3f}; on its acute codes {d['model_acute']:.3f} vs {d['optimum_acute']:.3f}; "
+                  f"KL(optimum || model) {d['kl']:.3f} nats")
     if args.fresh_patients:
-        fresh = cohort_model.sample(args.fresh_patients, seed=cfg.data.synthetic.seed + 10_007)
+        fresh = cohort.sample(args.fresh_patients, seed=cfg.data.synthetic.seed + 10_007)
         h = report(f"{args.fresh_patients} FRESH patients from the cohort model, next visits k >= 1 (the figure "
                    "that counts: the config was not chosen on them)",
-                   score(model, tokenizer, train_patients, fresh, args.orders, args.seed, cohort_model), args.orders)
+                   score(model, tokenizer, train_patients, fresh, args.orders, args.seed, cohort=cohort), args.orders)
         print(f"\nheadline (fresh patients): model - optimum {h['model_minus_optimum']:.3f} nats/visit "
               f"(95% CI {h['ci'][0]:.3f} .. {h['ci'][1]:.3f}), gap closed against the next-visit prior "
               f"{h['gap_share']:.1%} ({h['gap_share_ci'][0]:.1%} .. {h['gap_share_ci'][1]:.1%}), {h['visits']} visits")

@@ -23,8 +23,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class SyntheticCohortConfig:
-    n_patients: int = 5000          # built-in latent-state cohort size
+    n_patients: int = 5000          # built-in cohort size
     seed: int = 0                   # cohort sampling seed (independent of the split seed)
+    generator: str = "hmm"          # promptehr.cohorts.GENERATORS: hmm (MIMIC-scale, hidden states), transition
+                                    # (MIMIC-scale, code-to-code), small (389 codes, smoke tests)
 
 
 @dataclass
@@ -208,6 +210,9 @@ def migrate_legacy_keys(values: dict) -> dict:
             out.setdefault(new_section, {}).setdefault(new_name, value)
         elif name == "compute_reconstruction_jaccard" and value is False:
             out.setdefault("validation", {})["jaccard_patients"] = 0
+    synthetic = out.get("data", {}).get("synthetic")
+    if isinstance(synthetic, dict) and "generator" not in synthetic:  # saved before there was a choice
+        out["data"] = {**out["data"], "synthetic": {**synthetic, "generator": "small"}}
     return out
 
 

@@ -126,10 +126,10 @@ def summarize(patients: list[Patient], report: DataReport) -> None:
 def load_patients(cfg) -> tuple[list[Patient], list[str], DataReport]:
     """Load the patients `cfg` (a DataConfig) names, filtered; returns (patients, vocab, report)."""
     if cfg.source == "synthetic":
-        from promptehr.cohort import sample_cohort
+        from promptehr.cohorts import sample_cohort
 
-        patients = sample_cohort(cfg.synthetic.n_patients, seed=cfg.synthetic.seed)
-        report = DataReport("synthetic")
+        patients = sample_cohort(cfg.synthetic.n_patients, seed=cfg.synthetic.seed, generator=cfg.synthetic.generator)
+        report = DataReport(f"synthetic:{cfg.synthetic.generator}")
     elif cfg.source == "mimic3":
         if not cfg.path:
             raise DataError("data.source=mimic3 needs data.path (the folder with PATIENTS, ADMISSIONS, DIAGNOSES_ICD)")

@@ -11,7 +11,7 @@ plus `report/quality.json` and PNG plots. Only aggregates are logged, never reco
   variation / Wasserstein-1 distances of visits-per-patient and codes-per-visit. `*_reference` is the
   same figure for a same-size sample of TRAINING patients against the held-out ones: the ceiling that
   sampling noise allows;
-- validity: share of code occurrences that the age/sex rule table (`promptehr.cohort.code_allowed`:
+- validity: share of code occurrences that the age/sex rule table (`promptehr.validity.code_allowed`:
   pregnancy codes only for women aged 12-55, newborn codes below age 1, male- and female-only codes)
   rules out, beside the same rate on the real held-out patients; within-visit duplicate codes;
 - privacy: share of generated patients identical to a training patient (same sequence of visit code
@@ -34,11 +34,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from promptehr.cohort import code_allowed
 from promptehr.collator import EHRDataCollator, EHRPatientDataset
 from promptehr.data import Patient
 from promptehr.generate import SamplingConfig, generate_patients
 from promptehr.metrics import compute_reconstruction_jaccard
+from promptehr.validity import code_allowed
 
 logger = logging.getLogger(__name__)
 

@@ -226,6 +226,7 @@ def train(cfg: Config, tracker: Tracker | None = None, on_validate=None) -> dict
         tracker.set_tags({
             "data.source": cfg.data.source, "data_fingerprint": data_fingerprint, "split_fingerprint": fingerprint,
             "protocol_id": protocol.id, "selection_metric": selection,
+            **({"data.generator": cfg.data.synthetic.generator} if cfg.data.source == "synthetic" else {}),
             "n_parameters": n_params, "device": str(device), "vocab_size": len(tokenizer),
             **{f"data.{k}": v for k, v in report.counts.items()},
             **{f"dataset.{k}": v for k, v in ds_report.items()},

@@ -27,6 +27,6 @@ def tiny_cfg(tmp_path):
 
 @pytest.fixture(scope="session")
 def cohort():
-    from promptehr.cohort import sample_cohort
+    from promptehr.cohorts import sample_cohort
 
-    return sample_cohort(600, seed=3)
+    return sample_cohort(600, seed=3, generator="small")

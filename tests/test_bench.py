@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from promptehr.cohort import sample_cohort
+from promptehr.cohorts import cohort_model, sample_cohort
 from promptehr.collator import EHRDataCollator, EHRPatientDataset
 from promptehr.config import load_config
 from promptehr.model import PromptBartWithDemographicPrediction
@@ -32,7 +32,7 @@ throughput = load_bench("throughput")
 
 @pytest.fixture(scope="module")
 def small():
-    patients = [p for p in sample_cohort(300, seed=5) if len(p.visits) >= 2][:40]
+    patients = [p for p in sample_cohort(300, seed=5, generator="small") if len(p.visits) >= 2][:40]
     tok = DiagnosisCodeTokenizer.from_patients(patients)
     return patients, tok
 
@@ -84,7 +84,7 @@ def test_model_nll_bounds_and_optimum_are_finite(small):
         mean_order, tight = quality.model_visit_nll(model, tok, patients, events[:10], orders=3)
     assert np.all(np.isfinite(mean_order)) and np.all(tight <= mean_order + 1e-9)
     # an untrained model is far from the optimum: ~log(vocab) nats per code
-    optimum = quality.optimum_visit_nll(quality.default_cohort_model(), patients, events[:10])
+    optimum = quality.optimum_visit_nll(cohort_model("small"), patients, events[:10])
     assert np.all(optimum > 0) and mean_order.mean() > optimum.mean() + 5
 
 
@@ -109,7 +109,7 @@ def test_first_code_persistence_compares_model_and_optimum(small):
     torch.manual_seed(0)
     model = PromptBartWithDemographicPrediction(tok, cfg).eval()
     events = [(i, 1) for i in range(12)]
-    cohort = quality.default_cohort_model()
+    cohort = cohort_model("small")
     d = quality.first_code_persistence(model, tok, cohort, patients, events, samples=200)
     for key in ("model_chronic", "optimum_chronic", "model_acute", "optimum_acute"):
         assert 0.0 <= d[key] <= 1.0, key
@@ -146,3 +146,59 @@ def test_timed_epoch_runs_every_batch_of_a_new_epoch():
     assert timed["rows"] == sum(collator([loader.dataset[i] for i in idx])["labels"].shape[0] for idx in plan)
     assert timed["seconds"] > 0 and 0 <= timed["data_wait_share"] < 1
     assert not torch.equal(before, model.age_head[0].weight)
+
+
+def score_checkpoint(generator: str, tmp_path, capsys, *flags: str) -> str:
+    """An untrained tiny model's checkpoint on `generator`'s cohort (its tokenizer from the training
+    split, as train() makes it) scored by bench/quality.py; returns what it printed."""
+    from promptehr.checkpoint import save_checkpoint
+    from promptehr.data import load_patients, split_patients
+
+    cfg = load_config(ROOT / "experiments" / "tiny.yaml", [f"data.synthetic.generator={generator}",
+                                                           "data.synthetic.n_patients=1000"])
+    patients, _, _ = load_patients(cfg.data)
+    train_patients, _ = split_patients(patients, cfg.data.val_fraction, cfg.data.split_seed)
+    tok = DiagnosisCodeTokenizer.from_patients(train_patients)
+    save_checkpoint(tmp_path / "ck", PromptBartWithDemographicPrediction(tok, cfg), None, None, cfg, tok, {"epoch": 0})
+    try:
+        assert quality.main(["--checkpoint", str(tmp_path / "ck"), "--orders", "1", *flags]) == 0
+    finally:
+        torch.set_grad_enabled(True)  # quality.main turns gradients off for the whole process
+    return capsys.readouterr().out
+
+
+def optimum_nll(out: str) -> list[float]:
+    return [float(line.split()[5]) for line in out.splitlines() if line.startswith("exact cohort model")]
+
+
+def test_quality_scores_fresh_patients_of_the_checkpoints_generator(tmp_path, capsys):
+    """`bench/quality.py --checkpoint ... --fresh-patients N` on a model trained on the transition cohort:
+    the optimum and the fresh patients come from the checkpoint's data.synthetic.generator (the hmm's
+    or the small cohort's optimum would give these visits probability 0 or far less)."""
+    from promptehr.checkpoint import load_checkpoint
+    from promptehr.data import load_patients, split_patients
+
+    out = score_checkpoint("transition", tmp_path, capsys, "--fresh-patients", "600")
+    assert "600 fresh patients from the cohort model" in out
+    held_out, fresh = optimum_nll(out)
+    _, tok, cfg, _ = load_checkpoint(tmp_path / "ck")
+    cohort = cohort_model("transition")
+    val = split_patients(load_patients(cfg.data)[0], cfg.data.val_fraction, cfg.data.split_seed)[1]
+    new = cohort.sample(600, seed=cfg.data.synthetic.seed + 10_007)
+    for printed, patients in ((held_out, val), (fresh, new)):
+        events, _ = quality.next_visit_events(patients, tok)
+        assert len(events) >= 10
+        assert printed == pytest.approx(quality.optimum_visit_nll(cohort, patients, events).mean(), abs=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("generator", ["transition", "hmm"])
+def test_quality_diagnose_on_each_mimic_scale_generator(generator, tmp_path, capsys):
+    """`--diagnose` scores first visits and training patients for either generator; the first-code
+    diagnosis needs an HMM's hidden states and says so for the transition cohort."""
+    out = score_checkpoint(generator, tmp_path, capsys, "--fresh-patients", "600", "--diagnose")
+    assert len(optimum_nll(out)) == 4  # held-out, first visits, training patients, fresh patients
+    if generator == "transition":
+        assert "not available for data.synthetic.generator=transition" in out
+    else:
+        assert "first code of" in out and "KL(optimum || model)" in out

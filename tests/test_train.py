@@ -145,6 +145,7 @@ def test_tracked_run_logs_params_metrics_artifacts_and_registers(tmp_path):
     # what was logged is what train() computed
     assert run.data.metrics["val/loss"] == pytest.approx(result["final_metrics"]["loss"])
     assert run.data.tags["data.source"] == "synthetic" and int(run.data.tags["data.patients"]) == 200
+    assert run.data.tags["data.generator"] == "small" and run.data.params["data.synthetic.generator"] == "small"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
         a.path for d in ("config", "samples") for a in client.list_artifacts(run.info.run_id, d)}
     assert {"config/resolved.yaml", "config/vocab.json", "samples/epoch_001.json"} <= artifacts

@@ -1,4 +1,5 @@
-"""The built-in synthetic cohort: shapes, rules, persistence and exactness of the forward algorithm."""
+"""The hidden-Markov cohort model (promptehr/cohorts/hmm.py) and the `small` cohort built with it: shapes,
+age/sex rules, persistence and exactness of the forward algorithm."""
 
 from __future__ import annotations
 
@@ -8,21 +9,16 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 
-from promptehr.cohort import (
-    CohortModel,
-    code_allowed,
-    code_restriction,
-    default_cohort_model,
-    sample_cohort,
-)
+from promptehr.cohorts import CohortModel, cohort_model, sample_cohort
 from promptehr.data import Patient
+from promptehr.validity import code_allowed, code_restriction
 
 N_COHORT = 20_000
 
 
 @pytest.fixture(scope="module")
 def model() -> CohortModel:
-    return default_cohort_model()
+    return cohort_model("small")
 
 
 @pytest.fixture(scope="module")
@@ -35,18 +31,18 @@ def cohort(model) -> list[Patient]:
 # ---------------------------------------------------------------------------------------------
 
 def test_same_seed_same_cohort_and_seeds_differ():
-    a = sample_cohort(2000, seed=7)
-    b = sample_cohort(2000, seed=7)
-    c = sample_cohort(2000, seed=8)
+    a = sample_cohort(2000, seed=7, generator="small")
+    b = sample_cohort(2000, seed=7, generator="small")
+    c = sample_cohort(2000, seed=8, generator="small")
     assert a == b
     assert a != c
     assert [p.age for p in a] != [p.age for p in c]
     assert [p.visits for p in a] != [p.visits for p in c]
 
 
-def test_sample_cohort_is_the_default_model(cohort, model):
-    assert sample_cohort(300, seed=123) == model.sample(300, seed=123)
-    assert sample_cohort(0) == []
+def test_sample_cohort_is_the_small_model(cohort, model):
+    assert sample_cohort(300, seed=123, generator="small") == model.sample(300, seed=123)
+    assert sample_cohort(0, generator="small") == []
 
 
 def test_cohort_shapes_are_mimic_like(cohort):
@@ -90,34 +86,8 @@ def test_vocabulary_is_real_icd9_in_mimic_format(model):
 
 
 # ---------------------------------------------------------------------------------------------
-# age / sex rules
+# age / sex rules on the sampled cohort
 # ---------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("code, age, sex, allowed", [
-    ("V220", 30.0, "F", True), ("V220", 30.0, "M", False), ("V220", 60.0, "F", False),
-    ("V220", 10.0, "F", False), ("64413", 45.0, "F", True), ("650", 0.0, "F", False),
-    ("V270", 55.0, "F", True), ("V270", 56.0, "F", False),
-    ("185", 70.0, "M", True), ("185", 70.0, "F", False), ("60000", 70.0, "F", False),
-    ("V3000", 0.0, "M", True), ("V3000", 1.0, "M", False), ("7742", 0.0, "F", True),
-    ("7742", 40.0, "F", False), ("V290", 30.0, "F", False),
-    ("1749", 50.0, "F", True), ("1749", 50.0, "M", False), ("6202", 40.0, "M", False),
-    ("4019", 0.0, "M", True), ("4019", 90.0, "F", True), ("E8120", 30.0, "M", True),
-    ("V053", 0.0, "M", True), ("0389", 5.0, "F", True),
-])
-def test_code_allowed_rules(code, age, sex, allowed):
-    assert code_allowed(code, age, sex) is allowed
-
-
-def test_restriction_categories():
-    assert code_restriction("66401") == "pregnancy"
-    assert code_restriction("V2389") == "pregnancy"
-    assert code_restriction("76519") == "newborn"
-    assert code_restriction("V3101") == "newborn"
-    assert code_restriction("6021") == "male"
-    assert code_restriction("2189") == "female"
-    assert code_restriction("E8497") is None       # E codes are not numeric categories
-    assert code_restriction("V5861") is None
-
 
 def test_restrictions_hold_on_every_sampled_patient(cohort, model):
     n_preg = n_neo = n_male_only = n_female_only = 0
