@@ -179,7 +179,7 @@ def test_quality_scores_fresh_patients_of_the_checkpoints_generator(tmp_path, ca
     from promptehr.data import load_patients, split_patients
 
     out = score_checkpoint("transition", tmp_path, capsys, "--fresh-patients", "600")
-    assert "600 fresh patients from the cohort model" in out
+    assert "600 FRESH patients from the cohort model" in out
     held_out, fresh = optimum_nll(out)
     _, tok, cfg, _ = load_checkpoint(tmp_path / "ck")
     cohort = cohort_model("transition")
