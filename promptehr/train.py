@@ -28,10 +28,11 @@ from promptehr.checkpoint import (git_commit, load_checkpoint, load_config_from_
 from promptehr.collator import EHRDataCollator, EHRPatientDataset, LengthBucketSampler, RowBucketSampler
 from promptehr.config import Config, flatten, to_yaml
 from promptehr.data import load_patients, split_patients
-from promptehr.evaluate import run_quality_report
 from promptehr.generate import SamplingConfig, demographics_histogram, generate_patients, sample_demographics
 from promptehr.metrics import compute_reconstruction_jaccard, evaluate_loss, next_visit_baselines
 from promptehr.model import PromptBartWithDemographicPrediction
+from promptehr.report import run_quality_report
+from promptehr.report.privacy import patient_signature
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 from promptehr.tracking import Tracker
 
@@ -142,13 +143,28 @@ def validate(model, val_loader, device, cfg, tokenizer, train_patients, val_pati
     return metrics
 
 
-def sample_patients(model, tokenizer, demographics, n, seed) -> list[dict]:
-    """A few synthetic patients, demographics drawn from the training (sex, age bin) histogram."""
+def sample_patients(model, tokenizer, demographics, n, seed, train_patients, max_draws: int = 10) -> tuple[list[dict], int]:
+    """A few synthetic patients, demographics drawn from the training (sex, age bin) histogram. A patient
+    whose visit code sets equal a training patient's never leaves the machine: it is dropped and more
+    are drawn (up to `max_draws` rounds). Returns (patients, number dropped)."""
     if n <= 0:
-        return []
-    ages, sexes = sample_demographics(demographics, n, seed)
-    generated = generate_patients(model, tokenizer, ages, sexes, SamplingConfig(max_visits=8), seed=seed)
-    return [{"age": p.age, "sex": p.sex, "visits": p.visits} for p in generated]
+        return [], 0
+    training = {patient_signature(p) for p in train_patients}
+    kept, dropped = [], 0
+    for draw in range(max_draws):
+        ages, sexes = sample_demographics(demographics, n, seed + 7919 * draw)
+        for p in generate_patients(model, tokenizer, ages, sexes, SamplingConfig(max_visits=8), seed=seed + 7919 * draw):
+            if patient_signature(p) in training:
+                dropped += 1
+            elif len(kept) < n:
+                kept.append({"age": p.age, "sex": p.sex, "visits": p.visits})
+        if len(kept) == n:
+            break
+    if dropped:
+        logger.info("samples: %d generated patients equal to a training patient were dropped", dropped)
+    if len(kept) < n:
+        logger.warning("samples: only %d of %d after %d draws (the rest copied training patients)", len(kept), n, max_draws)
+    return kept, dropped
 
 
 # ------------------------------------------------------------------ the recipe
@@ -279,9 +295,11 @@ def train(cfg: Config, tracker: Tracker | None = None, on_validate=None) -> dict
                             metrics["tpl_repeat_baseline"], metrics.get("reconstruction_jaccard", float("nan")),
                             metrics.get("reconstruction_jaccard_ranked", float("nan")),
                             metrics.get("reconstruction_jaccard_baseline", float("nan")))
-                samples = sample_patients(model, tokenizer, demographics, cfg.tracking.n_sample_patients, tcfg.seed + epoch)
+                samples, dropped = sample_patients(model, tokenizer, demographics, cfg.tracking.n_sample_patients,
+                                                   tcfg.seed + epoch, train_patients)
                 if samples:
-                    tracker.log_dict({"epoch": epoch + 1, "synthetic_patients": samples}, f"samples/epoch_{epoch + 1:03d}.json")
+                    tracker.log_dict({"epoch": epoch + 1, "dropped_training_copies": dropped, "synthetic_patients": samples},
+                                     f"samples/epoch_{epoch + 1:03d}.json")
                 if metrics["loss"] < best_val_loss:
                     best_val_loss, best_metrics = metrics["loss"], dict(metrics)
                     checkpoint(best_dir, epoch, metrics)
@@ -295,7 +313,7 @@ def train(cfg: Config, tracker: Tracker | None = None, on_validate=None) -> dict
             result_quality = run_quality_report(
                 best_model, tokenizer, train_patients, val_patients, tracker, step=global_step,
                 n_patients=tcfg.quality_report_patients, seed=tcfg.seed, prompt_prob=tcfg.prompt_prob,
-                max_length=cfg.collator.max_length)
+                max_length=cfg.collator.max_length, released_patients=tcfg.quality_report_released_patients)
         status = "FINISHED"
     except TrainingPruned:
         status = "KILLED"
