@@ -206,11 +206,13 @@ def test_evaluate_entry_point_logs_to_mlflow(trained, tmp_path, monkeypatch):
     _, _, result = trained
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    assert main(["evaluate", "--model", result["best_checkpoint"], "--n-patients", "20", "--out", str(tmp_path / "q")]) == 0
+    assert main(["evaluate", "--model", result["best_checkpoint"], "--n-patients", "20", "--out", str(tmp_path / "q"),
+                 "--released-patients", "30"]) == 0
     client = mlflow.MlflowClient(uri)
     [run] = client.search_runs([client.get_experiment_by_name("promptehr").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["task"] == "quality_report"
     assert run.data.metrics["gen/n_patients"] == 20 and "gen/membership_auc" in run.data.metrics
+    assert run.data.params["released_patients"] == "30" and run.data.metrics["gen/released_patients"] == 30
     assert "gen/utility_auroc_synthetic" in run.data.metrics and "gen/membership_distance_auc" in run.data.metrics
     assert {"report/quality.json", "report/prevalence.png", "report/counts.png", "report/utility.png", "report/privacy.png"} <= {
         a.path for a in client.list_artifacts(run.info.run_id, "report")}
@@ -230,12 +232,13 @@ def test_mlflow_run_evaluate_entry_point(trained, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_TRACKING_URI"] = uri
     cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "evaluate", "--env-manager", "local", "--experiment-name", "q",
-           "-P", f"model={Path(result['best_checkpoint']).resolve()}", "-P", "n_patients=20", "-P", f"out={tmp_path / 'q'}"]
+           "-P", f"model={Path(result['best_checkpoint']).resolve()}", "-P", "n_patients=20", "-P", "released_patients=30", "-P", f"out={tmp_path / 'q'}"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = mlflow.MlflowClient(uri)
     [run] = client.search_runs([client.get_experiment_by_name("q").experiment_id])
     assert run.info.status == "FINISHED" and run.data.metrics["gen/n_patients"] == 20
+    assert run.data.metrics["gen/released_patients"] == 30 and "gen/utility_ratio" in run.data.metrics
     assert (tmp_path / "q" / "quality.json").exists()
 
 

@@ -1,10 +1,7 @@
 """Fidelity: how closely a generated cohort's code statistics match real patients'.
-
-Inputs: two lists of patients. Outputs: flat metrics: R-squared (`sklearn.metrics.r2_score`, real as
-truth) and Pearson r of code prevalence per visit and per patient, of within-visit pair frequencies and
-of visit-to-next-visit pair frequencies; top-100 overlap; distances of the visit and code count
-distributions; bootstrap intervals (resampled patients) for the headline R-squared figures.
-"""
+Inputs: two lists of patients. Outputs: R-squared (`sklearn.metrics.r2_score`, real as truth) and Pearson
+r of code prevalences, within-visit and visit-to-next-visit pair frequencies, with bootstrap intervals
+for the headline R-squared figures; top-100 overlap; distances of the count distributions."""
 
 from __future__ import annotations
 

@@ -1,10 +1,7 @@
-"""Privacy: what a generated cohort, or the model itself, gives away about its training patients.
-
-Inputs: the released (generated) cohort, training and held-out real patients, and for the likelihood
-attack the model. Outputs: exact copies, nearest-neighbour distances, membership inference from the
-released cohort (distance to the nearest generated patient) and from the model's likelihood, and
-attribute inference by the nearest generated patients beside the same attack on held-out real ones.
-"""
+"""Privacy: what a released (generated) cohort, or the model itself, gives away about training patients.
+Inputs: the released cohort, training and held-out patients (the model for the likelihood attack).
+Outputs: exact copies, nearest-neighbour distances, membership inference by distance and by likelihood,
+attribute inference beside the same attack on held-out real patients."""
 
 from __future__ import annotations
 

@@ -1,11 +1,7 @@
 """The quality report: generated cohorts against real patients, every figure beside its reference.
-
-Inputs: a trained model, its tokenizer, the training and the held-out patients. Outputs: flat metrics
-(logged as `gen/<name>`), `report/quality.json` (aggregates only; per-code cells of fewer than
-MIN_CELL_PATIENTS real patients dropped) and plots under `report/`. Two cohorts are generated: one
-with the demographics of `n_patients` held-out patients (fidelity, validity, copies), and the released
-cohort, `released_patients` patients drawn from the training demographics (utility, privacy attacks).
-"""
+Inputs: a model, its tokenizer, training and held-out patients. Outputs: `gen/<name>` metrics,
+`report/quality.json` (aggregates only; per-code cells of fewer than MIN_CELL_PATIENTS real patients
+dropped) and plots under `report/`."""
 
 from __future__ import annotations
 
@@ -56,82 +52,106 @@ def suppress_small_cells(codes: list[str], patients_per_code, *columns, min_pati
     return ([codes[i] for i in keep], *[[col[i] for i in keep] for col in columns], len(codes) - len(keep))
 
 
+def cohort_figures(cohort: list[Patient], real: list[Patient], reference: list[Patient], n_boot: int = 200,
+                   seed: int = 0) -> dict:
+    """Fidelity (with `_reference` and intervals), count means and validity of `cohort` against `real`."""
+    metrics = fidelity_metrics(cohort, real)
+    metrics.update({f"{k}_reference": v for k, v in fidelity_metrics(reference, real).items()})
+    metrics.update(fidelity_intervals(cohort, real, n_boot, seed))
+    for suffix, group in (("", cohort), ("_real", real)):
+        metrics[f"visits_per_patient_mean{suffix}"] = float(np.mean([len(p.visits) for p in group]))
+        metrics[f"codes_per_visit_mean{suffix}"] = float(np.mean([len(v) for p in group for v in p.visits]))
+    metrics.update(validity_metrics(cohort))
+    metrics.update({f"{k}_real": v for k, v in validity_metrics(real).items()})
+    return metrics
+
+
+def copy_figures(cohort: list[Patient], real: list[Patient], train: list[Patient]) -> tuple[dict, dict]:
+    """Exact copies and nearest-training-patient distances of `cohort`, beside the held-out `real`."""
+    nn_gen, nn_real = nearest_neighbour_distances(cohort, train), nearest_neighbour_distances(real, train)
+    metrics = {"exact_copy_share": exact_copy_share(cohort, train), "exact_copy_share_heldout": exact_copy_share(real, train),
+               "nn_distance_mean": float(nn_gen.mean()), "nn_distance_heldout_mean": float(nn_real.mean()),
+               "nn_distance_ratio": float(nn_gen.mean() / nn_real.mean()) if nn_real.mean() > 0 else float("nan")}
+    return metrics, {"generated": nn_gen, "heldout": nn_real}
+
+
+def released_figures(released: list[Patient], train: list[Patient], heldout: list[Patient], members: list[Patient],
+                     nonmembers: list[Patient], rng: np.random.Generator, seconds: dict, n_boot: int = 200,
+                     seed: int = 0) -> tuple[dict, dict]:
+    """Utility (TSTR: as many real training patients as `released`, tested on up to as many held-out
+    ones) and the attacks on the released cohort; returns (metrics, details for the report)."""
+    metrics = {"exact_copy_share_released": exact_copy_share(released, train)}
+    with _timed(seconds, "utility"):
+        utility, per_group = utility_metrics(_sample(train, len(released), rng), released,
+                                             _sample(heldout, len(released), rng), n_boot=n_boot, seed=seed)
+        metrics.update(utility)
+    with _timed(seconds, "privacy"):
+        mia, distances = distance_membership_inference(members, nonmembers, released, n_boot, seed)
+        attribute, per_k = attribute_inference(members, released, heldout, train, seed)
+        metrics.update(mia | attribute)
+    return metrics, {"per_group": per_group, "distances": distances, "per_k": per_k}
+
+
 def quality_report(model, tokenizer, train: list[Patient], heldout: list[Patient], n_patients: int = 500,
                    seed: int = 0, sampling: SamplingConfig | None = None, prompt_prob: float = 0.5,
                    max_length: int = 512, batch_size: int = 256, progress: bool = False,
                    released_patients: int = 5000, n_boot: int = 200) -> tuple[dict, dict]:
-    """Generate the two cohorts and compare; returns (metrics, report): flat metrics (no prefix) and a
-    JSON-able report that adds the aggregates the plots are drawn from.
+    """Generate two cohorts and compare; returns (metrics, report): flat metrics (no prefix) and a
+    JSON-able report that adds the aggregates the plots are drawn from. One cohort gets the
+    demographics of `n_patients` held-out patients and is compared with them (fidelity, validity,
+    copies); the released cohort, `released_patients` patients with demographics drawn from the
+    training histogram as a user would publish it, is scored by utility and attacked.
 
     `*_reference` is a figure for as many real training patients in place of the generated ones,
     `*_real` / `*_heldout` for the held-out patients themselves, `*_low` / `*_high` a 95% bootstrap
-    interval."""
+    interval. `released_patients` 0 turns the released cohort's figures off."""
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
     real, reference = _sample(heldout, n_patients, rng), _sample(train, n_patients, rng)
-    n = len(real)
     with _timed(seconds, "generation"):
         cohort = generate_patients(model, tokenizer, [p.age for p in real], [p.sex for p in real], sampling,
                                    seed=seed, batch_size=batch_size, progress=progress)
-    metrics: dict[str, float] = {"n_patients": n}
-
+    metrics: dict[str, float] = {"n_patients": len(real)}
     with _timed(seconds, "reconstruction"):
         metrics.update(compute_reconstruction_jaccard(model, tokenizer, heldout, train, prompt_prob=prompt_prob,
-                                                      n_patients=n, seed=seed, sampling=sampling))
+                                                      n_patients=len(real), seed=seed, sampling=sampling))
     with _timed(seconds, "fidelity"):
-        metrics.update(fidelity_metrics(cohort, real))
-        metrics.update({f"{k}_reference": v for k, v in fidelity_metrics(reference, real).items()})
-        metrics.update(fidelity_intervals(cohort, real, n_boot, seed))
-        metrics["visits_per_patient_mean"] = float(np.mean([len(p.visits) for p in cohort]))
-        metrics["visits_per_patient_mean_real"] = float(np.mean([len(p.visits) for p in real]))
-        metrics["codes_per_visit_mean"] = float(np.mean([len(v) for p in cohort for v in p.visits]))
-        metrics["codes_per_visit_mean_real"] = float(np.mean([len(v) for p in real for v in p.visits]))
-        metrics.update(validity_metrics(cohort))
-        metrics.update({f"{k}_real": v for k, v in validity_metrics(real).items()})
-
+        metrics.update(cohort_figures(cohort, real, reference, n_boot, seed))
     with _timed(seconds, "privacy"):
-        metrics["exact_copy_share"] = exact_copy_share(cohort, train)
-        metrics["exact_copy_share_heldout"] = exact_copy_share(real, train)
-        nn_gen, nn_real = nearest_neighbour_distances(cohort, train), nearest_neighbour_distances(real, train)
-        metrics["nn_distance_mean"] = float(nn_gen.mean())
-        metrics["nn_distance_heldout_mean"] = float(nn_real.mean())
-        metrics["nn_distance_ratio"] = float(nn_gen.mean() / nn_real.mean()) if nn_real.mean() > 0 else float("nan")
-        metrics["membership_auc"] = membership_inference_auc(model, tokenizer, train, heldout, n, seed, max_length)
+        copies, nn = copy_figures(cohort, real, train)
+        metrics.update(copies)
+        metrics["membership_auc"] = membership_inference_auc(model, tokenizer, train, heldout, len(real), seed, max_length)
 
     # the released cohort: as a user would publish it, demographics drawn from the training histogram
-    n_released = min(released_patients, len(train))
-    metrics["released_patients"] = n_released
-    per_group = {"groups": [], "test_patients_positive": [], "auroc_real": [], "auroc_synthetic": []}
-    distances, per_k = {}, {}
-    if n_released > 0:  # 0: the released-cohort figures (utility, attacks) are turned off
+    metrics["released_patients"] = n_released = min(released_patients, len(train))
+    details = {"per_group": {"groups": [], "test_patients_positive": [], "auroc_real": [], "auroc_synthetic": []},
+               "distances": {}, "per_k": {}}
+    if n_released > 0:
         with _timed(seconds, "generation"):
             ages, sexes = sample_demographics(demographics_histogram(train), n_released, seed + 1)
             released = generate_patients(model, tokenizer, ages, sexes, sampling, seed=seed + 1, batch_size=batch_size,
                                          progress=progress)
-        metrics["exact_copy_share_released"] = exact_copy_share(released, train)
-        with _timed(seconds, "utility"):
-            utility, per_group = utility_metrics(_sample(train, n_released, rng), released,
-                                                 _sample(heldout, released_patients, rng), n_boot=n_boot, seed=seed)
-            metrics.update(utility)
-        with _timed(seconds, "privacy"):
-            mia, distances = distance_membership_inference(reference, real, released, n_boot, seed)
-            metrics.update(mia)
-            attribute, per_k = attribute_inference(reference, released, heldout, train, seed)
-            metrics.update(attribute)
+        released_metrics, details = released_figures(released, train, heldout, reference, real, rng, seconds, n_boot, seed)
+        metrics.update(released_metrics)
     seconds["total"] = time.perf_counter() - start
     metrics.update({f"seconds_{k}": v for k, v in seconds.items()})
+    return metrics, build_report(metrics, sampling, cohort, real, nn, details)
 
-    # per-code figures: only codes (groups) that enough real patients hold
+
+def build_report(metrics: dict, sampling, cohort: list[Patient], real: list[Patient], nn: dict, details: dict) -> dict:
+    """The JSON-able report: metrics, and the aggregates the plots are drawn from; per-code cells only
+    for codes (groups) that at least MIN_CELL_PATIENTS real patients hold."""
     codes = all_codes(cohort, real)
     real_p, real_v = code_prevalence(real, codes)
     _, gen_v = code_prevalence(cohort, codes)
     kept, gen_kept, real_kept, codes_dropped = suppress_small_cells(
         codes, np.rint(real_p * len(real)), gen_v.round(6).tolist(), real_v.round(6).tolist())
+    per_group = details["per_group"]
     groups, positives, auroc_real, auroc_syn, groups_dropped = suppress_small_cells(
         per_group["groups"], per_group["test_patients_positive"], per_group["test_patients_positive"],
         per_group["auroc_real"], per_group["auroc_synthetic"])
-    report = {
+    return {
         "metrics": metrics,
         "sampling": vars(sampling or SamplingConfig()),
         "suppression": {"min_patients": MIN_CELL_PATIENTS, "codes_dropped": codes_dropped, "groups_dropped": groups_dropped},
@@ -144,13 +164,11 @@ def quality_report(model, tokenizer, train: list[Patient], heldout: list[Patient
                     "auroc_synthetic": auroc_syn},
         "privacy": {
             "distance_bins": DISTANCE_BINS.round(6).tolist(),
-            "released_distance": {name: np.histogram(d, DISTANCE_BINS)[0].tolist() for name, d in distances.items()},
-            "training_distance": {"generated": np.histogram(nn_gen, DISTANCE_BINS)[0].tolist(),
-                                  "heldout": np.histogram(nn_real, DISTANCE_BINS)[0].tolist()},
-            "attribute_inference": per_k,
+            "released_distance": {name: np.histogram(d, DISTANCE_BINS)[0].tolist() for name, d in details["distances"].items()},
+            "training_distance": {name: np.histogram(d, DISTANCE_BINS)[0].tolist() for name, d in nn.items()},
+            "attribute_inference": details["per_k"],
         },
     }
-    return metrics, report
 
 
 def log_quality_report(tracker, metrics: dict, report: dict, step: int = 0, prefix: str = "gen/") -> None:

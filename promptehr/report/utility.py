@@ -1,10 +1,7 @@
-"""Utility: train on synthetic, test on real (TSTR) on a next-visit task.
-
-Inputs: real training patients, as many generated patients, held-out real patients. One example per
-(patient, visit k >= 1): features are the code groups of the visits before k plus age and sex, labels
-the groups of visit k among the 50 most frequent. A logistic regression per group is trained on the
-real and on the generated patients; both are scored by macro AUROC on the held-out ones.
-"""
+"""Utility: train on synthetic, test on real (TSTR) on a next-visit task over code groups.
+Inputs: real training patients, as many generated ones, held-out real patients. Outputs: macro AUROC
+of a per-group logistic regression trained on real vs on generated patients, tested on the held-out
+ones, with patient-bootstrap intervals, and per-group AUROCs."""
 
 from __future__ import annotations
 

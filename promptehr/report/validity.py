@@ -1,9 +1,6 @@
 """Validity: codes that cannot occur for the patient they were generated for.
-
-Input: patients. Output: the share of code occurrences (and of patients with one) that the age/sex rule
-table (`promptehr.cohort.code_allowed`: pregnancy codes only for women aged 12-55, newborn codes below
-age 1, male- and female-only codes) rules out, and the share of codes repeated inside their visit.
-"""
+Input: patients. Output: the share of code occurrences (and of patients with one) that the age/sex
+rule table (`promptehr.cohort.code_allowed`) rules out, and of codes repeated inside their visit."""
 
 from __future__ import annotations
 
