@@ -176,6 +176,7 @@ def test_training_ends_with_a_quality_report_on_the_validation_split(trained):
     gen_logs = [(step, m) for step, m in tracker.metrics if any(k.startswith("gen/") for k in m)]
     assert len(gen_logs) == 1 and gen_logs[0][0] == result["global_step"]
     assert gen_logs[0][1]["gen/n_patients"] == 30 and result["quality"]["n_patients"] == 30
+    assert {f"gen/{k}" for k in NEW_METRICS} <= set(gen_logs[0][1])  # every issue-19 figure, with its reference
     assert "report/quality.json" in tracker.dicts and len(tracker.artifacts) == 4
     quality = result["quality"]
     assert quality["released_patients"] == 50 and quality["utility_examples_test"] > 0

@@ -33,7 +33,7 @@ def _ci(m: dict, name: str) -> str:
 
 
 def plot_prevalence(report: dict, path: Path) -> Path:
-    plt, m = _pyplot(), report["metrics"]
+    plt, m, cut = _pyplot(), report["metrics"], report["suppression"]
     prev = report["visit_prevalence"]
     gen, real = np.asarray(prev["generated"]), np.asarray(prev["real"])
     floor = 0.5 / max(m["n_patients"], 1)
@@ -44,7 +44,7 @@ def plot_prevalence(report: dict, path: Path) -> Path:
     ax.set(xscale="log", yscale="log", xlim=lim, ylim=lim, xlabel="real (held-out): share of visits",
            ylabel="generated: share of visits (0 drawn at the edge)",
            title=f"code prevalence, R² {_ci(m, 'prevalence_r2_visit')}\n(real vs real {m['prevalence_r2_visit_reference']:.3f}; "
-                 f"{report['suppression']['codes_dropped']} codes of < {report['suppression']['min_patients']} patients not drawn)")
+                 f"{cut['codes_dropped']} codes of < {cut['min_patients']} patients not drawn)")
     ax.title.set_fontsize(9)
     return _save(fig, path)
 
@@ -93,9 +93,10 @@ def plot_privacy(report: dict, path: Path) -> Path:
     edges = np.asarray(pv["distance_bins"])
     centers, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    accuracy = m.get("membership_distance_accuracy", float("nan"))
     for ax, hists, title in (
             (axes[0], pv["released_distance"], f"membership by distance: AUC {_ci(m, 'membership_distance_auc')},\n"
-                                                f"median-threshold accuracy {m.get('membership_distance_accuracy', float('nan')):.3f} (0.5: no signal)"),
+                                                f"median-threshold accuracy {accuracy:.3f} (0.5: no signal)"),
             (axes[2], pv["training_distance"], f"copying: distance to the nearest training patient,\n"
                                                 f"ratio {m['nn_distance_ratio']:.3f} (1: like held-out patients)")):
         for j, (name, counts) in enumerate(hists.items()):
