@@ -104,7 +104,7 @@ def cmd_evaluate(args) -> int:
     from promptehr.checkpoint import load_checkpoint
     from promptehr.config import to_yaml
     from promptehr.data import held_out_subject_ids, load_patients, split_for_training
-    from promptehr.evaluate import log_quality_report, plot_report, quality_report
+    from promptehr.report import log_quality_report, plot_report, quality_report
     from promptehr.tracking import MLflowTracker, Tracker
     from promptehr.train import resolve_device, split_fingerprint
     from promptehr.validation import ValidationProtocol
@@ -136,11 +136,13 @@ def cmd_evaluate(args) -> int:
     try:
         tracker.set_tags({"task": "quality_report", "evaluated_model": args.model, "same_split": same_split,
                           "model_run_id": metadata.get("run_id") or "unknown", "data.source": cfg.data.source})
-        tracker.log_params({"n_patients": int(args.n_patients), "seed": int(args.seed), **{
+        tracker.log_params({"n_patients": int(args.n_patients), "released_patients": int(args.released_patients),
+                            "seed": int(args.seed), **{
             f"sampling.{k}": v for k, v in vars(sampling).items()}})
         metrics, report = quality_report(model, tokenizer, train_patients, heldout, n_patients=int(args.n_patients),
                                          seed=int(args.seed), sampling=sampling, prompt_prob=ckpt_cfg.validation.prompt_prob,
-                                         max_length=ckpt_cfg.collator.max_length, progress=True)
+                                         max_length=ckpt_cfg.collator.max_length, progress=True,
+                                         released_patients=int(args.released_patients))
         log_quality_report(tracker, metrics, report)
         validation = ValidationProtocol(cfg, tokenizer, train_patients, heldout).evaluate(model, model_device(model))
         tracker.set_tags({"protocol_id": validation_id(cfg, train_patients, heldout)})
@@ -199,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="config naming the data (default: the checkpoint's own)")
     p.add_argument("--overrides", action="append", default=[], help='dotted overrides, e.g. "data.path=/data/mimic-iii"')
     p.add_argument("--n-patients", default=500, type=int, help="held-out patients (and as many generated)")
+    p.add_argument("--released-patients", default=5000, type=int,
+                   help="generated from the training demographics for utility and privacy attacks (and the cap of each utility split)")
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--out", default="outputs/quality", help="folder for quality.json and the plots")
     p.add_argument("--run-name", default="quality-report")

@@ -98,6 +98,7 @@ class TrainingConfig:
     max_steps: int | None = None    # stop after this many optimizer steps (benchmarks, smoke tests)
     quality_report: bool = True     # at the end: generated vs held-out quality report on the best model (gen/ metrics, report/ artifacts)
     quality_report_patients: int = 500  # held-out patients whose demographics the report's generated cohort gets
+    quality_report_released_patients: int = 5000  # the report's released cohort (training demographics): utility and privacy attacks
 
 
 @dataclass

@@ -29,9 +29,10 @@ from promptehr.checkpoint import (git_commit, load_checkpoint, load_config_from_
 from promptehr.collator import EHRDataCollator, EHRPatientDataset, LengthBucketSampler, RowBucketSampler
 from promptehr.config import Config, flatten, to_yaml
 from promptehr.data import held_out_subject_ids, load_patients, split_for_training
-from promptehr.evaluate import run_quality_report
 from promptehr.generate import SamplingConfig, demographics_histogram, generate_patients, sample_demographics
 from promptehr.model import PromptBartWithDemographicPrediction
+from promptehr.report import run_quality_report
+from promptehr.report.privacy import patient_signature
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 from promptehr.tracking import Tracker
 from promptehr.validation import ValidationProtocol
@@ -151,13 +152,28 @@ def checkpoint_scorer(protocol: ValidationProtocol, device, selection: str):
     return score
 
 
-def sample_patients(model, tokenizer, demographics, n, seed) -> list[dict]:
-    """A few synthetic patients, demographics drawn from the training (sex, age bin) histogram."""
+def sample_patients(model, tokenizer, demographics, n, seed, train_patients, max_draws: int = 10) -> tuple[list[dict], int]:
+    """A few synthetic patients, demographics drawn from the training (sex, age bin) histogram. A patient
+    whose visit code sets equal a training patient's never leaves the machine: it is dropped and more
+    are drawn (up to `max_draws` rounds). Returns (patients, number dropped)."""
     if n <= 0:
-        return []
-    ages, sexes = sample_demographics(demographics, n, seed)
-    generated = generate_patients(model, tokenizer, ages, sexes, SamplingConfig(max_visits=8), seed=seed)
-    return [{"age": p.age, "sex": p.sex, "visits": p.visits} for p in generated]
+        return [], 0
+    training = {patient_signature(p) for p in train_patients}
+    kept, dropped = [], 0
+    for draw in range(max_draws):
+        ages, sexes = sample_demographics(demographics, n, seed + 7919 * draw)
+        for p in generate_patients(model, tokenizer, ages, sexes, SamplingConfig(max_visits=8), seed=seed + 7919 * draw):
+            if patient_signature(p) in training:
+                dropped += 1
+            elif len(kept) < n:
+                kept.append({"age": p.age, "sex": p.sex, "visits": p.visits})
+        if len(kept) == n:
+            break
+    if dropped:
+        logger.info("samples: %d generated patients equal to a training patient were dropped", dropped)
+    if len(kept) < n:
+        logger.warning("samples: only %d of %d after %d draws (the rest copied training patients)", len(kept), n, max_draws)
+    return kept, dropped
 
 
 # ------------------------------------------------------------------ the recipe
@@ -292,9 +308,11 @@ def train(cfg: Config, tracker: Tracker | None = None, on_validate=None) -> dict
                 last_metrics = metrics
                 tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step=global_step)
                 log_validation(epoch, metrics, selection)
-                samples = sample_patients(model, tokenizer, demographics, cfg.tracking.n_sample_patients, tcfg.seed + epoch)
+                samples, dropped = sample_patients(model, tokenizer, demographics, cfg.tracking.n_sample_patients,
+                                                   tcfg.seed + epoch, train_patients)
                 if samples:
-                    tracker.log_dict({"epoch": epoch + 1, "synthetic_patients": samples}, f"samples/epoch_{epoch + 1:03d}.json")
+                    tracker.log_dict({"epoch": epoch + 1, "dropped_training_copies": dropped, "synthetic_patients": samples},
+                                     f"samples/epoch_{epoch + 1:03d}.json")
                 if metrics[selection] < best_score:
                     best_score, best_metrics = metrics[selection], dict(metrics)
                     checkpoint(best_dir, epoch, metrics)
@@ -308,7 +326,7 @@ def train(cfg: Config, tracker: Tracker | None = None, on_validate=None) -> dict
             result_quality = run_quality_report(
                 best_model, tokenizer, train_patients, val_patients, tracker, step=global_step,
                 n_patients=tcfg.quality_report_patients, seed=cfg.validation.seed, prompt_prob=cfg.validation.prompt_prob,
-                max_length=cfg.collator.max_length)
+                max_length=cfg.collator.max_length, released_patients=tcfg.quality_report_released_patients)
         status = "FINISHED"
     except TrainingPruned:
         status = "KILLED"
