@@ -74,6 +74,7 @@ class ModelConfig:
     age_loss_weight: float = 0.001
     sex_loss_weight: float = 0.001
     target_visit_loss_weight: float = 1.0  # LM loss weight of a next-/first-visit row's hidden visit (codes and </v>) vs other label tokens
+    tie_embeddings: bool = True     # the output layer shares the code embeddings (false: its own weights)
 
 
 @dataclass

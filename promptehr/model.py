@@ -93,7 +93,7 @@ def bart_config(cfg, tokenizer: DiagnosisCodeTokenizer) -> BartConfig:
         decoder_start_token_id=tokenizer.bos_token_id,
         forced_eos_token_id=None,
         scale_embedding=False,
-        tie_word_embeddings=True,
+        tie_word_embeddings=cfg.tie_embeddings,
     )
 
 
