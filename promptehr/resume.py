@@ -22,8 +22,9 @@ logger = logging.getLogger(__name__)
 # stopped it before it could say anything else), no live process holds its lock, and its MLflow run, if
 # any, was not ended FINISHED or FAILED by someone else.
 UNFINISHED = ("running", "interrupted")
-# keys that do not change what a run computes, so a resume may differ in them
-NOT_COMPARED = ("training.resume_from", "training.checkpoint_dir", "training.num_workers")
+# keys that change neither what a run computes nor where it logs, so a resume may differ in them
+NOT_COMPARED = ("training.resume_from", "training.checkpoint_dir", "training.num_workers", "tracking.register_model",
+                "tracking.registered_model_name", "tracking.log_system_metrics")
 
 
 def config_differences(cfg, checkpoint) -> list[str]:
