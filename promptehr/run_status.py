@@ -43,6 +43,9 @@ class RunInterrupted(KeyboardInterrupt):
             return f"{text}; resume from {self.checkpoint} (training.resume_from=auto finds it)"
         return f"{text}; no checkpoint to resume from"
 
+    def __repr__(self) -> str:
+        return f"RunInterrupted({str(self)!r})"
+
 
 class TrainingDiverged(FloatingPointError):
     """A non-finite loss or gradient norm: training stops before the optimizer applies it, so no
@@ -58,6 +61,9 @@ class TrainingDiverged(FloatingPointError):
         bad = [k for k, v in {**self.losses, "gradient norm": self.grad_norm}.items() if not _finite(v)]
         values = ", ".join(f"{k} {v:.4g}" for k, v in {**self.losses, "gradient norm": self.grad_norm}.items())
         return f"training diverged{' at ' + self.where if self.where else ''}: non-finite {', '.join(bad)} ({values})"
+
+    def __repr__(self) -> str:  # what Optuna's log of a failed trial shows
+        return f"TrainingDiverged({str(self)!r})"
 
 
 def _finite(x: float) -> bool:

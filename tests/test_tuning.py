@@ -10,6 +10,7 @@ on a real single-node Slurm (slurmctld + slurmd + munge on loopback). The server
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -189,6 +190,89 @@ def test_pruned_trial_ends_its_run_killed_and_a_failing_trial_failed(tmp_path, m
     assert {r.info.run_name for r in child_runs(client, parent)} == {"trial-0", "trial-1"}
     assert killed.data.tags["optuna.trial_number"] == "0" and killed.data.params["training.precision"] == "fp32"
     assert [m.step for m in client.get_metric_history(killed.info.run_id, "val/loss")] == [8]  # one validation
+
+
+def in_process_study(tmp_path, monkeypatch, name, space, *extra, n_trials=1):
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        monkeypatch.delenv(key)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(TINY, tiny_overrides(tmp_path, f"tracking.tracking_uri={uri}", "tracking.register_model=false",
+                                           *extra).split())
+    storage = open_storage(f"journal:{tmp_path / 'optuna_journal.log'}")  # no heartbeats on a journal
+    return init_study(storage, name, settings_from_config(cfg, space, n_trials=n_trials, pruner="none")), uri
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_signalled_worker_requeues_its_trial_and_the_retry_resumes_it(tmp_path, monkeypatch):
+    """SIGUSR1 reaches a worker at step 11 (epoch 2 of 2): the trial is saved, recorded FAIL with
+    `resumable`, re-queued under a new number and the worker stops (RunInterrupted); its MLflow run ends
+    KILLED, tagged resumable. The next worker's retry resumes the checkpoint and the same MLflow run to
+    FINISHED; its value counts the validation reported before the signal. No run is left RUNNING."""
+    import mlflow
+
+    from promptehr.model import PromptBartWithDemographicPrediction
+    from promptehr.run_status import RunInterrupted
+    from tuning.objective import Objective
+
+    study, uri = in_process_study(tmp_path, monkeypatch, "signal", {"collator.corruption_prob": {"low": 0.3, "high": 0.7}})
+    original, calls = PromptBartWithDemographicPrediction.forward, [0]
+
+    def forward(self, *args, **kwargs):
+        if self.training:
+            calls[0] += 1
+            if calls[0] == 11:
+                os.kill(os.getpid(), signal.SIGUSR1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PromptBartWithDemographicPrediction, "forward", forward)
+    with pytest.raises(RunInterrupted, match="SIGUSR1 at epoch 2, batch 3 of 8"):
+        run_worker(study, Objective(study))
+    monkeypatch.setattr(PromptBartWithDemographicPrediction, "forward", original)
+    stopped, retry = study.trials
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs["resumable"] is True
+    assert "stopped by SIGUSR1" in stopped.user_attrs["failure_reason"]
+    assert retry.state == TrialState.WAITING and retry.params == stopped.params
+    assert retry.system_attrs["failed_trial"] == 0 and list(stopped.intermediate_values) == [1]
+    assert retry.intermediate_values == stopped.intermediate_values  # the retry inherits the reports so far
+    client = mlflow.MlflowClient(uri)
+    run_id = stopped.user_attrs["mlflow_run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["promptehr.interrupted"] == "resumable"
+
+    assert run_worker(study, Objective(study)) == 1
+    stopped, retry = study.trials
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["mlflow_run_id"] == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "trial-1"
+    assert run.data.tags["optuna.trial_number"] == "1" and run.data.tags["optuna.retry_of"] == "0"
+    history = [(m.step, m.value) for m in client.get_metric_history(run_id, "val/next_visit_nll")]
+    assert [step for step, _ in history] == [8, 16]  # epoch 1 before the signal, epoch 2 after the resume
+    assert retry.value == pytest.approx(min(v for _, v in history))
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [5, 10, 15]  # each logged once
+    assert Path(retry.user_attrs["best_checkpoint"]).parent.parent == tmp_path / "checkpoints" / "trials" / "signal" / "0"
+    assert TrialBudget(1).has_work(study) is False
+    running = client.search_runs([run.info.experiment_id], "attributes.status = 'RUNNING'")
+    assert {r.info.run_id for r in running} == {study.user_attrs["mlflow_parent_run_id"]}  # open until finalize
+
+
+def test_diverging_trial_fails_at_once_with_the_reason(tmp_path, monkeypatch):
+    """learning_rate 1e4: the trial fails at the first non-finite loss (not after its epochs), FAIL with
+    the step and learning rate in `failure_reason`; its run ends FAILED, outcome diverged."""
+    import mlflow
+
+    from tuning.objective import Objective
+
+    study, uri = in_process_study(tmp_path, monkeypatch, "diverge",
+                                  {"training.learning_rate": {"type": "categorical", "choices": [1.0e4]}},
+                                  "training.num_epochs=4")
+    assert run_worker(study, Objective(study)) == 1
+    (trial,) = study.trials
+    assert trial.state == TrialState.FAIL and not trial.intermediate_values
+    assert re.search(r"^training diverged at step \d+ \(epoch 1, batch \d+ of 8\), learning rate",
+                     trial.user_attrs["failure_reason"]), trial.user_attrs["failure_reason"]
+    run = mlflow.MlflowClient(uri).get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["promptehr.outcome"] == "diverged"
+    assert "val/loss" not in run.data.metrics
 
 
 @pytest.mark.slow
