@@ -106,6 +106,20 @@ class ResumableBatches(Sampler):
         return itertools.islice(iter(self.sampler), self.start, None)
 
 
+@contextlib.contextmanager
+def epoch_batches(loader):
+    """The loader's iterator for one epoch, its worker processes shut down when the block is left, by
+    an exception too: they ignore stop signals (`ignore_stop_signals`), so the SIGTERM with which
+    multiprocessing would end them at exit could not, and an interrupted run would hang there."""
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # only a multi-process iterator has workers
+        if shutdown is not None:
+            shutdown()
+
+
 def build_loader(cfg: Config, tokenizer, train_patients):
     """The training DataLoader, its sampler (`ResumableBatches`) and collator (both told the epoch), and
     the dataset's counts of unknown codes and truncations."""
@@ -258,7 +272,8 @@ def untracked_run_name() -> str:
 
 def check_resume(resume: dict, path: Path, cfg: Config, fingerprint: str) -> None:
     if resume.get("split_fingerprint") != fingerprint:
-        raise ConfigError(f"training.resume_from={path}: the data split differs from the checkpoint's (data config or files changed)")
+        raise ConfigError(f"training.resume_from={path}: the data split differs from the checkpoint's "
+                          "(data config or files changed)")
     for key in config_differences(cfg, path):
         logger.warning("resume: %s differs from the checkpoint's config (%s)", key, path)
 
@@ -407,33 +422,34 @@ def _train(cfg: Config, tracker: Tracker, on_validate, stop: StopSignals) -> dic
             train_collator.set_epoch(epoch)
             model.train()
             window = LogWindow.start(device, window_state if skip else None)
-            batches = iter(train_loader)  # draws the loader's seed from the global RNG, as every epoch does
-            if skip:  # mid-epoch resume: from here on the RNG must run as it did after the checkpoint's step
-                set_rng_state(resume_rng)
-            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{tcfg.num_epochs}", unit="batch", leave=False,
-                       dynamic_ncols=True, initial=skip, total=steps_per_epoch)
-            for batch_number, batch in enumerate(bar, start=skip + 1):
-                lr = scheduler.get_last_lr()[0]
-                try:
-                    losses = training_step(model, step_model, batch, optimizer, scheduler, tcfg.max_grad_norm, autocast, device)
-                except TrainingDiverged as exc:
-                    exc.where = (f"step {global_step + 1} (epoch {epoch + 1}, batch {batch_number} of {steps_per_epoch}), "
-                                 f"learning rate {lr:.3g}")
-                    raise
-                global_step += 1
-                window.add(losses, batch["labels"].shape[0])
-                if global_step % tcfg.log_every_n_steps == 0:
-                    means = window.log(tracker, scheduler.get_last_lr()[0], global_step)
-                    bar.set_postfix(loss=f"{means['loss']:.4f}")
-                    logger.info("epoch %d step %d/%d (global %d) - loss %.4f, lm %.4f, lr %.2e", epoch + 1, batch_number,
-                                steps_per_epoch, global_step, means["loss"], means["lm_loss"], scheduler.get_last_lr()[0])
-                if tcfg.max_steps is not None and global_step >= tcfg.max_steps:
-                    break  # (a stop request waits for the epoch's validation, as at the end of an epoch)
-                if stop.requested:  # the step is done: save where we are inside the epoch, then stop
-                    checkpoint(ckpt_dir / "last", epoch, last_metrics, batches_done=batch_number, window=window)
-                    raise RunInterrupted(stop.name, f"at epoch {epoch + 1}, batch {batch_number} of {steps_per_epoch} "
-                                         f"(step {global_step})", str(ckpt_dir / "last"))
-            bar.close()
+            with epoch_batches(train_loader) as batches:  # draws the loader's seed from the global RNG, as every epoch does
+                if skip:  # mid-epoch resume: from here on the RNG must run as it did after the checkpoint's step
+                    set_rng_state(resume_rng)
+                bar = tqdm(batches, desc=f"epoch {epoch + 1}/{tcfg.num_epochs}", unit="batch", leave=False,
+                           dynamic_ncols=True, initial=skip, total=steps_per_epoch)
+                for batch_number, batch in enumerate(bar, start=skip + 1):
+                    lr = scheduler.get_last_lr()[0]
+                    try:
+                        losses = training_step(model, step_model, batch, optimizer, scheduler, tcfg.max_grad_norm,
+                                               autocast, device)
+                    except TrainingDiverged as exc:
+                        exc.where = (f"step {global_step + 1} (epoch {epoch + 1}, batch {batch_number} of {steps_per_epoch}), "
+                                     f"learning rate {lr:.3g}")
+                        raise
+                    global_step += 1
+                    window.add(losses, batch["labels"].shape[0])
+                    if global_step % tcfg.log_every_n_steps == 0:
+                        means = window.log(tracker, scheduler.get_last_lr()[0], global_step)
+                        bar.set_postfix(loss=f"{means['loss']:.4f}")
+                        logger.info("epoch %d step %d/%d (global %d) - loss %.4f, lm %.4f, lr %.2e", epoch + 1, batch_number,
+                                    steps_per_epoch, global_step, means["loss"], means["lm_loss"], scheduler.get_last_lr()[0])
+                    if tcfg.max_steps is not None and global_step >= tcfg.max_steps:
+                        break  # (a stop request waits for the epoch's validation, as at the end of an epoch)
+                    if stop.requested:  # the step is done: save where we are inside the epoch, then stop
+                        checkpoint(ckpt_dir / "last", epoch, last_metrics, batches_done=batch_number, window=window)
+                        raise RunInterrupted(stop.name, f"at epoch {epoch + 1}, batch {batch_number} of {steps_per_epoch} "
+                                             f"(step {global_step})", str(ckpt_dir / "last"))
+                bar.close()
 
             is_last = epoch + 1 == tcfg.num_epochs or (tcfg.max_steps is not None and global_step >= tcfg.max_steps)
             if (epoch + 1) % tcfg.validate_every_n_epochs == 0 or is_last:

@@ -35,6 +35,7 @@ from services import clean_env
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ("data.synthetic.n_patients=150", "training.quality_report=false", "validation.jaccard_patients=0",
         "tracking.n_sample_patients=0")
+LONG_EPOCH = ("data.synthetic.n_patients=400", "training.batch_size=4", "training.num_epochs=1")  # 80 short steps
 
 
 class RunTracker(MLflowTracker):
@@ -206,19 +207,21 @@ def cli_train(tmp_path, *overrides) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "promptehr.cli", "train", "--config", str(ROOT / "experiments" / "tiny.yaml"),
            "--overrides", " ".join([f"training.checkpoint_dir={tmp_path / 'ck'}", *FAST, *overrides])]
     return subprocess.Popen(cmd, cwd=tmp_path, env=clean_env(MLFLOW_TRACKING_URI=uri), stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, start_new_session=True)  # its own process group
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow),
                                  pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)])
 def test_cli_stops_on_a_signal_with_one_line_and_resumes_by_itself(sig, tmp_path, monkeypatch):
-    """`promptehr.cli train` sent SIGTERM (Slurm's preemption), SIGINT or SIGUSR1 mid-epoch: exit 75,
-    one line that says where it stopped and how to resume, no traceback, the MLflow run KILLED and
-    tagged resumable; `training.resume_from=auto` continues that run to FINISHED."""
-    proc = cli_train(tmp_path, "data.synthetic.n_patients=2000", "training.num_epochs=1")
+    """`promptehr.cli train` (collating in a worker process) has SIGTERM (Slurm's preemption), SIGINT
+    (Ctrl-C) or SIGUSR1 sent to its whole process group mid-epoch: exit 75, one line that says where
+    it stopped and how to resume, no traceback, the MLflow run KILLED and tagged resumable (the worker
+    survives the signal and is shut down, not left to hang the exit); `training.resume_from=auto`
+    continues that run to FINISHED."""
+    proc = cli_train(tmp_path, *LONG_EPOCH, "training.num_workers=1", "tracking.register_model=false")
     try:
-        head = wait_for_output(proc, r"epoch 1 step 5/100")
-        proc.send_signal(sig)
+        head = wait_for_output(proc, r"epoch 1 step 5/80")
+        os.killpg(proc.pid, sig)
         _, tail = proc.communicate(timeout=300)
     finally:
         proc.kill()
@@ -226,20 +229,20 @@ def test_cli_stops_on_a_signal_with_one_line_and_resumes_by_itself(sig, tmp_path
     assert proc.returncode == EXIT_RESUMABLE, err[-3000:]
     assert "Traceback" not in err
     last_line = [line for line in err.splitlines() if line.strip()][-1]
-    assert re.search(rf"ERROR promptehr: stopped by {signal.Signals(sig).name} at epoch 1, batch \d+ of 100 \(step \d+\); "
+    assert re.search(rf"ERROR promptehr: stopped by {signal.Signals(sig).name} at epoch 1, batch \d+ of 80 \(step \d+\); "
                      r"resume from .*/last \(training.resume_from=auto finds it\)$", last_line), last_line
     client = client_of(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("promptehr").experiment_id])
     assert run.info.status == "KILLED" and run.data.tags["promptehr.interrupted"] == "resumable"
     meta = read_metadata(tmp_path / "ck" / run.info.run_id / "last")
-    assert 5 <= meta["batches_done"] < 100 and not meta["epoch_complete"]
+    assert 5 <= meta["batches_done"] < 80 and not meta["epoch_complete"]
 
     from promptehr.cli import main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     code = main(["train", "--config", str(ROOT / "experiments" / "tiny.yaml"), "--overrides", " ".join(
-        [f"training.checkpoint_dir={tmp_path / 'ck'}", *FAST, "data.synthetic.n_patients=2000",
-         "training.num_epochs=1", "training.resume_from=auto", "tracking.register_model=false"])])
+        [f"training.checkpoint_dir={tmp_path / 'ck'}", *FAST, *LONG_EPOCH, "training.resume_from=auto",
+         "tracking.register_model=false"])])
     assert code == 0
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     assert len(client.search_runs([run.info.experiment_id])) == 1  # the same run, no new one

@@ -448,9 +448,10 @@ def test_local_workers_share_a_postgresql_study(tmp_path, postgres, mlflow_serve
 
 @pytest.mark.slow
 @pytest.mark.services
-def test_killed_worker_trial_is_retried_and_its_run_closed(tmp_path, postgres, mlflow_server):
-    """SIGKILL a worker mid-trial: after the grace period the next worker fails the stale trial,
-    closes its MLflow run (KILLED) and re-runs it with the same parameters."""
+def test_killed_worker_trial_is_retried_and_resumes(tmp_path, postgres, mlflow_server):
+    """SIGKILL a worker after its trial saved epoch 1: after the grace period the next worker fails the
+    stale trial, closes its MLflow run (KILLED, resumable) and re-queues it; the retry resumes the
+    checkpoint in the same MLflow run, which ends FINISHED with one validation per epoch."""
     storage = postgres.create_database("killed_worker")
     env = clean_env(MLFLOW_TRACKING_URI=mlflow_server)
     heartbeat = ["--heartbeat-interval", 1, "--grace-period", 3]
@@ -462,15 +463,16 @@ def test_killed_worker_trial_is_retried_and_its_run_closed(tmp_path, postgres, m
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     study = optuna.load_study(study_name="killed", storage=storage)
     try:
-        wait_for(lambda: study.trials and "mlflow_run_id" in study.trials[0].user_attrs, 180, "trial 0 to start")
-        time.sleep(2)  # training, heartbeats sent
+        run_id = wait_for(lambda: study.trials and study.trials[0].user_attrs.get("mlflow_run_id"), 180, "trial 0 to start")
+        last = tmp_path / "checkpoints" / "trials" / "killed" / "0" / run_id / "last" / "metadata.json"
+        wait_for(last.exists, 180, "trial 0's first checkpoint", interval=0.05)
     finally:
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=30)
     killed = study.trials[0]
     client, _ = trial_runs(mlflow_server, study)
     assert killed.state == TrialState.RUNNING  # nobody told the storage
-    assert client.get_run(killed.user_attrs["mlflow_run_id"]).info.status == "RUNNING"
+    assert client.get_run(run_id).info.status == "RUNNING"
     time.sleep(4)  # > grace period
     search("worker", "--storage", storage, "--study-name", "killed", *heartbeat, env=env, cwd=tmp_path)
 
@@ -478,10 +480,12 @@ def test_killed_worker_trial_is_retried_and_its_run_closed(tmp_path, postgres, m
     assert killed.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
     assert retry.params == killed.params
     assert retry.system_attrs["failed_trial"] == 0 and retry.system_attrs["retry_history"] == [0]
-    old_run, new_run = (client.get_run(t.user_attrs["mlflow_run_id"]) for t in (killed, retry))
-    assert old_run.info.status == "KILLED" and "heartbeat" in old_run.data.tags["failure_reason"]
-    assert new_run.info.status == "FINISHED" and new_run.data.tags["optuna.retry_of"] == "0"
-    assert new_run.info.run_id != old_run.info.run_id
+    assert retry.user_attrs["mlflow_run_id"] == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["optuna.retry_of"] == "0"
+    assert "heartbeat" in run.data.tags["promptehr.stop_reason"] and run.data.tags["promptehr.interrupted"] == "resumed"
+    assert "/trials/killed/0/" in run.data.tags["promptehr.resumed_from"]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val/next_visit_nll")) == [8, 16, 24, 32]
     assert [t.number for t in TrialBudget(1).finished(optuna.load_study(study_name="killed", storage=storage))] == [1]
 
 
@@ -507,3 +511,43 @@ def test_slurm_job_array_reaches_the_trial_count(tmp_path, postgres, mlflow_serv
     study = optuna.load_study(study_name="slurm", storage=storage)
     client = check_finished_study(study, mlflow_server, 4)
     assert client.get_model_version_by_alias("slurm-array", "champion").tags["optuna.study_name"] == "slurm"
+
+
+@pytest.mark.slow
+@pytest.mark.services
+def test_slurm_search_task_signalled_mid_trial_requeues_and_the_trial_resumes(tmp_path, postgres, mlflow_server, slurm):
+    """A search array task sent its early signal mid-trial (`scancel --signal=USR1 --batch`): the worker
+    saves the trial and re-queues it in the study, the task requeues itself and, back, resumes the trial
+    under a new number in the same MLflow run; the finalize job then closes the study. No MLflow run
+    is left RUNNING."""
+    storage = postgres.create_database("slurm_preempt")
+    env = {**slurm.env, "MLFLOW_TRACKING_URI": mlflow_server, "STORAGE": storage, "STUDY": "preempt",
+           "N_TRIALS": "1", "ARRAY": "0-0", "CONFIG": str(TINY), "PYTHON": sys.executable,
+           "OVERRIDES": tiny_overrides(tmp_path, "data.synthetic.n_patients=2000", "tracking.registered_model_name=preempt"),
+           "GRES": "none", "CPUS_PER_TASK": "1", "MEM": "1G", "LOG_DIR": str(tmp_path / "logs")}
+    proc = subprocess.run(["bash", str(ROOT / "tuning" / "slurm" / "submit.sh")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids = dict(part.split("=") for part in proc.stdout.strip().splitlines()[-1].split())
+    task = f"{ids['array_job']}_0"
+    log = tmp_path / "logs" / f"search-{ids['array_job']}_0.out"
+    wait_for(lambda: log.exists() and "epoch 1 step 10/100" in log.read_text(errors="replace"), 600, "the trial to train")
+    subprocess.run([slurm.tools["scancel"], "--signal=USR1", "--batch", task], env=slurm.env, check=True, timeout=30)
+    done = ("completed", "failed", "cancelled", "timeout")
+    states = wait_for(lambda: (lambda s: s if len(s) == 2 and all(x in done for x in s) else None)(
+        slurm.job_states(task) + slurm.job_states(ids["finalize_job"])), 900, "the Slurm jobs", interval=2)
+    text = log.read_text(errors="replace")
+    assert states == ["completed", "completed"], text[-3000:]
+    assert "restarts=1" in slurm.scontrol("show", "job", task)
+    assert "stopped by SIGUSR1 at epoch 1" in text and "requeueing task 0" in text
+
+    study = optuna.load_study(study_name="preempt", storage=storage)
+    stopped, retry = study.trials
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs["resumable"] is True
+    assert retry.state == TrialState.COMPLETE and retry.system_attrs["failed_trial"] == 0
+    assert retry.user_attrs["mlflow_run_id"] == stopped.user_attrs["mlflow_run_id"]
+    client = check_finished_study(study, mlflow_server, 1)
+    run = client.get_run(retry.user_attrs["mlflow_run_id"])
+    assert run.data.tags["promptehr.interrupted"] == "resumed" and "/trials/preempt/0/" in run.data.tags["promptehr.resumed_from"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/next_visit_nll")] == [100, 200]
+    assert not client.search_runs([run.info.experiment_id], "attributes.status = 'RUNNING'")

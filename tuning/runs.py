@@ -84,13 +84,14 @@ def end_trial_run(outcome: Outcome) -> None:
     mlflow.end_run(status=outcome.status)
 
 
-def close_run(tracking_uri: str, run_id: str, status: str, reason: str) -> None:
-    """End a run whose process is gone (a heartbeat-stale trial): without this it stays RUNNING."""
+def close_run(tracking_uri: str, run_id: str, outcome: Outcome) -> None:
+    """End a run whose process is gone (a heartbeat-stale trial) with `outcome`: else it stays RUNNING."""
     client = MlflowClient(tracking_uri)
     if client.get_run(run_id).info.status == "RUNNING":
-        client.set_tag(run_id, "failure_reason", reason)
-        client.set_terminated(run_id, status)
-        logger.info("closed MLflow run %s as %s: %s", run_id, status, reason)
+        for key, value in outcome.tags.items():
+            client.set_tag(run_id, key, value)
+        client.set_terminated(run_id, outcome.status)
+        logger.info("closed MLflow run %s as %s: %s", run_id, outcome.status, outcome.reason)
 
 
 def log_study_summary(tracking_uri: str, run_id: str, metrics: dict, tags: dict, artifacts: dict[str, str], step: int) -> None:

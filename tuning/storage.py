@@ -20,6 +20,7 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
+from promptehr.run_status import Outcome
 from tuning import runs
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,8 @@ class CloseRunAndRetry:
         tracking_uri = study.user_attrs.get("mlflow_tracking_uri")
         if run_id and tracking_uri:
             try:
-                runs.close_run(tracking_uri, run_id, "KILLED", f"worker stopped sending heartbeats during trial {trial.number}")
+                runs.close_run(tracking_uri, run_id, Outcome("KILLED", "interrupted", resumable=True, reason=(
+                    f"worker stopped sending heartbeats during trial {trial.number}; a retry resumes its newest checkpoint")))
             except Exception as exc:  # the retry matters more than the run's status
                 logger.warning("could not close MLflow run %s of stale trial %d: %s", run_id, trial.number, exc)
         logger.warning("trial %d lost its worker (no heartbeat); re-queued to resume from its last checkpoint", trial.number)
