@@ -550,4 +550,5 @@ def test_slurm_search_task_signalled_mid_trial_requeues_and_the_trial_resumes(tm
     run = client.get_run(retry.user_attrs["mlflow_run_id"])
     assert run.data.tags["promptehr.interrupted"] == "resumed" and "/trials/preempt/0/" in run.data.tags["promptehr.resumed_from"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/next_visit_nll")] == [100, 200]
-    assert not client.search_runs([run.info.experiment_id], "attributes.status = 'RUNNING'")
+    study_runs = client.search_runs([run.info.experiment_id], "tags.`optuna.study_name` = 'preempt'")
+    assert len(study_runs) == 2 and {r.info.status for r in study_runs} == {"FINISHED"}  # parent and the trial's run
