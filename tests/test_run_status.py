@@ -287,6 +287,35 @@ def test_auto_resume_continues_a_run_left_running_by_kill_9(tmp_path, caplog):
     shutil.rmtree(fresh["checkpoint_dir"])
 
 
+def test_auto_never_picks_a_run_another_process_holds(tmp_path, caplog):
+    """A live run holds a lock on its folder: `auto` passes it by (and says why), an explicit resume of
+    it is refused with one line; once the lock is gone (the process ended, even by kill -9) it is found."""
+    from promptehr.checkpoint import save_checkpoint
+    from promptehr.config import ConfigError
+    from promptehr.data import load_patients, split_patients
+    from promptehr.resume import RunLock, resume_checkpoint
+    from promptehr.tokenizer import DiagnosisCodeTokenizer
+    from promptehr.train import split_fingerprint
+
+    cfg = tiny(tmp_path / "ck", "training.resume_from=auto")
+    train_p, val_p = split_patients(load_patients(cfg.data)[0], cfg.data.val_fraction, cfg.data.split_seed)
+    tokenizer = DiagnosisCodeTokenizer.from_patients(train_p)
+    fingerprint = split_fingerprint(train_p, val_p)
+    run = tmp_path / "ck" / "untracked-live"
+    save_checkpoint(run / "last", PromptBartWithDemographicPrediction(tokenizer, cfg), None, None, cfg, tokenizer,
+                    {"epoch": 0, "run_state": "running", "split_fingerprint": fingerprint, "run_id": None})
+    lock = RunLock(run).acquire()
+    caplog.set_level("INFO", logger="promptehr.resume")
+    try:
+        assert resume_checkpoint(cfg, fingerprint) is None
+        assert "another process is training it" in caplog.text
+        with pytest.raises(ConfigError, match="is being trained by another process"):
+            RunLock(run).acquire()
+    finally:
+        lock.release()
+    assert resume_checkpoint(cfg, fingerprint) == run / "last"
+
+
 # ------------------------------------------------------------------ divergence, runs of their own
 
 
