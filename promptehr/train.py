@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections import Counter
 import logging
 import math
 import random
@@ -35,7 +36,7 @@ from promptehr.report import run_quality_report
 from promptehr.report.privacy import patient_signature
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 from promptehr.tracking import Tracker
-from promptehr.validation import ValidationProtocol
+from promptehr.validation import ValidationProtocol, copy_warning
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +212,9 @@ def train(cfg: Config, tracker: Tracker | None = None, on_validate=None) -> dict
     logger.info("validation protocol %s: %d held-out rows, %d next visits scored (%d left out: unknown codes)",
                 protocol.id, len(protocol.rows), protocol.pairs.n_events, protocol.n_excluded)
     model = PromptBartWithDemographicPrediction(tokenizer, cfg).to(device)
+    if not resume:
+        counts = Counter(c for p in train_patients for v in p.visits for c in v)
+        model.init_output_bias([counts[c] for c in tokenizer.codes])
     optimizer = build_optimizer(model, tcfg, device)
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * tcfg.num_epochs
@@ -308,6 +312,10 @@ def train(cfg: Config, tracker: Tracker | None = None, on_validate=None) -> dict
                 last_metrics = metrics
                 tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step=global_step)
                 log_validation(epoch, metrics, selection)
+                stuck = copy_warning(metrics)
+                if stuck:
+                    logger.warning(stuck)
+                    tracker.set_tags({"promptehr.stuck": f"epoch {epoch + 1}: {stuck}"})
                 samples, dropped = sample_patients(model, tokenizer, demographics, cfg.tracking.n_sample_patients,
                                                    tcfg.seed + epoch, train_patients)
                 if samples:
