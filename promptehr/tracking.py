@@ -151,11 +151,15 @@ PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 
 
 def pyfunc_signature():
+    """The logged model's signature. `age`, `n_visits` and `seed` are of MLflow's type `any`: no
+    column type accepts both ints and floats (a `double` column refuses int64, a `long` column
+    refuses floats and so empty cells), and predict() checks these values itself, row by row."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import AnyType
 
-    inputs = Schema([ColSpec("double", "age"), ColSpec("string", "sex"),
-                     ColSpec("long", "n_visits", required=False), ColSpec("long", "seed", required=False)])
+    inputs = Schema([ColSpec(AnyType(), "age"), ColSpec("string", "sex"),
+                     ColSpec(AnyType(), "n_visits", required=False), ColSpec(AnyType(), "seed", required=False)])
     outputs = Schema([ColSpec("string", "patient_id"), ColSpec("double", "age"), ColSpec("string", "sex"),
                       ColSpec("long", "n_visits"), ColSpec("string", "visits")])
     params = ParamSchema([ParamSpec("temperature", "double", 1.0), ParamSpec("top_k", "long", 0),
