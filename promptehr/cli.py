@@ -124,6 +124,7 @@ def cmd_evaluate(args) -> int:
     try:
         tracker.set_tags({"task": "quality_report", "evaluated_model": args.model, "same_split": same_split,
                           "model_run_id": metadata.get("run_id") or "unknown", "data.source": cfg.data.source})
+        tracker.log_dataset(cfg.data, train_patients, heldout, split_fingerprint(train_patients, heldout), "evaluation")
         tracker.log_params({"n_patients": int(args.n_patients), "seed": int(args.seed), **{
             f"sampling.{k}": v for k, v in vars(sampling).items()}})
         metrics, report = quality_report(model, tokenizer, train_patients, heldout, n_patients=int(args.n_patients),

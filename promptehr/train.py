@@ -215,6 +215,7 @@ def train(cfg: Config, tracker: Tracker | None = None, on_validate=None) -> dict
         })
         tracker.log_text(to_yaml(cfg), "config/resolved.yaml")
         tracker.log_dict({"codes": tokenizer.codes}, "config/vocab.json")
+        tracker.log_dataset(cfg.data, train_patients, val_patients, fingerprint)
     baselines = next_visit_baselines(train_patients, val_patients, tokenizer.codes)
     logger.info("model: %.2fM parameters on %s; %d steps/epoch", n_params / 1e6, device, steps_per_epoch)
 
