@@ -63,7 +63,9 @@ def _sampling(args):
 
 
 def cmd_generate(args) -> int:
+    import os
     import tempfile
+    from pathlib import Path
 
     from promptehr.checkpoint import load_checkpoint
     from promptehr.export import export_patients
@@ -83,9 +85,18 @@ def cmd_generate(args) -> int:
                                  batch_size=int(args.batch_size), progress=True)
     paths = export_patients(patients, args.out, seed=int(args.seed))
     n_visits = sum(len(p.visits) for p in patients)
+    summary = {"gen/n_patients": n, "gen/visits_per_patient": n_visits / max(n, 1),
+               "gen/codes_per_visit": sum(len(v) for p in patients for v in p.visits) / max(n_visits, 1)}
     log.info("generated %d patients, %d visits (%.2f per patient), %.2f codes per visit -> %s", n, n_visits,
-             n_visits / max(n, 1), sum(len(v) for p in patients for v in p.visits) / max(n_visits, 1),
-             ", ".join(str(p) for p in paths.values()))
+             summary["gen/visits_per_patient"], summary["gen/codes_per_visit"], ", ".join(str(p) for p in paths.values()))
+    if os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run -e generate` made a run for this: it records the cohort's counts
+        from promptehr.tracking import MLflowTracker
+
+        tracker = MLflowTracker(register_model=False)
+        tracker.start()
+        tracker.set_tags({"task": "generate", "output": str(Path(args.out).resolve())})
+        tracker.log_metrics(summary, step=0)
+        tracker.end()
     return 0
 
 

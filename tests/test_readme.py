@@ -177,6 +177,8 @@ def test_readme_generate_commands(sandbox):
     for command in readme.commands("generate"):
         sandbox.run(tiny(command).replace("<run id>", run_id))
     out = sandbox.folder / "outputs" / "synthetic"
+    [run] = [r for r in sandbox.runs() if r.data.tags.get("mlflow.project.entryPoint") == "generate"]
+    assert run.data.tags["task"] == "generate" and run.data.metrics["gen/n_patients"] == 20  # not an empty run
     assert len(pd.read_csv(out / "PATIENTS.csv")) == 20
     assert len((out / "patients.jsonl").read_text().splitlines()) == 20
 
