@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
 
 from promptehr.checkpoint import load_checkpoint, save_checkpoint
 from promptehr.config import load_config
@@ -280,7 +281,7 @@ def test_predict_honours_n_visits_row_seeds_and_params(pyfunc_model):
     g1 = pyfunc_model.predict(None, df[["age", "sex"]], params={"top_k": 1, "seed": 1, "max_visits": 2})
     g2 = pyfunc_model.predict(None, df[["age", "sex"]], params={"top_k": 1, "seed": 2, "max_visits": 2})
     assert list(g1["visits"]) == list(g2["visits"])
-    with pytest.raises(ValueError, match="sex"):
+    with pytest.raises(MlflowException, match="row 0, sex: 'X'"):
         pyfunc_model.predict(None, pd.DataFrame({"age": [30.0], "sex": ["X"]}))
 
 

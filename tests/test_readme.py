@@ -63,8 +63,7 @@ def champion(tmp_path, cohort):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("readme")
-    with mlflow.start_run():
+    with mlflow.start_run(experiment_id=MlflowClient(uri).create_experiment("readme")):  # no set_experiment: see test_serving
         from promptehr.tracking import log_pyfunc_model
 
         info = log_pyfunc_model(str(tiny_checkpoint(tmp_path / "ck", cohort)), "promptehr")

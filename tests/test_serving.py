@@ -43,8 +43,9 @@ def log_model(checkpoint: Path, tracking_uri: str) -> str:
     from promptehr.tracking import log_pyfunc_model
 
     mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment("serving-test")
-    with mlflow.start_run():
+    client = mlflow.MlflowClient(tracking_uri)  # not mlflow.set_experiment: it exports MLFLOW_EXPERIMENT_ID to later tests
+    experiment = client.get_experiment_by_name("serving-test")
+    with mlflow.start_run(experiment_id=experiment.experiment_id if experiment else client.create_experiment("serving-test")):
         return log_pyfunc_model(str(checkpoint), None).model_uri
 
 
