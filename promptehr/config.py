@@ -123,7 +123,7 @@ class ValidationConfig:
 @dataclass
 class TrackingConfig:
     tracking_uri: str | None = None # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
-    experiment_name: str = "promptehr"
+    experiment_name: str | None = None  # None: $MLFLOW_EXPERIMENT_NAME / _ID, else MLflow's Default experiment (where `mlflow run` puts its run)
     run_name: str | None = None
     register_model: bool = True     # log the best checkpoint as a pyfunc model and register it
     registered_model_name: str = "promptehr"

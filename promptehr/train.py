@@ -255,6 +255,7 @@ def train(cfg: Config, tracker: Tracker | None = None, on_validate=None) -> dict
         })
         tracker.log_text(to_yaml(cfg), "config/resolved.yaml")
         tracker.log_dict({"codes": tokenizer.codes}, "config/vocab.json")
+        tracker.log_dataset(cfg.data, train_patients, val_patients, fingerprint)
     logger.info("model: %.2fM parameters on %s; %d steps/epoch", n_params / 1e6, device, steps_per_epoch)
 
     ckpt_dir = Path(tcfg.checkpoint_dir) / (run_id or "run")
