@@ -66,7 +66,9 @@ def _sampling(args):
 
 
 def cmd_generate(args) -> int:
+    import os
     import tempfile
+    from pathlib import Path
 
     from promptehr.checkpoint import load_checkpoint
     from promptehr.export import export_patients
@@ -93,9 +95,18 @@ def cmd_generate(args) -> int:
     else:
         paths = export_patients(patients, args.out, seed=int(args.seed))
     n_visits = sum(len(p.visits) for p in patients)
+    summary = {"gen/n_patients": n, "gen/visits_per_patient": n_visits / max(n, 1),
+               "gen/codes_per_visit": sum(len(v) for p in patients for v in p.visits) / max(n_visits, 1)}
     log.info("generated %d patients, %d visits (%.2f per patient), %.2f codes per visit -> %s", n, n_visits,
-             n_visits / max(n, 1), sum(len(v) for p in patients for v in p.visits) / max(n_visits, 1),
-             ", ".join(str(p) for p in paths.values()))
+             summary["gen/visits_per_patient"], summary["gen/codes_per_visit"], ", ".join(str(p) for p in paths.values()))
+    if os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run -e generate` made a run for this: it records the cohort's counts
+        from promptehr.tracking import MLflowTracker
+
+        tracker = MLflowTracker(register_model=False)
+        tracker.start()
+        tracker.set_tags({"task": "generate", "output": str(Path(args.out).resolve())})
+        tracker.log_metrics(summary, step=0)
+        tracker.end()
     return 0
 
 
@@ -139,6 +150,8 @@ def cmd_evaluate(args) -> int:
     try:
         tracker.set_tags({"task": "quality_report", "evaluated_model": args.model, "same_split": same_split,
                           "model_run_id": metadata.get("run_id") or "unknown", "data.source": cfg.data.source})
+        tracker.log_dataset(cfg.data, train_patients, heldout,
+                            split_fingerprint(train_patients, heldout, held_out_subject_ids(cfg.data)), "evaluation")
         tracker.log_params({"n_patients": int(args.n_patients), "released_patients": int(args.released_patients),
                             "seed": int(args.seed), **{
             f"sampling.{k}": v for k, v in vars(sampling).items()}})

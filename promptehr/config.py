@@ -75,6 +75,8 @@ class ModelConfig:
     sex_loss_weight: float = 0.001
     target_visit_loss_weight: float = 1.0  # LM loss weight of a next-/first-visit row's hidden visit (codes and </v>) vs other label tokens
     tie_embeddings: bool = True     # the output layer shares the code embeddings (false: its own weights)
+    scale_embedding: bool = False   # multiply token embeddings by sqrt(d_model) (BART's option)
+    output_bias: bool = False       # a learned per-token output bias, initialised at the log frequency of the training codes
 
 
 @dataclass
@@ -121,7 +123,7 @@ class ValidationConfig:
 @dataclass
 class TrackingConfig:
     tracking_uri: str | None = None # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
-    experiment_name: str = "promptehr"
+    experiment_name: str | None = None  # None: $MLFLOW_EXPERIMENT_NAME / _ID, else MLflow's Default experiment (where `mlflow run` puts its run)
     run_name: str | None = None
     register_model: bool = True     # log the best checkpoint as a pyfunc model and register it
     registered_model_name: str = "promptehr"
@@ -201,6 +203,13 @@ MOVED_KEYS = {
 }
 
 
+# keys added with a default that differs from what earlier versions did: a saved config without the key
+# means the old behaviour
+ABSENT_MEANS = {
+    "data.synthetic.generator": "small",   # the only built-in cohort before there was a choice
+}
+
+
 def migrate_legacy_keys(values: dict) -> dict:
     """A config tree of an earlier version (a checkpoint's config.yaml) with moved keys moved."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in (values or {}).items()}
@@ -214,9 +223,15 @@ def migrate_legacy_keys(values: dict) -> dict:
             out.setdefault(new_section, {}).setdefault(new_name, value)
         elif name == "compute_reconstruction_jaccard" and value is False:
             out.setdefault("validation", {})["jaccard_patients"] = 0
-    synthetic = out.get("data", {}).get("synthetic")
-    if isinstance(synthetic, dict) and "generator" not in synthetic:  # saved before there was a choice
-        out["data"] = {**out["data"], "synthetic": {**synthetic, "generator": "small"}}
+    for key, value in ABSENT_MEANS.items():  # saved before the key existed: what the code did then
+        *parents, name = key.split(".")
+        node = out
+        for parent in parents:
+            if not isinstance(node.get(parent), dict):
+                break
+            node[parent] = node = dict(node[parent])
+        else:
+            node.setdefault(name, value)
     return out
 
 

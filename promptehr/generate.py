@@ -286,6 +286,8 @@ def generate_patients(model, tokenizer, ages, sexes, sampling=None, seed=0, batc
     decide) makes patient i have exactly that many. `sampling.max_visits` ends the patients the model
     has not ended by then. A patient whose history has grown too long for the model's position
     embeddings is ended there (counted in a warning; with an explicit `n_visits` it is an error).
+    `seed` is an int or a `torch.Generator` to continue (calls over consecutive slices of the
+    patients, `batch_size` each, then give the patients one call over all of them gives).
     Returns Patient records with synthetic ids `SYN0000001`, ...
     """
     from tqdm.auto import tqdm
@@ -298,7 +300,7 @@ def generate_patients(model, tokenizer, ages, sexes, sampling=None, seed=0, batc
         raise ValueError("n_visits must be >= 1")
     device = next(model.parameters()).device
     max_pos = model.bart.config.max_position_embeddings
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = seed if isinstance(seed, torch.Generator) else torch.Generator(device=device).manual_seed(seed)
     sex_ids = [SEXES.index(s) if isinstance(s, str) else int(s) for s in sexes]
     patients: list[Patient] = []
     ended_by_length = 0

@@ -92,7 +92,7 @@ def bart_config(cfg, tokenizer: DiagnosisCodeTokenizer) -> BartConfig:
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.bos_token_id,
         forced_eos_token_id=None,
-        scale_embedding=False,
+        scale_embedding=cfg.scale_embedding,
         tie_word_embeddings=cfg.tie_embeddings,
     )
 
@@ -139,6 +139,17 @@ class PromptBartWithDemographicPrediction(nn.Module):
         if mcfg.target_visit_loss_weight < 0:
             raise ValueError(f"model.target_visit_loss_weight must be >= 0, got {mcfg.target_visit_loss_weight}")
         self.target_visit_loss_weight = mcfg.target_visit_loss_weight
+        self.output_bias = nn.Parameter(torch.zeros(len(tokenizer))) if mcfg.output_bias else None
+
+    def init_output_bias(self, code_counts) -> None:
+        """Start the learned output bias at the log frequency of each code (special tokens at the
+        mean), so the first steps need not write the code frequencies into the embeddings."""
+        if self.output_bias is None:
+            return
+        counts = torch.as_tensor(code_counts, dtype=torch.float32) + 1.0
+        log_q = (counts / counts.sum()).log()
+        with torch.no_grad():
+            self.output_bias[self.n_special:] = log_q - log_q.mean()
 
     # ------------------------------------------------------------------ pieces used by generation
 
@@ -159,7 +170,8 @@ class PromptBartWithDemographicPrediction(nn.Module):
         return torch.cat([self.decoder_prompt(x_num, x_cat).to(embeds.dtype), embeds], dim=1)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.bart.lm_head(hidden) + self.bart.final_logits_bias.to(hidden.dtype)
+        logits = self.bart.lm_head(hidden) + self.bart.final_logits_bias.to(hidden.dtype)
+        return logits if self.output_bias is None else logits + self.output_bias.to(hidden.dtype)
 
     def demographic_features(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean embedding of the code tokens of each row (B, d) and whether the row has any code."""

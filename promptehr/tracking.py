@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ class Tracker:
     def log_dict(self, data, artifact_file: str) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
+    def log_dataset(self, data_cfg, train_patients, val_patients, split_fingerprint: str,
+                    context: str = "training") -> None: ...
     def flush(self) -> None: ...
     def log_model(self, checkpoint_dir: str, score: float, tags: dict, rescore=None) -> dict | None:
         return None
@@ -44,11 +47,27 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def resolve_experiment_id(name: str | None, tracking_uri: str | None = None) -> str:
+    """The experiment a new run goes to: `name` if given (created if new), else the one `mlflow run`
+    puts its run in: $MLFLOW_EXPERIMENT_NAME (created if new) or $MLFLOW_EXPERIMENT_ID, else MLflow's
+    `Default` experiment (id 0). So every entry point logs beside the main job unless told otherwise."""
+    from mlflow import MlflowClient
+    from mlflow.tracking.default_experiment import DEFAULT_EXPERIMENT_ID
+
+    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    if name:
+        client = MlflowClient(resolve_tracking_uri(tracking_uri))
+        experiment = client.get_experiment_by_name(name)
+        return experiment.experiment_id if experiment else client.create_experiment(name)
+    return os.environ.get("MLFLOW_EXPERIMENT_ID") or DEFAULT_EXPERIMENT_ID
+
+
 class MLflowTracker(Tracker):
     """MLflow backend. Attaches to `run_id` (a resume), or to the run `mlflow run` / a tuning worker
-    started (MLFLOW_RUN_ID / an active run), else starts a new run in `experiment_name`."""
+    started (MLFLOW_RUN_ID / an active run), else starts a new run in `experiment_name` (None: the
+    experiment `mlflow run` would use, see `resolve_experiment_id`)."""
 
-    def __init__(self, tracking_uri: str | None = None, experiment_name: str = "promptehr", run_name: str | None = None,
+    def __init__(self, tracking_uri: str | None = None, experiment_name: str | None = None, run_name: str | None = None,
                  registered_model_name: str = "promptehr", register_model: bool = True,
                  log_system_metrics: bool = False, parent_run_id: str | None = None):
         import mlflow
@@ -77,21 +96,33 @@ class MLflowTracker(Tracker):
         if active is not None and run_id in (None, active.info.run_id):
             self.run_id = active.info.run_id  # a tuning worker's child run (a retry resumes it): it ends the run itself
         else:
-            if run_id is None and not os.environ.get("MLFLOW_RUN_ID"):
-                mlflow.set_experiment(self.experiment_name)
             wrapper = os.environ.get("MLFLOW_RUN_ID")
+            experiment_id = None
+            if run_id is None and not wrapper:
+                experiment_id = resolve_experiment_id(self.experiment_name, self.tracking_uri)
+            if run_id is None and wrapper and self.experiment_name:
+                self._warn_if_elsewhere(wrapper)
             if run_id is not None and wrapper and wrapper != run_id:
                 # `mlflow run` made a new run for this command, but a resume continues the original one
                 mlflow.MlflowClient().set_tag(wrapper, "promptehr.resumed_run_id", run_id)
                 logger.warning("resuming into MLflow run %s; the run %s that `mlflow run` created stays empty",
                                run_id, wrapper)
-            run = mlflow.start_run(run_id=run_id, run_name=None if run_id else self.run_name,
+            run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=None if run_id else self.run_name,
                                    parent_run_id=self.parent_run_id, log_system_metrics=self.log_system_metrics or None)
             self.run_id = run.info.run_id
             self._owns_run = True
         self._existing_params = dict(mlflow.get_run(self.run_id).data.params)
         logger.info("MLflow run %s at %s", self.run_id, self.tracking_uri)
         return self.run_id
+
+    def _warn_if_elsewhere(self, wrapper_run_id: str) -> None:
+        """`mlflow run` chose the experiment before the config was read, and a run cannot move."""
+        client = self.mlflow.MlflowClient()
+        experiment = client.get_experiment(client.get_run(wrapper_run_id).info.experiment_id)
+        if experiment.name != self.experiment_name:
+            logger.warning("tracking.experiment_name=%s, but `mlflow run` put this run in experiment %r: name the "
+                           "experiment with `mlflow run --experiment-name %s` or $MLFLOW_EXPERIMENT_NAME instead",
+                           self.experiment_name, experiment.name, self.experiment_name)
 
     def log_params(self, params: dict) -> None:
         """Log params not already on the run (`mlflow run` logs its own; a resume logs again).
@@ -125,6 +156,17 @@ class MLflowTracker(Tracker):
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self.mlflow.log_artifact(path, artifact_path)
 
+    def log_dataset(self, data_cfg, train_patients, val_patients, split_fingerprint: str,
+                    context: str = "training") -> None:
+        """The data as an MLflow dataset input (the UI's Dataset column): see `dataset_description`."""
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+
+        name, source_tags, table, digest = dataset_description(data_cfg, train_patients, val_patients, split_fingerprint)
+        with warnings.catch_warnings():  # "integer columns cannot hold missing values": counts never miss
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = self.mlflow.data.from_pandas(table, source=CodeDatasetSource(source_tags), name=name, digest=digest)
+        self.mlflow.log_input(dataset, context=context)
+
     def flush(self) -> None:
         self.mlflow.flush_async_logging()
 
@@ -156,17 +198,59 @@ class MLflowTracker(Tracker):
             return None
 
 
+# ------------------------------------------------------------------ datasets
+
+
+def dataset_description(data_cfg, train_patients, val_patients, split_fingerprint: str):
+    """(name, source tags, table, digest) describing a run's data without a record: the source is the
+    synthetic cohort's settings or the MIMIC folder's name (not its path), the table one row of
+    aggregates per split, the digest a hash of the name, the split fingerprint and the table."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+    from pathlib import PurePath
+
+    import pandas as pd
+
+    tags = {"data.source": data_cfg.source, "split_fingerprint": split_fingerprint,
+            **{f"data.{k}": v for k, v in asdict(data_cfg).items() if k not in ("source", "path", "synthetic")}}
+    if data_cfg.source == "synthetic":
+        settings = asdict(data_cfg.synthetic)
+        tags.update({f"synthetic.{k}": v for k, v in settings.items()}, generator="promptehr.cohort.sample_cohort")
+        name = "synthetic " + " ".join(f"{k}={v}" for k, v in settings.items())
+    else:
+        folder = PurePath(str(data_cfg.path).rstrip("/")).name
+        tags["folder"] = folder
+        name = f"{data_cfg.source} {folder}"
+    rows = []
+    for split, patients in (("train", train_patients), ("validation", val_patients)):
+        n_visits = sum(len(p.visits) for p in patients)
+        n_codes = sum(p.n_codes for p in patients)
+        rows.append({"split": split, "patients": len(patients), "visits": n_visits, "codes": n_codes,
+                     "distinct_codes": len({c for p in patients for v in p.visits for c in v}),
+                     "visits_per_patient": n_visits / max(len(patients), 1), "codes_per_visit": n_codes / max(n_visits, 1),
+                     "female_share": sum(p.sex == "F" for p in patients) / max(len(patients), 1),
+                     "age_mean": sum(p.age for p in patients) / max(len(patients), 1)})
+    table = pd.DataFrame(rows)
+    digest = hashlib.sha256(f"{name}|{split_fingerprint}|{table.to_json()}".encode()).hexdigest()[:8]
+    return name, {k: str(v) for k, v in tags.items()}, table, digest
+
+
 # ------------------------------------------------------------------ models and the registry
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 
 
 def pyfunc_signature():
+    """The logged model's signature. `age`, `n_visits` and `seed` are of MLflow's type `any`: no
+    column type accepts both ints and floats (a `double` column refuses int64, a `long` column
+    refuses floats and so empty cells), and predict() checks these values itself, row by row."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import AnyType
 
-    inputs = Schema([ColSpec("double", "age"), ColSpec("string", "sex"),
-                     ColSpec("long", "n_visits", required=False), ColSpec("long", "seed", required=False)])
+    inputs = Schema([ColSpec(AnyType(), "age"), ColSpec("string", "sex"),
+                     ColSpec(AnyType(), "n_visits", required=False), ColSpec(AnyType(), "seed", required=False)])
     outputs = Schema([ColSpec("string", "patient_id"), ColSpec("double", "age"), ColSpec("string", "sex"),
                       ColSpec("long", "n_visits"), ColSpec("string", "visits")])
     params = ParamSchema([ParamSpec("temperature", "double", 1.0), ParamSpec("top_k", "long", 0),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+from collections import Counter
 import logging
 import math
 import os
@@ -42,7 +43,7 @@ from promptehr.run_status import (RunInterrupted, StopSignals, TrainingDiverged,
                                   ignore_stop_signals, outcome_of)
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 from promptehr.tracking import Tracker
-from promptehr.validation import ValidationProtocol
+from promptehr.validation import ValidationProtocol, copy_warning
 
 logger = logging.getLogger(__name__)
 
@@ -338,6 +339,9 @@ def _train(cfg: Config, tracker: Tracker, on_validate, stop: StopSignals) -> dic
     logger.info("validation protocol %s: %d held-out rows, %d next visits scored (%d left out: unknown codes)",
                 protocol.id, len(protocol.rows), protocol.pairs.n_events, protocol.n_excluded)
     model = PromptBartWithDemographicPrediction(tokenizer, cfg).to(device)
+    if not resume:
+        counts = Counter(c for p in train_patients for v in p.visits for c in v)
+        model.init_output_bias([counts[c] for c in tokenizer.codes])
     optimizer = build_optimizer(model, tcfg, device)
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * tcfg.num_epochs
@@ -395,6 +399,7 @@ def _train(cfg: Config, tracker: Tracker, on_validate, stop: StopSignals) -> dic
             })
             tracker.log_text(to_yaml(cfg), "config/resolved.yaml")
             tracker.log_dict({"codes": tokenizer.codes}, "config/vocab.json")
+            tracker.log_dataset(cfg.data, train_patients, val_patients, fingerprint)
         else:
             tracker.set_tags({"promptehr.outcome": "running", "promptehr.interrupted": "resumed",
                               "promptehr.resumed_from": str(resume_from)})
@@ -458,6 +463,10 @@ def _train(cfg: Config, tracker: Tracker, on_validate, stop: StopSignals) -> dic
                 last_metrics = metrics
                 tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step=global_step)
                 log_validation(epoch, metrics, selection)
+                stuck = copy_warning(metrics)
+                if stuck:
+                    logger.warning(stuck)
+                    tracker.set_tags({"promptehr.stuck": f"epoch {epoch + 1}: {stuck}"})
                 samples, dropped = sample_patients(model, tokenizer, demographics, cfg.tracking.n_sample_patients,
                                                    tcfg.seed + epoch, train_patients)
                 if samples:

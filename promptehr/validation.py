@@ -27,6 +27,12 @@ from promptehr.metrics import compute_perplexity, compute_reconstruction_jaccard
 logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
+# A run that has not learned to copy the encoder into the decoder by its 3rd validation is stuck: its
+# reconstruction rows' perplexity stays near what a model that ignores the encoder scores there.
+# Measured (bench/README.md, Recipe): stuck runs 0.09-0.26 of that level at epochs 2-4, healthy ones
+# 0.004-0.012 by epoch 3; the threshold sits between.
+COPY_CHECK_EPOCH = 3
+COPY_RATIO_LIMIT = 0.05
 SELECTION_METRIC = "next_visit_nll"  # lower is better
 NEXT, FIRST = TASK_ID["next_visit_prediction"], TASK_ID["first_visit"]
 TASK_KEYS = {"reconstruction": "reconstruction", "denoising": "denoising", "next_visit_prediction": "next_visit",
@@ -83,6 +89,7 @@ class ValidationProtocol:
         self.rows = self._draw_rows(dataset, np.random.default_rng([vcfg.seed, PROTOCOL_VERSION]))
         self.pairs, self.n_next_visits, self.n_excluded = self._scored_visits(dataset)
         self.baselines = NextVisitBaselines.fit(train_patients, tokenizer.codes).score(self.pairs)
+        self.copy_frequency_perplexity = self._copy_frequency_perplexity(train_patients)
         self.selection_metric = SELECTION_METRIC if self.pairs.n_events else "perplexity"
         if not self.pairs.n_events:
             logger.warning("no held-out patient has a scorable next visit: models are selected by val/perplexity")
@@ -122,6 +129,21 @@ class ValidationProtocol:
         self.log_fact = np.array([math.lgamma(len(visit) + 1) for visit, *_ in pairs])
         index = {c: j for j, c in enumerate(tok.codes)}
         return VisitPairs.from_visits(pairs, index), n_next, n_next - len(pairs)
+
+    def _copy_frequency_perplexity(self, train_patients) -> float:
+        """Perplexity of the reconstruction rows' codes under the training code frequencies (a
+        categorical over codes, add-one smoothed): what a model scores there that ignores the encoder."""
+        counts = np.ones(len(self.tok))
+        for p in train_patients:
+            for v in p.visits:
+                for c in v:
+                    counts[self.tok.encode_code(c)] += 1  # a code outside the vocabulary counts for <unk>
+        counts[: self.tok.n_special] = 0  # never a label of these rows' codes
+        with np.errstate(divide="ignore"):
+            log_q = np.log(counts / counts.sum())
+        labels = np.concatenate([r[1] for r in self.rows if r[3] == TASK_ID["reconstruction"]] or [np.zeros(0, int)])
+        labels = labels[labels >= self.tok.n_special]
+        return float(np.exp(-log_q[labels].mean())) if len(labels) else float("nan")
 
     def batches(self, device):
         size = self.cfg.validation.batch_size
@@ -178,6 +200,7 @@ class ValidationProtocol:
         metrics["perplexity"] = compute_perplexity(unseen_nll, unseen_n)
         for t, name in enumerate(TASK_TYPES):
             metrics[f"perplexity_{TASK_KEYS[name]}"] = compute_perplexity(task_nll[t], task_n[t])
+        metrics["perplexity_reconstruction_frequency"] = self.copy_frequency_perplexity
         metrics["unk_label_share"] = unk_n / max(unk_n + label_codes, 1)
         metrics.update(self._next_visit_metrics(visit_nll, tpl_nll, tpl_n))
         if jaccard and self.cfg.validation.jaccard_patients > 0:
@@ -201,3 +224,15 @@ class ValidationProtocol:
             "tpl_frequency_baseline": float(np.exp(b["code_frequency"].mean())) if have else nan,
             "tpl_repeat_baseline": float(np.exp(b["code_repeat"].mean())) if have else nan,
         }
+
+
+def copy_warning(metrics: dict) -> str | None:
+    """A one-line warning when the run has not learned to copy by validation epoch
+    `COPY_CHECK_EPOCH` (a stuck run: its next-visit predictions stay near the frequency prior), else None."""
+    ratio = metrics["perplexity_reconstruction"] / metrics["perplexity_reconstruction_frequency"]
+    if metrics.get("epoch", 0) < COPY_CHECK_EPOCH or ratio < COPY_RATIO_LIMIT:
+        return None
+    return (f"training looks stuck: after {metrics['epoch']} epochs the reconstruction rows' perplexity is "
+            f"{metrics['perplexity_reconstruction']:.1f}, {ratio:.0%} of the {metrics['perplexity_reconstruction_frequency']:.0f} "
+            f"a model that ignores the encoder scores (healthy runs: below {COPY_RATIO_LIMIT:.0%}); the model has not "
+            "learned to copy what the encoder shows. Try a lower training.learning_rate or another training.seed")

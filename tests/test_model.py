@@ -9,7 +9,7 @@ from promptehr.config import load_config
 from promptehr.collator import EHRDataCollator, EHRPatientDataset
 from promptehr.data import split_patients
 from promptehr.validation import ValidationProtocol
-from promptehr.model import PromptBartWithDemographicPrediction
+from promptehr.model import BANNED_LOGIT, PromptBartWithDemographicPrediction
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 
 
@@ -257,3 +257,32 @@ def test_model_distribution_follows_the_grammar(parts):
     # a forbidden label costs a large but finite loss rather than an infinite one
     assert torch.isfinite(model(**dict(batch, labels=batch["labels"].where(batch["labels"] != tok.visit_close_id,
                                                                           torch.tensor(tok.mask_token_id))))["loss"])
+
+
+def test_output_bias_starts_at_the_log_frequency_and_is_learned(parts, tmp_path):
+    """model.output_bias: a per-token output bias, started at the log frequency of the training codes
+    (specials at 0), trained with the rest, saved and loaded with the checkpoint."""
+    from collections import Counter
+
+    from promptehr.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg, tok, train, val = parts
+    cfg = load_config(Path(__file__).resolve().parents[1] / "experiments" / "tiny.yaml", ["model.output_bias=true"])
+    counts = Counter(c for p in train for v in p.visits for c in v)
+    torch.manual_seed(0)
+    model = PromptBartWithDemographicPrediction(tok, cfg)
+    model.init_output_bias([counts[c] for c in tok.codes])
+    bias = model.output_bias.detach()
+    assert torch.all(bias[: tok.n_special] == 0)
+    frequent, rare = tok.encode_code(counts.most_common()[0][0]), tok.encode_code(counts.most_common()[-1][0])
+    assert bias[frequent] - bias[rare] == pytest.approx(math.log((counts.most_common()[0][1] + 1) / (counts.most_common()[-1][1] + 1)), rel=1e-4)
+    # the untrained model already predicts frequent codes as more likely
+    batch = EHRDataCollator(tok, seed=0)([EHRPatientDataset(val, tok)[i] for i in range(8)])
+    logits = model(**batch)["logits"]
+    inside = (batch["labels"] >= tok.n_special) & (logits[..., frequent] > BANNED_LOGIT / 2) & (logits[..., rare] > BANNED_LOGIT / 2)
+    assert inside.sum() > 50 and torch.all(logits[inside][:, frequent] > logits[inside][:, rare])
+    model(**batch)["loss"].backward()
+    assert model.output_bias.grad.abs().sum() > 0
+    save_checkpoint(tmp_path / "ck", model, None, None, cfg, tok, {"epoch": 0})
+    loaded = load_checkpoint(tmp_path / "ck")[0]
+    assert torch.equal(loaded.output_bias, model.output_bias)

@@ -207,10 +207,12 @@ def test_evaluate_entry_point_logs_to_mlflow(trained, tmp_path, monkeypatch):
     _, _, result = trained
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):  # mlflow.set_experiment in another test sets them
+        monkeypatch.delenv(name, raising=False)
     assert main(["evaluate", "--model", result["best_checkpoint"], "--n-patients", "20", "--out", str(tmp_path / "q"),
                  "--released-patients", "30"]) == 0
     client = mlflow.MlflowClient(uri)
-    [run] = client.search_runs([client.get_experiment_by_name("promptehr").experiment_id])
+    [run] = client.search_runs(["0"])  # no experiment named: MLflow's Default, as `mlflow run` uses
     assert run.info.status == "FINISHED" and run.data.tags["task"] == "quality_report"
     assert run.data.metrics["gen/n_patients"] == 20 and "gen/membership_auc" in run.data.metrics
     assert run.data.params["released_patients"] == "30" and run.data.metrics["gen/released_patients"] == 30

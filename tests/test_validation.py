@@ -270,3 +270,34 @@ def test_baselines_are_fitted_on_training_patients_never_on_the_scored_visits():
     b = ValidationProtocol(tiny(), tok, train_p, val_p).baselines
     assert b["repeat"].mean() > b["frequency"].mean() - 0.5
     assert b["code_repeat"].mean() > b["code_frequency"].mean() - 0.1
+
+
+def test_copy_warning_thresholds():
+    from promptehr.validation import COPY_CHECK_EPOCH, COPY_RATIO_LIMIT, copy_warning
+
+    healthy = {"perplexity_reconstruction": 3.0, "perplexity_reconstruction_frequency": 770.0, "epoch": COPY_CHECK_EPOCH}
+    stuck = {**healthy, "perplexity_reconstruction": 157.0}
+    assert copy_warning(healthy) is None
+    assert "stuck" in copy_warning(stuck) and "learning_rate" in copy_warning(stuck)
+    assert copy_warning({**stuck, "epoch": COPY_CHECK_EPOCH - 1}) is None  # too early to tell
+    border = {**healthy, "perplexity_reconstruction": 770.0 * COPY_RATIO_LIMIT * 1.01}
+    assert copy_warning(border) is not None
+
+
+def test_a_stuck_run_says_so_in_the_log_and_on_the_run(tmp_path, caplog):
+    """A run that cannot learn (learning rate ~0) is still at the frequency level by its 3rd
+    validation: a warning in the log and a `promptehr.stuck` tag on the MLflow run."""
+    import logging
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.MlflowClient(uri).create_experiment("stuck", artifact_location=(tmp_path / "artifacts").as_uri())
+    cfg = tiny(f"training.checkpoint_dir={tmp_path / 'ck'}", "data.synthetic.n_patients=150", "training.num_epochs=3",
+               "training.learning_rate=1e-9", "validation.jaccard_patients=0", "training.quality_report=false",
+               "tracking.n_sample_patients=0", "tracking.register_model=false")
+    with caplog.at_level(logging.WARNING, logger="promptehr.train"):
+        result = train(cfg, MLflowTracker(uri, "stuck", register_model=False))
+    assert "training looks stuck: after 3 epochs" in caplog.text
+    tags = mlflow.MlflowClient(uri).get_run(result["run_id"]).data.tags
+    assert tags["promptehr.stuck"].startswith("epoch 3:")

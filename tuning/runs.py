@@ -16,7 +16,8 @@ import mlflow
 from mlflow import MlflowClient
 
 from promptehr.run_status import Outcome
-from promptehr.tracking import MLflowTracker, log_pyfunc_model, promote_champion, resolve_tracking_uri
+from promptehr.tracking import (MLflowTracker, log_pyfunc_model, promote_champion, resolve_experiment_id,
+                                resolve_tracking_uri)
 
 logger = logging.getLogger(__name__)
 
@@ -29,17 +30,16 @@ class TrialTracker(MLflowTracker):
         return None
 
 
-def create_parent_run(tracking_uri: str | None, experiment_name: str, study_name: str, tags: dict) -> tuple[str, str]:
-    """Start the study's parent run (left RUNNING until the study is finalized); under `mlflow run`
-    the run it created ($MLFLOW_RUN_ID) becomes the parent. Returns (run id, experiment id)."""
+def create_parent_run(tracking_uri: str | None, experiment_name: str | None, study_name: str, tags: dict) -> tuple[str, str]:
+    """Start the study's parent run (left RUNNING until the study is finalized) in `experiment_name`
+    (None: where `mlflow run` would put it, see `resolve_experiment_id`); under `mlflow run` the run
+    it created ($MLFLOW_RUN_ID) becomes the parent. Returns (run id, experiment id)."""
     client = MlflowClient(resolve_tracking_uri(tracking_uri))
     wrapper = os.environ.get("MLFLOW_RUN_ID")
     if wrapper:
         run = client.get_run(wrapper)
     else:
-        experiment = client.get_experiment_by_name(experiment_name)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
-        run = client.create_run(experiment_id, run_name=f"study-{study_name}")
+        run = client.create_run(resolve_experiment_id(experiment_name, tracking_uri), run_name=f"study-{study_name}")
     for key, value in {"optuna.study_name": study_name, "optuna.role": "study", **tags}.items():
         client.set_tag(run.info.run_id, key, str(value))
     logger.info("MLflow parent run %s for study %s", run.info.run_id, study_name)
