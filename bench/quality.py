@@ -8,7 +8,7 @@ Trains the config with `promptehr.train.train` (no tracking), loads the best che
 every next visit k >= 1 of the held-out patients (the split train() used) under:
   (a) the model: NLL of visit k's codes in a uniformly random order plus its closing `</v>`, teacher-
       forced after `<v> v0 </v> .. <v> v(k-1) </v> <v>` with the encoder holding the history and a
-      `<v> <mask> </v>` placeholder (the collator's next-visit row), minus log(n!). Averaged over
+      `<v> <mask> </v>` placeholder (the next-visit row of `promptehr.patient_format`), minus log(n!). Averaged over
       random orders this is an upper bound on the model's NLL of the visit's code SET (Jensen:
       E_order[-log P(order)] - log n! >= -log sum_orders P(order)); `--orders M` also prints the
       tighter bound -log(mean of the M order probabilities) - log n!.
@@ -45,11 +45,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from promptehr.checkpoint import load_checkpoint  # noqa: E402
-from promptehr.collator import TASK_ID, EHRDataCollator  # noqa: E402
+from promptehr.collator import TASK_ID  # noqa: E402
 from promptehr.cohorts import CohortModel, cohort_model_for  # noqa: E402
 from promptehr.config import load_config  # noqa: E402
 from promptehr.data import SEXES, load_patients, split_patients  # noqa: E402
 from promptehr.baselines import NextVisitBaselines, VisitPairs  # noqa: E402
+from promptehr.patient_format import hidden_visit_row, pad_batch, with_closing_token  # noqa: E402
 from promptehr.tokenizer import DiagnosisCodeTokenizer  # noqa: E402
 
 logger = logging.getLogger("bench.quality")
@@ -74,16 +75,13 @@ def next_visit_events(patients, tokenizer: DiagnosisCodeTokenizer, first: bool =
 # ------------------------------------------------------------------ (a) the trained model
 
 
-def scored_batch(collator: EHRDataCollator, rows) -> tuple[dict, torch.Tensor]:
-    """Rows (encoder ids, label ids, first code position, age, sex) of `collator.cut_row`, padded by the
-    collator itself; and the scored label positions: visit k's codes and its `</v>` (not the `<v>`
-    that opens it, nor the token after)."""
-    batch = collator.pad([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+def scored_batch(tok, rows) -> tuple[dict, torch.Tensor]:
+    """Rows (encoder ids, label ids, first code position, age, sex) of `patient_format.hidden_visit_row`,
+    padded; and the scored label positions: visit k's codes and its `</v>` (not the `<v>` that opens
+    it, nor the token after)."""
+    batch = pad_batch(tok, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
                          [TASK_ID["next_visit_prediction"]] * len(rows), [r[3] for r in rows], [r[4] for r in rows])
-    codes = batch["target_mask"]  # visit k's codes
-    scored = codes.clone()
-    scored[:, 1:] |= codes[:, :-1]  # ... and the </v> right after them
-    return batch, scored
+    return batch, with_closing_token(batch["target_mask"])
 
 
 @torch.no_grad()
@@ -92,17 +90,16 @@ def model_visit_nll(model, tok, patients, events, orders: int = 4, seed: int = 0
     """Per event: (mean over `orders` random code orders of the sequence NLL minus log n!,
     -log(mean of the order probabilities) - log n!). Histories are shuffled too (teacher-forced)."""
     rng = np.random.default_rng(seed)
-    collator = EHRDataCollator(tok)
     rows = []  # (encoder ids, label ids, first code position, age, sex id), `orders` per event
     for i, k in events:
         p = patients[i]
         ids = [np.array([tok.token_to_id.get(c, tok.unk_token_id) for c in v], dtype=np.int64) for v in p.visits]
         for _ in range(orders):
             visits = [rng.permutation(v) for v in ids[: k + 1]] + ids[k + 1:]  # later visits: only their count matters
-            rows.append((*collator.cut_row(visits, k), p.age, SEXES.index(p.sex)))
+            rows.append((*hidden_visit_row(tok, visits, k), p.age, SEXES.index(p.sex)))
     nll = np.zeros(len(rows))
     for s in range(0, len(rows), batch_size):
-        batch, scored = scored_batch(collator, rows[s:s + batch_size])
+        batch, scored = scored_batch(tok, rows[s:s + batch_size])
         out = model(**{key: v.to(device) for key, v in batch.items()})
         logp = F.log_softmax(out["logits"].float(), dim=-1).cpu()
         token_nll = -logp.gather(-1, batch["labels"].clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -230,17 +227,16 @@ def first_code_persistence(model, tok, cohort_model, patients, events, samples: 
     mean mass each puts on the previous visit's chronic codes (persistence > 0), on its acute codes,
     and the mean KL(optimum || model) of the first-code distribution in nats."""
     rng = np.random.default_rng(seed)
-    collator = EHRDataCollator(tok)
     index = {c: j for j, c in enumerate(cohort_model.codes)}
     token_of_code = torch.tensor([tok.token_to_id.get(c, tok.unk_token_id) for c in cohort_model.codes])
     rows = []
     for i, k in events:
         p = patients[i]
         ids = [np.array([tok.token_to_id.get(c, tok.unk_token_id) for c in v], dtype=np.int64) for v in p.visits]
-        rows.append((*collator.cut_row(ids, k), p.age, SEXES.index(p.sex)))
+        rows.append((*hidden_visit_row(tok, ids, k), p.age, SEXES.index(p.sex)))
     out = {"model_chronic": [], "optimum_chronic": [], "model_acute": [], "optimum_acute": [], "kl": []}
     for s in range(0, len(rows), batch_size):
-        batch, _ = scored_batch(collator, rows[s:s + batch_size])
+        batch, _ = scored_batch(tok, rows[s:s + batch_size])
         logp = F.log_softmax(model(**batch)["logits"].float(), dim=-1)
         for j, row in enumerate(rows[s:s + batch_size]):
             i, k = events[s + j]

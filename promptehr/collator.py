@@ -1,16 +1,16 @@
 """Dataset and collator: patients -> padded denoising batches (PROMPTEHR.md section 3).
 
 `EHRPatientDataset` encodes each patient once (codes -> ids, long patients trimmed to `max_length`);
-`EHRDataCollator` expands every patient into rows and pads them to the longest row of the batch:
+`EHRDataCollator` plans each patient's rows, corrupts what the encoder sees and pads the batch (the
+row layout, padding and grammar live in `promptehr.patient_format`):
   - reconstruction / denoising: the encoder sees the patient, corrupted with `corruption_prob`
     (span infilling with Poisson(lambda_poisson) spans, deletion, replacement by random codes);
   - next_visit_prediction (2+ visits): the encoder sees visits[:k] and a `<v> <mask> </v>` placeholder;
   - first_visit (share `first_visit_prob`): the encoder sees only the placeholder.
 Labels are always the CLEAN patient (pad = -100); a next-visit row's labels stop after visit k plus
 the token that follows it (`<v>` if more visits come, `</s>` if not), so the model learns when to stop.
-Batches: input_ids, attention_mask, labels, target_mask, x_num (age), x_cat (sex), task_type.
 Training batches come from `RowBucketSampler` (rows planned per epoch, batched by length: little
-padding); `LengthBucketSampler` batches whole patients (validation, or `bucket_by_length: false`).
+padding); `LengthBucketSampler` batches whole patients (`bucket_by_length: false`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from promptehr.data import SEXES, Patient
+from promptehr.patient_format import hidden_visit_row, pad_batch, row_lengths, whole_patient_row
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 
 logger = logging.getLogger(__name__)
@@ -165,14 +166,6 @@ class EHRDataCollator:
 
     # ------------------------------------------------------------------ encoding
 
-    def _sequence(self, visits: list[np.ndarray], bos: bool, tail: list[int]) -> np.ndarray:
-        tok = self.tok
-        parts = [[tok.bos_token_id]] if bos else []
-        for v in visits:
-            parts += [[tok.visit_open_id], v, [tok.visit_close_id]]
-        parts.append(tail)
-        return np.concatenate(parts).astype(np.int64)
-
     def plan_rows(self, n_visits: int, rng: np.random.Generator) -> list[tuple[int, int]]:
         """The rows a patient with `n_visits` visits expands into this time, as (task id, k): its
         reconstruction or (with `corruption_prob`) denoising row (k = -1), a next-visit row hiding a
@@ -185,15 +178,6 @@ class EHRDataCollator:
             rows.append((TASK_ID["first_visit"], 0))
         return rows
 
-    @staticmethod
-    def row_lengths(visit_lengths: np.ndarray, task: int, k: int) -> tuple[int, int]:
-        """(encoder, label) length of a planned row before corruption, from its visits' code counts."""
-        tokens = visit_lengths + 2  # <v> codes </v>
-        if k < 0:  # the whole patient: <s> visits </s> / visits </s>
-            total = int(tokens.sum())
-            return total + 2, total + 1
-        return int(tokens[:k].sum()) + 5, int(tokens[: k + 1].sum()) + 1
-
     def build_row(self, visits: list[np.ndarray], task: int, k: int, rng: np.random.Generator, shuffle: bool = True):
         """One planned row: (encoder ids, label ids, first target label position or -1, task name)."""
         tok = self.tok
@@ -201,10 +185,9 @@ class EHRDataCollator:
             visits = [rng.permutation(v) for v in visits]
         name = TASK_TYPES[task]
         if k >= 0:
-            return (*self.cut_row(visits, k), name)
-        labels = self._sequence(visits, bos=False, tail=[tok.eos_token_id])
-        enc_visits = self._corrupt(visits, rng) if name == "denoising" else visits
-        return self._sequence(enc_visits, bos=True, tail=[tok.eos_token_id]), labels, -1, name
+            return (*hidden_visit_row(tok, visits, k), name)
+        shown = self._corrupt(visits, rng) if name == "denoising" else None
+        return (*whole_patient_row(tok, visits, shown), -1, name)
 
     def rows_for_patient(self, visits: list[np.ndarray], rng: np.random.Generator):
         """Yield (encoder ids, label ids, first target label position or -1, task name) for every row
@@ -213,41 +196,6 @@ class EHRDataCollator:
             visits = [rng.permutation(v) for v in visits]
         for task, k in self.plan_rows(len(visits), rng):
             yield self.build_row(visits, task, k, rng, shuffle=False)
-
-    def cut_row(self, visits: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """The row that hides visit k: (encoder ids: visits[:k] and a `<v> <mask> </v>` placeholder;
-        label ids: visits[:k + 1] and the token after visit k; label position of visit k's first code).
-        k >= 1: a next-visit row; k = 0: a first-visit row."""
-        tok = self.tok
-        placeholder = [np.array([tok.mask_token_id], dtype=np.int64)]
-        enc = self._sequence(list(visits[:k]) + placeholder, bos=True, tail=[tok.eos_token_id])
-        after = tok.visit_open_id if k + 1 < len(visits) else tok.eos_token_id
-        target = self._sequence(visits[: k + 1], bos=False, tail=[after])
-        start = sum(len(v) + 2 for v in visits[:k]) + 1
-        return enc, target, start
-
-    def unseen_labels(self, enc: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """Per label position: True for a code that the encoder's version of the same visit does not
-        hold (infilled, deleted or replaced, or a hidden visit behind its `<mask>` placeholder);
-        False for codes the encoder shows and for every special token."""
-        tok = self.tok
-        enc_visits, current = [], None
-        for t in enc.tolist():
-            if t == tok.visit_open_id:
-                current = set()
-            elif t == tok.visit_close_id and current is not None:
-                enc_visits.append(current)
-                current = None
-            elif current is not None:
-                current.add(t)
-        out = np.zeros(len(labels), dtype=bool)
-        j = -1
-        for pos, t in enumerate(labels.tolist()):
-            if t == tok.visit_open_id:
-                j += 1
-            elif t >= tok.n_special:
-                out[pos] = j >= len(enc_visits) or t not in enc_visits[j]
-        return out
 
     def __call__(self, items) -> dict[str, torch.Tensor]:
         planned = len(items[0]) == 5  # rows planned by RowBucketSampler: (task id, k, row id) each
@@ -263,41 +211,7 @@ class EHRDataCollator:
                 tasks.append(TASK_ID[task])
                 ages.append(age)
                 sexes.append(sex)
-        return self.pad(enc_rows, label_rows, starts, tasks, ages, sexes)
-
-    def pad(self, enc_rows, label_rows, starts, tasks, ages, sexes, unseen_rows=None) -> dict[str, torch.Tensor]:
-        """Pad rows to the longest of the batch; `unseen_rows` (per row a bool array over its labels,
-        see `unseen_labels`) adds an `unseen_mask` of the labels' shape."""
-        n = len(enc_rows)
-        enc_len = max(len(r) for r in enc_rows)
-        dec_len = max(len(r) for r in label_rows)
-        input_ids = np.full((n, enc_len), self.tok.pad_token_id, dtype=np.int64)
-        attention_mask = np.zeros((n, enc_len), dtype=np.int64)
-        labels = np.full((n, dec_len), -100, dtype=np.int64)
-        target_mask = np.zeros((n, dec_len), dtype=bool)
-        for i, (enc, lab, start) in enumerate(zip(enc_rows, label_rows, starts)):
-            input_ids[i, : len(enc)] = enc
-            attention_mask[i, : len(enc)] = 1
-            labels[i, : len(lab)] = lab
-            if start >= 0:
-                # codes of the hidden visit k: from its first code up to its </v>
-                stop = start + int(np.argmax(lab[start:] == self.tok.visit_close_id))
-                target_mask[i, start:stop] = True
-        batch = {
-            "input_ids": torch.from_numpy(input_ids),
-            "attention_mask": torch.from_numpy(attention_mask),
-            "labels": torch.from_numpy(labels),
-            "target_mask": torch.from_numpy(target_mask),
-            "x_num": torch.tensor(ages, dtype=torch.float32).unsqueeze(1),
-            "x_cat": torch.tensor(sexes, dtype=torch.long).unsqueeze(1),
-            "task_type": torch.tensor(tasks, dtype=torch.long),
-        }
-        if unseen_rows is not None:
-            unseen = np.zeros((n, dec_len), dtype=bool)
-            for i, row in enumerate(unseen_rows):
-                unseen[i, : len(row)] = row
-            batch["unseen_mask"] = torch.from_numpy(unseen)
-        return batch
+        return pad_batch(self.tok, enc_rows, label_rows, starts, tasks, ages, sexes)
 
 
 class LengthBucketSampler(Sampler[list[int]]):
@@ -372,7 +286,7 @@ class RowBucketSampler(Sampler[list[tuple[int, int, int, int]]]):
         rows = []
         for i, lengths in enumerate(self.visit_lengths):
             for task, k in self.collator.plan_rows(len(lengths), rng):
-                rows.append((i, task, k, 0 if k < 0 else 1 if k > 0 else 2, *self.collator.row_lengths(lengths, task, k)))
+                rows.append((i, task, k, 0 if k < 0 else 1 if k > 0 else 2, *row_lengths(lengths, k)))
         return np.array(rows, dtype=np.int64).reshape(-1, 6)
 
     @staticmethod

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from promptehr.baselines import NextVisitBaselines, VisitPairs
 from promptehr.collator import TASK_ID, TASK_TYPES, EHRDataCollator, EHRPatientDataset
 from promptehr.metrics import compute_perplexity, compute_reconstruction_jaccard
+from promptehr.patient_format import pad_batch, unseen_labels, with_closing_token
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class ValidationProtocol:
             plan = [(TASK_ID[whole], -1), *((NEXT, k) for k in range(1, len(visits))), (FIRST, 0)]
             for task, k in plan:
                 enc, labels, start, _ = self.collator.build_row(visits, task, k, rng, shuffle=False)
-                rows.append([enc, labels, start, task, age, sex, self.collator.unseen_labels(enc, labels), (i, k)])
+                rows.append([enc, labels, start, task, age, sex, unseen_labels(self.tok, enc, labels), (i, k)])
         rows.sort(key=lambda r: (len(r[1]), len(r[0])))  # little padding per batch
         return rows
 
@@ -149,8 +150,8 @@ class ValidationProtocol:
         size = self.cfg.validation.batch_size
         for s in range(0, len(self.rows), size):
             chunk = self.rows[s:s + size]
-            batch = self.collator.pad(
-                [r[0] for r in chunk], [r[1] for r in chunk], [r[2] for r in chunk], [r[3] for r in chunk],
+            batch = pad_batch(
+                self.tok, [r[0] for r in chunk], [r[1] for r in chunk], [r[2] for r in chunk], [r[3] for r in chunk],
                 [r[4] for r in chunk], [r[5] for r in chunk], unseen_rows=[r[6] for r in chunk])
             batch["event"] = torch.tensor([r[7] for r in chunk], dtype=torch.long)
             yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -188,11 +189,9 @@ class ValidationProtocol:
                 scored = event >= 0
                 if scored.any():
                     target = batch["target_mask"] & scored.unsqueeze(1)           # visit k's codes
-                    close = torch.zeros_like(target)
-                    close[:, 1:] = target[:, :-1] & ~target[:, 1:]                  # ... and its </v>
                     tpl_nll += float(nll[target].sum())
                     tpl_n += int(target.sum())
-                    per_row = (nll * (target | close)).sum(1)
+                    per_row = (nll * with_closing_token(target)).sum(1)             # ... and its </v>
                     visit_nll[event[scored].cpu().numpy()] = per_row[scored].cpu().numpy()
         finally:
             model.train(was_training)

@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from promptehr.cohorts import cohort_model, sample_cohort
 from promptehr.collator import EHRDataCollator, EHRPatientDataset
+from promptehr.patient_format import hidden_visit_row
 from promptehr.config import load_config
 from promptehr.model import PromptBartWithDemographicPrediction
 from promptehr.tokenizer import DiagnosisCodeTokenizer
@@ -39,14 +40,13 @@ def small():
 
 def test_scored_positions_are_visit_k_and_its_close_hidden_from_the_encoder(small):
     patients, tok = small
-    collator = EHRDataCollator(tok)
     ds = EHRPatientDataset(patients, tok)
     rows, cuts = [], []
     for i in range(len(patients)):
         for k in range(1, len(ds.visits[i])):
-            rows.append((*collator.cut_row(ds.visits[i], k), patients[i].age, 0))
+            rows.append((*hidden_visit_row(tok, ds.visits[i], k), patients[i].age, 0))
             cuts.append((i, k))
-    batch, scored = quality.scored_batch(collator, rows)
+    batch, scored = quality.scored_batch(tok, rows)
     assert batch["labels"].shape == scored.shape
     for j, (i, k) in enumerate(cuts):
         visits = ds.visits[i]

@@ -21,9 +21,10 @@ from mlflow.exceptions import MlflowException
 from promptehr.checkpoint import load_checkpoint, save_checkpoint
 from promptehr.config import load_config
 from promptehr.data import SEXES, Patient
-from promptehr.generate import (AGE_BIN_EDGES, SamplingConfig, _history_tokens, demographics_histogram,
+from promptehr.generate import (AGE_BIN_EDGES, SamplingConfig, demographics_histogram,
                                 generate_conditional_batch, generate_patients, sample_demographics, sample_visit_batch)
-from promptehr.model import BANNED_LOGIT, PromptBartWithDemographicPrediction
+from promptehr.model import PromptBartWithDemographicPrediction
+from promptehr.patient_format import BANNED_LOGIT, visit_tokens
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def test_cached_batched_logits_equal_a_full_forward_per_row():
     del model.lm_logits
     compared = 0
     for i in range(len(histories)):
-        hist = _history_tokens(tok, histories[i])
+        hist = visit_tokens(tok, histories[i])
         enc = [tok.bos_token_id, *hist, tok.visit_open_id, *revealed[i], tok.mask_token_id, tok.visit_close_id, tok.eos_token_id]
         dec = [tok.bos_token_id, *hist, tok.visit_open_id, *revealed[i]]
         sampled = codes[i] + [tok.visit_close_id, tok.visit_open_id if more[i] else tok.eos_token_id]

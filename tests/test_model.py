@@ -9,7 +9,8 @@ from promptehr.config import load_config
 from promptehr.collator import EHRDataCollator, EHRPatientDataset
 from promptehr.data import split_patients
 from promptehr.validation import ValidationProtocol
-from promptehr.model import BANNED_LOGIT, PromptBartWithDemographicPrediction
+from promptehr.model import PromptBartWithDemographicPrediction
+from promptehr.patient_format import BANNED_LOGIT
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 
 
@@ -197,50 +198,8 @@ def test_a_few_hundred_steps_bring_perplexity_far_down(parts):
     assert after["next_visit_nll"] < after["next_visit_nll_frequency"] < before["next_visit_nll"]
 
 
-def reference_grammar_mask(labels, tok, vocab):
-    """The patient format's rules, one position at a time (what `grammar_mask` vectorises)."""
-    out = torch.zeros((*labels.shape, vocab), dtype=torch.bool)
-    for b, row in enumerate(labels.tolist()):
-        inside, emitted = False, []
-        for t, label in enumerate(row):
-            allowed = set()
-            if inside:
-                allowed = set(range(tok.n_special, vocab)) - {c for c in emitted if c >= tok.n_special}
-                if emitted:
-                    allowed.add(tok.visit_close_id)
-            else:
-                allowed = {tok.visit_open_id, tok.eos_token_id}
-            if label >= 0:
-                allowed.add(label)
-            else:
-                allowed.add(tok.pad_token_id)
-            out[b, t] = torch.tensor([v not in allowed for v in range(vocab)])
-            if label == tok.visit_open_id:
-                inside, emitted = True, []
-            elif label == tok.visit_close_id:
-                inside = False
-            elif inside and label >= 0:
-                emitted.append(label)
-    return out
-
-
-def test_grammar_mask_is_the_patient_format(parts):
-    from promptehr.model import grammar_mask
-
-    _, tok, train, _ = parts
-    batch = next(iter(loader(tok, train, batch_size=16)))
-    labels = batch["labels"].clone()
-    labels[0, 1] = tok.unk_token_id  # an unknown code in a visit: allowed as the label, counts as a code
-    mask = grammar_mask(labels, tok, len(tok))
-    assert torch.equal(mask, reference_grammar_mask(labels, tok, len(tok)))
-    # the rules bite: repeats inside a visit and closing an empty visit are banned
-    first_code = labels[:, 1]
-    assert mask[:, 2].gather(1, first_code.unsqueeze(1)).all()
-    assert mask[:, 1, tok.visit_close_id].all()
-
-
 def test_model_distribution_follows_the_grammar(parts):
-    from promptehr.model import grammar_mask
+    from promptehr.patient_format import grammar_mask
 
     cfg, tok, train, _ = parts
     torch.manual_seed(0)

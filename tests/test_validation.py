@@ -12,7 +12,7 @@ from torch import nn
 from promptehr.collator import TASK_ID
 from promptehr.config import load_config
 from promptehr.data import split_patients
-from promptehr.model import BANNED_LOGIT, grammar_mask
+from promptehr.patient_format import BANNED_LOGIT, grammar_mask
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 from promptehr.tracking import MLflowTracker, Tracker
 from promptehr.train import train

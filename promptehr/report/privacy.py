@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from promptehr.collator import EHRDataCollator, EHRPatientDataset
+from promptehr.collator import EHRPatientDataset
 from promptehr.data import Patient
+from promptehr.patient_format import hidden_visit_row, pad_batch
 from promptehr.report.stats import bootstrap_weights, interval, multi_hot, weighted_auroc
 
 ATTRIBUTE_KS = (1, 2, 3, 4, 5)
@@ -142,25 +143,24 @@ def attribute_inference(targets: list[Patient], released: list[Patient], heldout
 @torch.no_grad()
 def patient_nll(model, tokenizer, patients: list[Patient], max_length: int = 512, batch_size: int = 64) -> np.ndarray:
     """Mean NLL per code of each patient under the model, as generation produces it: visit k given
-    visits 0..k-1 and a `<v> <mask> </v>` placeholder (the collator's first-visit/next-visit rows).
+    visits 0..k-1 and a `<v> <mask> </v>` placeholder (the first-visit/next-visit rows of the format).
     Codes unknown to the vocabulary are not scored."""
     device = next(model.parameters()).device
     ds = EHRPatientDataset(patients, tokenizer, max_length)
-    collator = EHRDataCollator(tokenizer, shuffle_codes=False)
     tok = tokenizer
     rows = []  # (patient, encoder ids, labels, first target position, age, sex)
     for i in range(len(ds)):
         _, visits, age, sex = ds[i]
         for k in range(len(visits)):
-            rows.append((i, *collator.cut_row(visits, k), age, sex))
+            rows.append((i, *hidden_visit_row(tok, visits, k), age, sex))
     sums, counts = np.zeros(len(ds)), np.zeros(len(ds))
     was_training = model.training
     model.eval()
     try:
         for s in range(0, len(rows), batch_size):
             chunk = rows[s:s + batch_size]
-            batch = collator.pad([r[1] for r in chunk], [r[2] for r in chunk], [r[3] for r in chunk],
-                                 [0] * len(chunk), [r[4] for r in chunk], [r[5] for r in chunk])
+            batch = pad_batch(tok, [r[1] for r in chunk], [r[2] for r in chunk], [r[3] for r in chunk],
+                              [0] * len(chunk), [r[4] for r in chunk], [r[5] for r in chunk])
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(**batch)["logits"].float()
             labels = batch["labels"]
