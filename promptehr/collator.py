@@ -1,4 +1,4 @@
-"""Dataset and collator: patients -> padded denoising batches (PROMPTEHR.md section 3).
+"""Dataset and collator: patients -> padded denoising batches (docs/PROMPTEHR.md section 3).
 
 `EHRPatientDataset` encodes each patient once (codes -> ids, long patients trimmed to `max_length`);
 `EHRDataCollator` plans each patient's rows, corrupts what the encoder sees and pads the batch (the
@@ -257,8 +257,7 @@ class RowBucketSampler(Sampler[list[tuple[int, int, int, int]]]):
     encoder length) and cuts it into batches holding about equal numbers of tokens (so a batch of
     long rows has fewer of them); the batches are then shuffled. Rows of equal lengths are batched
     in random order, so batches differ from epoch to epoch. `window` (batches) sorts within windows
-    instead of the whole epoch: more mixing, more padding (4+4 layers, 5,000 patients: 50 batches
-    give 90% useful FLOPs, the whole epoch 94%).
+    instead of the whole epoch: more mixing, more padding.
     An epoch has exactly ceil(patients / batch_size) batches, as with patient batches, so
     `batch_size` keeps its meaning (the rows of that many patients on average) and so do schedules
     counted in steps. Items are `(patient index, task id, k, row id)`; `EHRPatientDataset` and

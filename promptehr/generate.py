@@ -1,4 +1,4 @@
-"""Generation: synthetic visits, batched over patients with the KV cache (PROMPTEHR.md section 5).
+"""Generation: synthetic visits, batched over patients with the KV cache (docs/PROMPTEHR.md section 5).
 
 One step of `sample_visit_batch` writes one new visit per row (rows of `patient_format.generation_rows`,
 the model's incremental decoder `start_decoding` / `decode_step`): codes until `</v>`, then `<v>`

@@ -4,7 +4,7 @@ Built from our `ModelConfig` (random init, never a hub download). The age (numer
 (categorical) prompts are reparameterised in a `prompt_hidden_size` space, mapped to d_model and
 prepended to the encoder and decoder input embeddings (masks extended by two positions).
 The auxiliary heads read the mean embedding of the encoder's CODE tokens only: they never see
-the prompts, so they cannot copy the answer (PROMPTEHR.md section 3).
+the prompts, so they cannot copy the answer (docs/PROMPTEHR.md section 3).
 `forward` returns loss, lm_loss, age_loss, sex_loss and logits aligned with `labels`.
 
 The model's distribution is the one generation samples from: the forward bans, at every label
@@ -62,7 +62,7 @@ class DemographicPrompt(nn.Module):
     def __init__(self, d_model: int, hidden: int):
         super().__init__()
         # unit-scale init: the projections' biases are ~1/sqrt(hidden), so prompts initialised at 0.02
-        # start out almost identical for every patient (men and women moved the logits by ~1e-5)
+        # would start out almost identical for every patient
         self.age_weight = nn.Parameter(torch.randn(hidden))
         self.age_bias = nn.Parameter(torch.zeros(hidden))
         self.sex_embedding = nn.Embedding(len(SEXES), hidden)

@@ -1,5 +1,5 @@
 """The patient format: how visits become token rows, how rows are padded, and the grammar that the
-model's probabilities and the sampler both obey (PROMPTEHR.md sections 2-3 and 5).
+model's probabilities and the sampler both obey (docs/PROMPTEHR.md sections 2-3 and 5).
 
 Rows. A patient's labels are `<v> c c </v> <v> c </v> </s>` and its encoder row `<s> <v> c c </v> ...
 </s>`. A row that hides visit k shows `visits[:k]` and a `<v> <mask> </v>` placeholder; its labels are
