@@ -278,15 +278,15 @@ def train_and_load(cfg, minutes: float | None):
             raise TrainingPruned(f"time budget of {minutes} min reached after epoch {epoch + 1}")
 
     try:
-        train(cfg, Tracker(), on_validate=stop_at_budget)
+        result = train(cfg, Tracker(), on_validate=stop_at_budget)
     except TrainingPruned as exc:
         logger.warning("%s: scoring the best checkpoint so far", exc)
+        result = exc.result
     wall = time.perf_counter() - start
     logger.info("validation next-visit NLL by epoch: %s", " ".join(curve))
-    found = sorted(Path(cfg.training.checkpoint_dir).glob("*/best_model"))  # the folder holds this one run
-    if len(found) != 1:
-        raise FileNotFoundError(f"expected one best_model under {cfg.training.checkpoint_dir}, found {len(found)}")
-    return found[0], wall
+    if not result["best_checkpoint"]:
+        raise FileNotFoundError(f"the run in {result['checkpoint_dir']} saved no best_model")
+    return Path(result["best_checkpoint"]), wall
 
 
 def main(argv=None) -> int:

@@ -1,17 +1,19 @@
 """Checkpoints: self-describing folders that load without unpickling arbitrary objects.
 
     model.safetensors   weights (safetensors)
-    training_state.pt   optimizer, scheduler and RNG states (tensors and plain containers only,
-                        read back with torch.load(weights_only=True))
+    training_state.pt   optimizer, scheduler and RNG states, the loop's place in its epoch (tensors and
+                        plain containers only, read back with torch.load(weights_only=True))
     config.yaml         the resolved config
     vocab.json          the tokenizer's codes
-    metadata.json       epoch, global step, metrics, best val loss, seed, versions, git commit, run id
+    metadata.json       epoch, position in it, run state, metrics, best score, seed, versions, run id
+A folder is replaced by renames only, so a complete checkpoint exists at every instant (`newest_complete`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import shutil
 import subprocess
@@ -63,10 +65,12 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(folder, model, optimizer, scheduler, cfg: Config, tokenizer: DiagnosisCodeTokenizer,
-                    metadata: dict) -> Path:
-    """Write a checkpoint folder atomically (to a temp sibling, then renamed over `folder`)."""
+                    metadata: dict, loop_state: dict | None = None) -> Path:
+    """Write a checkpoint folder crash-safely: into `<folder>.tmp`, then `folder` -> `<folder>.old`,
+    `<folder>.tmp` -> `folder`, and `<folder>.old` removed. A crash at any point leaves `folder` or
+    `<folder>.old` complete (`newest_complete` finds it). `loop_state`: the loop's place in its epoch."""
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
+    tmp, old = _sibling(folder, ".tmp"), _sibling(folder, ".old")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -76,16 +80,91 @@ def save_checkpoint(folder, model, optimizer, scheduler, cfg: Config, tokenizer:
         state["optimizer"] = optimizer.state_dict()
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
+    if loop_state is not None:
+        state["loop"] = loop_state
     torch.save(state, tmp / "training_state.pt")
     (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     tokenizer.save(tmp / "vocab.json")
     meta = {"saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": package_versions(),
             "git_commit": git_commit(), **metadata}
     (tmp / "metadata.json").write_text(json.dumps(meta, indent=1, default=float))
+    _sync(tmp)  # on disk before the renames point at it (a lost node, not only a killed process)
     if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+        if old.exists():  # an earlier crash left both: `folder` is the newer and complete one
+            shutil.rmtree(old)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    if old.exists():
+        shutil.rmtree(old)
     return folder
+
+
+def _sibling(folder: Path, suffix: str) -> Path:
+    return folder.with_name(folder.name + suffix)
+
+
+def _sync(folder: Path) -> None:
+    for path in (*folder.iterdir(), folder):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError:  # some file systems refuse fsync on a directory
+            pass
+        finally:
+            os.close(fd)
+
+
+def is_complete(folder) -> bool:
+    """Whether `folder` is a checkpoint with every file and readable metadata."""
+    folder = Path(folder)
+    if not folder.is_dir() or any(not (folder / f).is_file() for f in FILES):
+        return False
+    try:
+        read_metadata(folder)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def position(meta: dict) -> tuple[int, int]:
+    """(epoch, batches done in it) a checkpoint continues from; an epoch that is complete (validated,
+    checkpoints written) counts as the start of the next one."""
+    if meta.get("epoch_complete", True):
+        return meta.get("epoch", -1) + 1, 0
+    return meta["epoch"], meta["batches_done"]
+
+
+def newest_complete(run_folder) -> Path | None:
+    """The checkpoint of a run's folder that is furthest on (`last`, or what a crash left of it: `last.old`,
+    else the newest `epoch_NNN`); None when there is no complete one."""
+    run_folder = Path(run_folder)
+    candidates = [run_folder / n for n in ("last", "last.old")] + sorted(run_folder.glob("epoch_[0-9]*"))
+    complete = [(position(read_metadata(c)), i, c) for i, c in enumerate(candidates)
+                if not c.name.endswith(".tmp") and is_complete(c)]
+    return max(complete, key=lambda t: (t[0], -t[1]))[2] if complete else None
+
+
+def resolve_checkpoint(folder) -> Path:
+    """`folder` if it is a complete checkpoint, else the newest complete one of its run (with a warning)."""
+    folder = Path(folder)
+    if is_complete(folder):
+        return folder
+    fallback = newest_complete(folder.parent)
+    if fallback is None:
+        check_folder(folder)  # raises with what is missing
+        raise FileNotFoundError(f"{folder}: not a complete checkpoint, and {folder.parent} holds none")
+    logger.warning("%s is not a complete checkpoint (a crash while it was written?): using %s instead", folder, fallback)
+    return fallback
+
+
+def mark_run_state(folder, run_state: str, **extra) -> None:
+    """Record in a checkpoint's metadata how its run stands (running, interrupted, finished, failed...),
+    replacing metadata.json by a rename so that it is never half written."""
+    folder = Path(folder)
+    meta = {**read_metadata(folder), "run_state": run_state, **extra}
+    tmp = folder / "metadata.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1, default=float))
+    os.replace(tmp, folder / "metadata.json")
 
 
 def read_metadata(folder) -> dict:
@@ -120,9 +199,11 @@ def load_checkpoint(folder, device="cpu"):
     return model, tokenizer, cfg, read_metadata(folder)
 
 
-def load_training_state(folder, optimizer, scheduler) -> None:
-    """Restore optimizer, scheduler and RNG states (safe loader: tensors and containers only)."""
+def load_training_state(folder, optimizer, scheduler) -> dict | None:
+    """Restore optimizer, scheduler and RNG states (safe loader: tensors and containers only); returns
+    the loop state saved with them (None for a checkpoint saved at the end of an epoch)."""
     state = torch.load(Path(folder) / "training_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
+    return state.get("loop")

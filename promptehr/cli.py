@@ -1,6 +1,8 @@
 """Command line: `python -m promptehr.cli train|generate ...` (the MLproject entry points call these).
 
-Entry points only parse arguments, build the tracker and call the package's functions.
+Entry points only parse arguments, build the tracker and call the package's functions. Exit status:
+0 done, 1 failed (a diverged run too), 2 bad settings or data, 75 stopped by a signal with a checkpoint
+to resume from (train.slurm requeues on it), 128+N stopped by signal N with nothing to resume.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import sys
 
 from promptehr.config import ConfigError, load_config
 from promptehr.data import DataError
+from promptehr.run_status import RunInterrupted, StopSignals, TrainingDiverged, end_run, outcome_of
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -143,7 +146,7 @@ def cmd_evaluate(args) -> int:
     tracker = Tracker() if args.no_tracking else MLflowTracker(
         cfg.tracking.tracking_uri, cfg.tracking.experiment_name, run_name=args.run_name, register_model=False)
     tracker.start()
-    status = "FAILED"
+    error = None
     try:
         tracker.set_tags({"task": "quality_report", "evaluated_model": args.model, "same_split": same_split,
                           "model_run_id": metadata.get("run_id") or "unknown", "data.source": cfg.data.source})
@@ -166,9 +169,11 @@ def cmd_evaluate(args) -> int:
         (out / "validation.json").write_text(json.dumps(
             {**validation, "protocol_id": validation_id(cfg, train_patients, heldout)}, indent=1))
         plot_report(report, out)
-        status = "FINISHED"
+    except BaseException as exc:  # a stop signal included: the run ends KILLED
+        error = exc
+        raise
     finally:
-        tracker.end(status)
+        end_run(tracker, outcome_of(error))
     for key in sorted(metrics):
         log.info("gen/%s = %.4g", key, metrics[key])
     log.info("report written to %s", out)
@@ -230,10 +235,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     try:
-        return args.func(args)
+        with StopSignals(at_once=True):  # outside train()'s safe points a stop signal ends the command at once
+            return args.func(args)
     except (ConfigError, DataError, FileNotFoundError) as exc:
         logging.getLogger("promptehr").error("%s", exc)
         return 2
+    except (RunInterrupted, TrainingDiverged) as exc:  # one line, no traceback
+        outcome = outcome_of(exc)
+        logging.getLogger("promptehr").error("%s", outcome.reason)
+        return outcome.exit_code
 
 
 if __name__ == "__main__":

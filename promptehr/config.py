@@ -86,7 +86,7 @@ class TrainingConfig:
     learning_rate: float = 1e-4
     weight_decay: float = 0.01
     warmup_steps: int = 1000
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = 1.0  # gradient clipping norm (null: no clipping)
     seed: int = 42                  # model init, shuffling, corruption and dropout
     checkpoint_dir: str = "checkpoints"
     save_every_n_epochs: int = 10
@@ -97,7 +97,7 @@ class TrainingConfig:
     precision: str = "fp32"         # fp32 | bf16 (autocast)
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     compile: bool = False           # torch.compile the model
-    resume_from: str | None = None  # checkpoint folder: continue at its next epoch in the same MLflow run
+    resume_from: str | None = None  # checkpoint folder, or auto (newest unfinished run of this config and data): same MLflow run
     max_steps: int | None = None    # stop after this many optimizer steps (benchmarks, smoke tests)
     quality_report: bool = True     # at the end: generated vs held-out quality report on the best model (gen/ metrics, report/ artifacts)
     quality_report_patients: int = 500  # held-out patients whose demographics the report's generated cohort gets
@@ -186,6 +186,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, int) and not isinstance(value, bool):  # YAML reads `data.icd_versions=9` as a number
+            return str(value)
     else:  # pragma: no cover - only the types above occur in the tree
         return value
     raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
@@ -331,3 +333,114 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+# --------------------------------------------------------------------------- checking values
+
+PROMPT_POSITIONS = 2  # the age and sex prompts ahead of every row (promptehr.model.N_PROMPTS)
+SOURCES = ("synthetic", "mimic3", "mimic4", "meds")
+
+
+def _at_least(n):
+    return lambda v: v >= n, f">= {n}"
+
+
+def _optional_at_least(n):
+    return lambda v: v is None or v >= n, f"null or >= {n}"
+
+
+def _probability():
+    return lambda v: 0.0 <= v <= 1.0, "0 <= value <= 1"
+
+
+def _one_of(*choices):
+    return lambda v: v in choices, "one of " + ", ".join(map(str, choices))
+
+
+def _value_rules() -> dict[str, tuple]:
+    """Key -> (test, allowed range as the message says it), for values that are wrong on their own."""
+    from promptehr.cohorts import GENERATORS
+
+    return {
+        "data.source": _one_of(*SOURCES),
+        "data.icd_versions": _one_of("9", "10", "both"),
+        "data.min_visits": _at_least(1),
+        "data.max_visits": _optional_at_least(1),
+        "data.max_patients": _optional_at_least(2),
+        "data.split": _one_of("random", "meds"),
+        "data.val_fraction": (lambda v: 0.0 < v < 1.0, "0 < value < 1"),
+        "data.synthetic.n_patients": _at_least(2),
+        "data.synthetic.generator": _one_of(*GENERATORS),
+        "collator.lambda_poisson": (lambda v: v > 0, "> 0"),
+        **{f"collator.{k}": _probability() for k in ("mask_probability", "del_probability", "rep_probability",
+                                                       "corruption_prob", "first_visit_prob")},
+        "collator.max_length": _at_least(8),
+        **{f"model.{k}": _at_least(1) for k in ("d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
+                                                 "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim",
+                                                 "prompt_hidden_size")},
+        **{f"model.{k}": (lambda v: 0.0 <= v < 1.0, "0 <= value < 1") for k in ("dropout", "attention_dropout",
+                                                                                 "activation_dropout")},
+        **{f"model.{k}": _at_least(0) for k in ("age_loss_weight", "sex_loss_weight")},
+        "model.target_visit_loss_weight": (lambda v: v > 0, "> 0"),
+        **{f"training.{k}": _at_least(1) for k in ("batch_size", "num_epochs", "save_every_n_epochs", "log_every_n_steps",
+                                                    "validate_every_n_epochs")},
+        "training.learning_rate": (lambda v: 0.0 < v < float("inf"), "> 0"),
+        "training.weight_decay": _at_least(0),
+        "training.warmup_steps": _at_least(0),
+        "training.max_grad_norm": (lambda v: v is None or 0.0 < v < float("inf"), "> 0, or null for no clipping"),
+        "training.num_workers": _at_least(0),
+        "training.precision": _one_of("fp32", "bf16"),
+        "training.device": (lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
+                            "auto, cpu, cuda or cuda:N"),
+        "training.max_steps": _optional_at_least(1),
+        "training.quality_report_patients": _at_least(0),
+        "training.quality_report_released_patients": _at_least(0),
+        "validation.corruption_prob": _probability(),
+        "validation.lambda_poisson": (lambda v: v > 0, "> 0"),
+        **{f"validation.{k}": _probability() for k in ("mask_probability", "del_probability", "rep_probability",
+                                                         "prompt_prob")},
+        "validation.jaccard_patients": _at_least(0),
+        "validation.batch_size": _at_least(1),
+        "tracking.experiment_name": (lambda v: bool(v.strip()), "a non-empty name"),
+        "tracking.registered_model_name": (lambda v: bool(v.strip()), "a non-empty name"),
+        "tracking.n_sample_patients": _at_least(0),
+    }
+
+
+def _relation_errors(cfg: Config) -> list[str]:
+    """Values that are wrong together (or depend on the file system)."""
+    errors, m = [], cfg.model
+    for side in ("encoder", "decoder"):
+        heads = getattr(m, f"{side}_attention_heads")
+        if heads >= 1 and m.d_model % heads:
+            errors.append(f"model.{side}_attention_heads={heads}: must divide model.d_model={m.d_model}")
+    needed = cfg.collator.max_length + PROMPT_POSITIONS
+    if m.max_position_embeddings < needed:
+        errors.append(f"model.max_position_embeddings={m.max_position_embeddings}: must be >= collator.max_length + "
+                      f"{PROMPT_POSITIONS} prompt positions = {needed}")
+    if cfg.data.source != "synthetic" and not cfg.data.path:
+        errors.append(f"data.path=null: data.source={cfg.data.source} needs the folder of its tables")
+    if cfg.data.split == "meds" and cfg.data.source != "meds":
+        errors.append(f"data.split=meds: needs data.source=meds (got {cfg.data.source})")
+    resume = cfg.training.resume_from
+    if resume not in (None, "auto") and not Path(resume).parent.is_dir():  # `last` itself may be mid-swap
+        errors.append(f"training.resume_from={resume}: no such run folder (give a checkpoint folder, auto or null)")
+    return errors
+
+
+def check_config(cfg: Config) -> None:
+    """Raise ConfigError naming every key whose value is out of range (key=value: the allowed range),
+    before any data is read or a run is opened."""
+    flat = flatten(cfg)
+    errors = []
+    for key, (test, allowed) in _value_rules().items():
+        value = flat[key]
+        try:
+            ok = test(value)
+        except TypeError:  # a number where text is wanted, or the reverse
+            ok = False
+        if not ok:
+            errors.append(f"{key}={'null' if value is None else value}: must be {allowed}")
+    errors += _relation_errors(cfg)
+    if errors:
+        raise ConfigError("invalid settings: " + "; ".join(errors))

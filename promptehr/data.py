@@ -146,9 +146,12 @@ def load_patients(cfg) -> tuple[list[Patient], list[str], DataReport]:
         patients, _, report = load_meds_data(cfg.path, icd_versions=cfg.icd_versions, diagnosis_prefix=cfg.meds_diagnosis_prefix)
     else:
         raise DataError(f"data.source must be synthetic, mimic3, mimic4 or meds, got {cfg.source!r}")
+    n_loaded = len(patients)
     patients = apply_filters(patients, cfg, report)
     if not patients:
-        raise DataError(f"no patients left from data.source={cfg.source} after filtering")
+        excluded = ", ".join(f"{k} {v}" for k, v in report.counts.items() if k.startswith("patients_excluded") and v)
+        raise DataError(f"no patients left from data.source={cfg.source} after filtering: {n_loaded} loaded, {excluded} "
+                        f"(data.min_visits={cfg.min_visits}, data.max_patients={cfg.max_patients})")
     summarize(patients, report)
     return patients, build_vocab(patients), report
 
@@ -215,20 +218,31 @@ def _find_table(folder, name: str):
     return found[0]
 
 
+_CHUNK_ROWS = 500_000
+_ID_COLUMNS = ("subject_id", "hadm_id")
+
+
 def _read_table(path, required: tuple[str, ...]):
-    """Read only `required` columns (headers compared without regard to case) as strings.
+    """Read the `required` columns (headers compared without regard to case) as strings.
 
     Only an empty field is missing (keep_default_na=False), so no code such as "NA" turns into NaN,
-    and codes keep their leading zeros. Columns come back lowercase.
+    and codes keep their leading zeros. Columns come back lowercase. Every column is parsed (in chunks,
+    keeping only the required ones), so that a row with more fields than the header (an unquoted comma:
+    `40,19`) stops the load with its line number instead of shifting or cutting a value. Ids written
+    as floats (`10006.0`, a spreadsheet's doing) are read as the integers they are.
     """
+    import warnings
+    import zlib
+
     import pandas as pd
 
+    unreadable = (OSError, EOFError, UnicodeDecodeError, zlib.error)  # zlib.error: corrupt .gz data
     try:
         header = pd.read_csv(path, nrows=0)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty (no header line)") from None
-    except (OSError, EOFError, UnicodeDecodeError, pd.errors.ParserError) as exc:
-        raise DataError(f"{path}: cannot read the table: {exc}") from None
+    except (*unreadable, pd.errors.ParserError) as exc:
+        raise DataError(f"{path}: cannot read the table: {type(exc).__name__}: {exc}") from None
     by_lower: dict[str, str] = {}
     for col in header.columns:
         by_lower.setdefault(str(col).strip().lower(), col)
@@ -240,17 +254,46 @@ def _read_table(path, required: tuple[str, ...]):
         )
     usecols = [by_lower[c] for c in required]
     try:
-        df = pd.read_csv(path, usecols=usecols, dtype=str, keep_default_na=False, na_values=[""])
-    except (OSError, EOFError, UnicodeDecodeError, ValueError, pd.errors.ParserError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)  # pandas' only sign of a long first row
+            chunks = [chunk[usecols] for chunk in pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""],
+                                                              index_col=False, chunksize=_CHUNK_ROWS)]
+    except pd.errors.ParserWarning:
+        raise DataError(f"{path}: line 2 has more fields than the header's {len(header.columns)} "
+                        "(an unquoted comma inside a value?)") from None
+    except pd.errors.ParserError as exc:
+        import re
+
+        found = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
+        if found:
+            raise DataError(f"{path}: line {found[2]} has {found[3]} fields, the header {found[1]} "
+                            "(an unquoted comma inside a value?)") from None
         raise DataError(f"{path}: cannot read the table: {exc}") from None
+    except (*unreadable, ValueError) as exc:
+        raise DataError(f"{path}: cannot read the table: {type(exc).__name__}: {exc}") from None
+    df = pd.concat(chunks, ignore_index=True) if chunks else pd.DataFrame(columns=usecols)
     if len(df) == 0:
         raise DataError(f"{path}: the table is empty (a header but no data rows)")
     df = df.rename(columns={by_lower[c]: c for c in required})[list(required)]
     for col in required:  # surrounding blanks are never meaningful; a blank field is missing
         s = df[col].str.strip()
+        if col in _ID_COLUMNS:
+            s = _integer_ids(s, path, col)
         # plain object columns: hashing (isin, merge, duplicated) is much faster than on arrow strings
         df[col] = s.where(s != "").astype(object)
     return df
+
+
+def _integer_ids(ids, path, column: str):
+    """`10006.0` -> `10006` (ids that went through a float column); other values as they are."""
+    if not ids.str.contains(".", regex=False).any():
+        return ids
+    as_float = ids.str.fullmatch(r"\d+\.0*").fillna(False)
+    if as_float.any():
+        logger.info("%s: %d %s values written as floats (e.g. %s) are read as integers", path, int(as_float.sum()),
+                    column, "10006.0")
+        ids = ids.where(~as_float, ids.str.split(".", n=1).str[0])
+    return ids
 
 
 def _parse_seconds(series, path, column: str):
@@ -397,6 +440,13 @@ def _assemble(pat, adm, diag, report: DataReport, age_fn) -> list[Patient]:
     ]
 
 
+def _what_was_dropped(report: DataReport, tables: dict) -> str:
+    """The counts that explain an empty result: the rows read, and every non-zero count of what was left out."""
+    read = ", ".join(f"{len(df)} {path.name} rows" for path, df in tables.values())
+    dropped = ", ".join(f"{k} {v}" for k, v in report.counts.items() if v and k != "diagnosis_rows")
+    return f"read {read}; left out: {dropped or 'nothing'}"
+
+
 def _read_tables(folder, spec: dict):
     from pathlib import Path
 
@@ -457,7 +507,7 @@ def load_mimic_data(path) -> tuple[list[Patient], list[str], DataReport]:
 
     patients = _assemble(pat, adm, diag, report, age_fn)
     if not patients:
-        raise DataError(f"{path}: no patient has an admission with a diagnosis code")
+        raise DataError(f"{path}: no patient has an admission with a diagnosis code; {_what_was_dropped(report, tables)}")
     summarize(patients, report)
     return patients, build_vocab(patients), report
 
@@ -529,6 +579,7 @@ def load_mimic4_data(path, icd_versions: str = "both") -> tuple[list[Patient], l
 
     patients = _assemble(pat, adm, diag, report, age_fn)
     if not patients:
-        raise DataError(f"{path}: no patient has an admission with a diagnosis code (icd_versions={versions})")
+        raise DataError(f"{path}: no patient has an admission with a diagnosis code (icd_versions={versions}); "
+                        f"{_what_was_dropped(report, tables)}")
     summarize(patients, report)
     return patients, build_vocab(patients), report

@@ -38,6 +38,9 @@ class Tracker:
     def log_model(self, checkpoint_dir: str, score: float, tags: dict, rescore=None) -> dict | None:
         return None
     def end(self, status: str = "FINISHED") -> None: ...
+    def run_status(self, run_id: str) -> str | None:
+        """The status of run `run_id` (RUNNING, FINISHED, KILLED, FAILED), None if unknown."""
+        return None
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -90,8 +93,8 @@ class MLflowTracker(Tracker):
     def start(self, run_id: str | None = None) -> str:
         mlflow = self.mlflow
         active = mlflow.active_run()
-        if run_id is None and active is not None:
-            self.run_id = active.info.run_id  # a tuning worker's child run: it ends the run itself
+        if active is not None and run_id in (None, active.info.run_id):
+            self.run_id = active.info.run_id  # a tuning worker's child run (a retry resumes it): it ends the run itself
         else:
             wrapper = os.environ.get("MLFLOW_RUN_ID")
             experiment_id = None
@@ -185,6 +188,14 @@ class MLflowTracker(Tracker):
         finally:
             if self._owns_run and self.mlflow.active_run() is not None:
                 self.mlflow.end_run(status=status)
+
+    def run_status(self, run_id: str) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.mlflow.MlflowClient().get_run(run_id).info.status
+        except MlflowException:  # deleted, or logged to another tracking server
+            return None
 
 
 # ------------------------------------------------------------------ datasets

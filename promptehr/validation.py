@@ -138,7 +138,7 @@ class ValidationProtocol:
         for p in train_patients:
             for v in p.visits:
                 for c in v:
-                    counts[self.tok.token_to_id[c]] += 1
+                    counts[self.tok.encode_code(c)] += 1  # a code outside the vocabulary counts for <unk>
         counts[: self.tok.n_special] = 0  # never a label of these rows' codes
         with np.errstate(divide="ignore"):
             log_q = np.log(counts / counts.sum())

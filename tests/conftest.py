@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny configs and small cohorts; `SHARED` points at ../shared/data (demo tables)."""
+"""Shared fixtures: tiny configs and small cohorts, the real servers of the `services` tests (tests/services.py);
+`SHARED` points at ../shared/data (demo tables)."""
 
 from __future__ import annotations
 
@@ -30,3 +31,33 @@ def cohort():
     from promptehr.cohorts import sample_cohort
 
     return sample_cohort(600, seed=3, generator="small")
+
+
+# ------------------------------------------------------------------ real servers (slow, services tests)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    from services import Postgres
+
+    server = Postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres):
+    from services import start_mlflow_server
+
+    uri, stop = start_mlflow_server(postgres)
+    yield uri
+    stop()
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    from services import Slurm
+
+    cluster = Slurm()
+    yield cluster
+    cluster.stop()

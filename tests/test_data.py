@@ -430,6 +430,64 @@ def test_no_usable_patient(tmp_path):
         load_mimic_data(folder)
 
 
+def test_no_usable_patient_says_why(tmp_path):
+    """Every patient of unknown gender: the message gives the rows read and what was left out."""
+    folder = _mimic3_folder(tmp_path / "m3", patients=[[i, 700000 + i, "U", "2050-06-15 00:00:00"] for i in range(1, 5)])
+    with pytest.raises(DataError) as exc:
+        load_mimic_data(folder)
+    msg = str(exc.value)
+    assert "no patient has an admission with a diagnosis code" in msg
+    assert "read 4 PATIENTS.csv rows, 7 ADMISSIONS.csv rows, 12 DIAGNOSES_ICD.csv rows" in msg
+    assert "patients_unknown_gender 4" in msg and "admissions_of_excluded_patients" in msg
+    assert "70000" not in msg  # counts, not ids
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated"])
+def test_corrupt_gzip_names_the_file(tmp_path, damage):
+    import gzip
+
+    folder = _mimic3_folder(tmp_path / "m3")
+    plain = folder / "DIAGNOSES_ICD.csv"
+    data = gzip.compress(plain.read_bytes() * 200)
+    plain.unlink()
+    if damage == "flipped byte":
+        data = data[:40] + bytes([data[40] ^ 0xFF]) + data[41:]  # inside the deflate stream: zlib.error
+    else:
+        data = data[: len(data) // 2]
+    (folder / "DIAGNOSES_ICD.csv.gz").write_bytes(data)
+    with pytest.raises(DataError) as exc:
+        load_mimic_data(folder)
+    assert str(folder / "DIAGNOSES_ICD.csv.gz") in str(exc.value) and "cannot read the table" in str(exc.value)
+
+
+@pytest.mark.parametrize("row", [0, 2])
+def test_row_with_more_fields_than_the_header_names_its_line(tmp_path, row):
+    """An unquoted comma (`40,19`) must not turn into code 40 (or shift the columns): the load stops
+    with the file and line."""
+    folder = _mimic3_folder(tmp_path / "m3")
+    lines = (folder / "DIAGNOSES_ICD.csv").read_text().splitlines()
+    lines[row + 1] += ",19"  # data row `row` is file line row + 2
+    (folder / "DIAGNOSES_ICD.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as exc:
+        load_mimic_data(folder)
+    msg = str(exc.value)
+    assert str(folder / "DIAGNOSES_ICD.csv") in msg and f"line {row + 2} has" in msg and "unquoted comma" in msg, msg
+
+
+def test_integer_ids_written_as_floats_are_read_as_integers(tmp_path):
+    """`10006.0` (a table that went through a float column) is patient 10006, not an unknown one."""
+    clean, _, clean_report = load_mimic_data(_mimic3_folder(tmp_path / "clean"))
+    folder = _mimic3_folder(tmp_path / "floats")
+    for name, id_columns in (("PATIENTS.csv", [1]), ("ADMISSIONS.csv", [1, 2]), ("DIAGNOSES_ICD.csv", [1, 2])):
+        rows = _read_csv(folder / name)
+        header = list(rows[0])
+        _write_csv(folder / name, header, [[f"{v}.0" if i in id_columns and v else v for i, v in enumerate(r.values())]
+                                           for r in rows])
+    patients, _, report = load_mimic_data(folder)
+    assert [(p.subject_id, p.visits) for p in patients] == [(p.subject_id, p.visits) for p in clean]
+    assert report.counts == clean_report.counts
+
+
 # ---------------------------------------------------------------------------------------------
 # split_patients and apply_filters
 # ---------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def test_training_data_is_logged_as_a_dataset_of_aggregates(tracking_uri, tmp_pa
     [entry] = run.inputs.dataset_inputs
     dataset = entry.dataset
     assert [(t.key, t.value) for t in entry.tags] == [("mlflow.data.context", "training")]
-    assert dataset.name == "synthetic n_patients=120 seed=0" and dataset.source_type == "code"
+    assert dataset.name == "synthetic n_patients=120 seed=0 generator=small" and dataset.source_type == "code"
     source = json.loads(dataset.source)["tags"]
     assert source["synthetic.n_patients"] == "120" and source["split_fingerprint"] == run.data.tags["split_fingerprint"]
     columns = [c["name"] for c in json.loads(dataset.schema)["mlflow_colspec"]]

@@ -4,24 +4,17 @@ Default suite: the space and budget logic, a pruned and a failed trial in-proces
 `python tuning/search.py` end to end on SQLite (3 tiny trials, then a resume). Marked slow+services:
 3 local workers on a real PostgreSQL server logging to a real `mlflow server`, a worker killed with
 SIGKILL mid-trial (heartbeats re-queue its trial, its MLflow run is closed), and the Slurm job array
-on a real single-node Slurm (slurmctld + slurmd + munge on loopback). The servers come from Debian
-packages (postgresql, slurm-wlm, munge; `.ci/run` installs them): without them these tests skip
-here and fail under CI=true.
+on a real single-node Slurm (slurmctld + slurmd + munge on loopback). The servers: tests/services.py.
 """
 
 from __future__ import annotations
 
-import getpass
-import glob
 import os
-import shutil
+import re
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import optuna
@@ -33,6 +26,8 @@ from tuning.space import default_params, load_space, suggest, trial_config
 from tuning.storage import describe, journal_path, normalize_url, open_storage
 from tuning.study import TrialBudget, init_study, run_worker, settings_from_config
 
+from services import clean_env, wait_for
+
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH = ROOT / "tuning" / "search.py"
 TINY = ROOT / "experiments" / "tiny.yaml"
@@ -43,12 +38,6 @@ def tiny_overrides(tmp_path, *extra) -> str:
     return " ".join(["data.synthetic.n_patients=150", "training.num_epochs=2", "validation.jaccard_patients=0",
                      "tracking.n_sample_patients=0", "training.quality_report=false",
                      f"training.checkpoint_dir={tmp_path / 'checkpoints'}", *extra])
-
-
-def clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # in-process tests set some
-    env.update(PYTHONPATH=str(ROOT), **extra)
-    return env
 
 
 def search(*args, env, cwd, timeout=600, check=True) -> subprocess.CompletedProcess:
@@ -203,6 +192,89 @@ def test_pruned_trial_ends_its_run_killed_and_a_failing_trial_failed(tmp_path, m
     assert [m.step for m in client.get_metric_history(killed.info.run_id, "val/loss")] == [8]  # one validation
 
 
+def in_process_study(tmp_path, monkeypatch, name, space, *extra, n_trials=1):
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        monkeypatch.delenv(key)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(TINY, tiny_overrides(tmp_path, f"tracking.tracking_uri={uri}", "tracking.register_model=false",
+                                           *extra).split())
+    storage = open_storage(f"journal:{tmp_path / 'optuna_journal.log'}")  # no heartbeats on a journal
+    return init_study(storage, name, settings_from_config(cfg, space, n_trials=n_trials, pruner="none")), uri
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_signalled_worker_requeues_its_trial_and_the_retry_resumes_it(tmp_path, monkeypatch):
+    """SIGUSR1 reaches a worker at step 11 (epoch 2 of 2): the trial is saved, recorded FAIL with
+    `resumable`, re-queued under a new number and the worker stops (RunInterrupted); its MLflow run ends
+    KILLED, tagged resumable. The next worker's retry resumes the checkpoint and the same MLflow run to
+    FINISHED; its value counts the validation reported before the signal. No run is left RUNNING."""
+    import mlflow
+
+    from promptehr.model import PromptBartWithDemographicPrediction
+    from promptehr.run_status import RunInterrupted
+    from tuning.objective import Objective
+
+    study, uri = in_process_study(tmp_path, monkeypatch, "signal", {"collator.corruption_prob": {"low": 0.3, "high": 0.7}})
+    original, calls = PromptBartWithDemographicPrediction.forward, [0]
+
+    def forward(self, *args, **kwargs):
+        if self.training:
+            calls[0] += 1
+            if calls[0] == 11:
+                os.kill(os.getpid(), signal.SIGUSR1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PromptBartWithDemographicPrediction, "forward", forward)
+    with pytest.raises(RunInterrupted, match="SIGUSR1 at epoch 2, batch 3 of 8"):
+        run_worker(study, Objective(study))
+    monkeypatch.setattr(PromptBartWithDemographicPrediction, "forward", original)
+    stopped, retry = study.trials
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs["resumable"] is True
+    assert "stopped by SIGUSR1" in stopped.user_attrs["failure_reason"]
+    assert retry.state == TrialState.WAITING and retry.params == stopped.params
+    assert retry.system_attrs["failed_trial"] == 0 and list(stopped.intermediate_values) == [1]
+    assert retry.intermediate_values == stopped.intermediate_values  # the retry inherits the reports so far
+    client = mlflow.MlflowClient(uri)
+    run_id = stopped.user_attrs["mlflow_run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["promptehr.interrupted"] == "resumable"
+
+    assert run_worker(study, Objective(study)) == 1
+    stopped, retry = study.trials
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["mlflow_run_id"] == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "trial-1"
+    assert run.data.tags["optuna.trial_number"] == "1" and run.data.tags["optuna.retry_of"] == "0"
+    history = [(m.step, m.value) for m in client.get_metric_history(run_id, "val/next_visit_nll")]
+    assert [step for step, _ in history] == [8, 16]  # epoch 1 before the signal, epoch 2 after the resume
+    assert retry.value == pytest.approx(min(v for _, v in history))
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [5, 10, 15]  # each logged once
+    assert Path(retry.user_attrs["best_checkpoint"]).parent.parent == tmp_path / "checkpoints" / "trials" / "signal" / "0"
+    assert TrialBudget(1).has_work(study) is False
+    running = client.search_runs([run.info.experiment_id], "attributes.status = 'RUNNING'")
+    assert {r.info.run_id for r in running} == {study.user_attrs["mlflow_parent_run_id"]}  # open until finalize
+
+
+def test_diverging_trial_fails_at_once_with_the_reason(tmp_path, monkeypatch):
+    """learning_rate 1e4: the trial fails at the first non-finite loss (not after its epochs), FAIL with
+    the step and learning rate in `failure_reason`; its run ends FAILED, outcome diverged."""
+    import mlflow
+
+    from tuning.objective import Objective
+
+    study, uri = in_process_study(tmp_path, monkeypatch, "diverge",
+                                  {"training.learning_rate": {"type": "categorical", "choices": [1.0e4]}},
+                                  "training.num_epochs=4")
+    assert run_worker(study, Objective(study)) == 1
+    (trial,) = study.trials
+    assert trial.state == TrialState.FAIL and not trial.intermediate_values
+    assert re.search(r"^training diverged at step \d+ \(epoch 1, batch \d+ of 8\), learning rate",
+                     trial.user_attrs["failure_reason"]), trial.user_attrs["failure_reason"]
+    run = mlflow.MlflowClient(uri).get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["promptehr.outcome"] == "diverged"
+    assert "val/loss" not in run.data.metrics
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 def test_trials_of_any_corruption_sit_the_same_exam(tmp_path, monkeypatch):
@@ -335,101 +407,6 @@ def test_mlflow_run_search_entry_point(tmp_path):
 # ------------------------------------------------------------------ servers (slow, services)
 
 
-def missing(what: str):
-    message = f"{what} not installed (apt-get install postgresql slurm-wlm munge; .ci/run installs them)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-class Postgres:
-    """A throw-away PostgreSQL cluster on a loopback port (trust auth, fsync off)."""
-
-    def __init__(self):
-        initdb = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: float(Path(p).parts[-3]))
-        if not initdb:
-            missing("PostgreSQL server (Debian package postgresql)")
-        self.bin = Path(initdb[-1]).parent
-        self.base = Path(tempfile.mkdtemp(prefix="promptehr-pg-"))
-        self.as_user: list[str] = []
-        if os.geteuid() == 0:  # initdb refuses to run as root
-            shutil.chown(self.base, "postgres")
-            self.as_user = ["runuser", "-u", "postgres", "--"]
-        self.port = free_port()
-        self.run("initdb", "-D", self.base / "data", "-U", "postgres", "--auth=trust", "-E", "UTF8")
-        self.run("pg_ctl", "-D", self.base / "data", "-l", self.base / "server.log", "-w", "-t", "60", "-o",
-                 f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300",
-                 "start")
-
-    def run(self, tool, *args):
-        subprocess.run([*self.as_user, str(self.bin / tool), *map(str, args)], check=True, capture_output=True, timeout=120)
-
-    def create_database(self, name: str) -> str:
-        import psycopg2
-
-        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres")
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-        conn.close()
-        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{name}"
-
-    def stop(self):
-        self.run("pg_ctl", "-D", self.base / "data", "-m", "fast", "-w", "stop")
-        shutil.rmtree(self.base, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    server = Postgres()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(postgres):
-    """`mlflow server` backed by PostgreSQL, as on a cluster: every process logs to it over HTTP."""
-    workdir = Path(tempfile.mkdtemp(prefix="promptehr-mlflow-"))
-    port = free_port()
-    backend = postgres.create_database("mlflow")
-    log = open(workdir / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
-                             "--artifacts-destination", str(workdir / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "2"], stdout=log, stderr=subprocess.STDOUT,
-                            env=clean_env(), cwd=workdir)
-    uri = f"http://127.0.0.1:{port}"
-
-    def healthy():
-        assert proc.poll() is None, (workdir / "server.log").read_text()[-3000:]
-        try:
-            return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
-        except OSError:
-            return False
-
-    wait_for(healthy, 180, "mlflow server")
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
-    shutil.rmtree(workdir, ignore_errors=True)
-
-
 def trial_runs(uri: str, study: optuna.Study):
     import mlflow
 
@@ -471,9 +448,10 @@ def test_local_workers_share_a_postgresql_study(tmp_path, postgres, mlflow_serve
 
 @pytest.mark.slow
 @pytest.mark.services
-def test_killed_worker_trial_is_retried_and_its_run_closed(tmp_path, postgres, mlflow_server):
-    """SIGKILL a worker mid-trial: after the grace period the next worker fails the stale trial,
-    closes its MLflow run (KILLED) and re-runs it with the same parameters."""
+def test_killed_worker_trial_is_retried_and_resumes(tmp_path, postgres, mlflow_server):
+    """SIGKILL a worker after its trial saved epoch 1: after the grace period the next worker fails the
+    stale trial, closes its MLflow run (KILLED, resumable) and re-queues it; the retry resumes the
+    checkpoint in the same MLflow run, which ends FINISHED with one validation per epoch."""
     storage = postgres.create_database("killed_worker")
     env = clean_env(MLFLOW_TRACKING_URI=mlflow_server)
     heartbeat = ["--heartbeat-interval", 1, "--grace-period", 3]
@@ -485,15 +463,16 @@ def test_killed_worker_trial_is_retried_and_its_run_closed(tmp_path, postgres, m
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     study = optuna.load_study(study_name="killed", storage=storage)
     try:
-        wait_for(lambda: study.trials and "mlflow_run_id" in study.trials[0].user_attrs, 180, "trial 0 to start")
-        time.sleep(2)  # training, heartbeats sent
+        run_id = wait_for(lambda: study.trials and study.trials[0].user_attrs.get("mlflow_run_id"), 180, "trial 0 to start")
+        last = tmp_path / "checkpoints" / "trials" / "killed" / "0" / run_id / "last" / "metadata.json"
+        wait_for(last.exists, 180, "trial 0's first checkpoint", interval=0.05)
     finally:
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=30)
     killed = study.trials[0]
     client, _ = trial_runs(mlflow_server, study)
     assert killed.state == TrialState.RUNNING  # nobody told the storage
-    assert client.get_run(killed.user_attrs["mlflow_run_id"]).info.status == "RUNNING"
+    assert client.get_run(run_id).info.status == "RUNNING"
     time.sleep(4)  # > grace period
     search("worker", "--storage", storage, "--study-name", "killed", *heartbeat, env=env, cwd=tmp_path)
 
@@ -501,85 +480,13 @@ def test_killed_worker_trial_is_retried_and_its_run_closed(tmp_path, postgres, m
     assert killed.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
     assert retry.params == killed.params
     assert retry.system_attrs["failed_trial"] == 0 and retry.system_attrs["retry_history"] == [0]
-    old_run, new_run = (client.get_run(t.user_attrs["mlflow_run_id"]) for t in (killed, retry))
-    assert old_run.info.status == "KILLED" and "heartbeat" in old_run.data.tags["failure_reason"]
-    assert new_run.info.status == "FINISHED" and new_run.data.tags["optuna.retry_of"] == "0"
-    assert new_run.info.run_id != old_run.info.run_id
+    assert retry.user_attrs["mlflow_run_id"] == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["optuna.retry_of"] == "0"
+    assert "heartbeat" in run.data.tags["promptehr.stop_reason"] and run.data.tags["promptehr.interrupted"] == "resumed"
+    assert "/trials/killed/0/" in run.data.tags["promptehr.resumed_from"]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val/next_visit_nll")) == [8, 16, 24, 32]
     assert [t.number for t in TrialBudget(1).finished(optuna.load_study(study_name="killed", storage=storage))] == [1]
-
-
-class Slurm:
-    """A single-node Slurm cluster on loopback: munged, slurmctld and slurmd in a temporary folder."""
-
-    def __init__(self):
-        tools = {name: shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
-                 for name in ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel")}
-        if not all(tools.values()):
-            missing(f"Slurm/munge ({', '.join(k for k, v in tools.items() if not v)})")
-        self.tools = tools
-        self.dir = Path(tempfile.mkdtemp(prefix="promptehr-slurm-"))
-        munge = self.dir / "munge"
-        munge.mkdir(mode=0o700)
-        (munge / "munge.key").write_bytes(os.urandom(1024))
-        (munge / "munge.key").chmod(0o600)
-        for sub in ("state", "spool"):
-            (self.dir / sub).mkdir()
-        self.procs = [subprocess.Popen(
-            [tools["munged"], "--foreground", "--force", f"--key-file={munge / 'munge.key'}",
-             f"--socket={munge / 'munge.socket'}", f"--pid-file={munge / 'munged.pid'}",
-             f"--log-file={munge / 'munged.log'}", f"--seed-file={munge / 'munged.seed'}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-        wait_for(lambda: (munge / "munge.socket").exists(), 30, "munged")
-        user = getpass.getuser()
-        memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
-        self.conf = self.dir / "slurm.conf"
-        self.conf.write_text("\n".join([
-            "ClusterName=promptehr-test", "SlurmctldHost=localhost(127.0.0.1)",
-            f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
-            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={munge / 'munge.socket'}",
-            f"SlurmUser={user}", f"SlurmdUser={user}",
-            f"StateSaveLocation={self.dir / 'state'}", f"SlurmdSpoolDir={self.dir / 'spool'}",
-            f"SlurmctldPidFile={self.dir / 'slurmctld.pid'}", f"SlurmdPidFile={self.dir / 'slurmd.pid'}",
-            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
-            "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
-            "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
-            "MpiDefault=none", "ReturnToService=2", "MinJobAge=600", "MailProg=/bin/true",
-            f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={int(memory_mb * 0.9)} State=UNKNOWN",
-            "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP", ""]))
-        self.env = clean_env(SLURM_CONF=str(self.conf))
-        for daemon, extra in (("slurmctld", []), ("slurmd", ["-N", "localhost"])):
-            log = open(self.dir / f"{daemon}.log", "w")
-            self.procs.append(subprocess.Popen([tools[daemon], "-D", "-f", str(self.conf), *extra], env=self.env,
-                                               stdout=log, stderr=subprocess.STDOUT))
-        wait_for(lambda: "idle" in self.scontrol("show", "node", "localhost", check=False), 60, "the Slurm node")
-
-    def scontrol(self, *args, check=True) -> str:
-        proc = subprocess.run([self.tools["scontrol"], *args], env=self.env, capture_output=True, text=True, timeout=30)
-        if check:
-            assert proc.returncode == 0, proc.stderr
-        return proc.stdout.lower() + proc.stderr.lower()
-
-    def job_states(self, job_id: str) -> list[str]:
-        out = self.scontrol("show", "job", job_id)
-        return [part.split("=", 1)[1] for part in out.split() if part.startswith("jobstate=")]
-
-    def stop(self):
-        subprocess.run([self.tools["scancel"], "--user", getpass.getuser()], env=self.env, timeout=30)
-        time.sleep(1)
-        for proc in reversed(self.procs):
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def slurm():
-    cluster = Slurm()
-    yield cluster
-    cluster.stop()
 
 
 @pytest.mark.slow
@@ -604,3 +511,44 @@ def test_slurm_job_array_reaches_the_trial_count(tmp_path, postgres, mlflow_serv
     study = optuna.load_study(study_name="slurm", storage=storage)
     client = check_finished_study(study, mlflow_server, 4)
     assert client.get_model_version_by_alias("slurm-array", "champion").tags["optuna.study_name"] == "slurm"
+
+
+@pytest.mark.slow
+@pytest.mark.services
+def test_slurm_search_task_signalled_mid_trial_requeues_and_the_trial_resumes(tmp_path, postgres, mlflow_server, slurm):
+    """A search array task sent its early signal mid-trial (`scancel --signal=USR1 --batch`): the worker
+    saves the trial and re-queues it in the study, the task requeues itself and, back, resumes the trial
+    under a new number in the same MLflow run; the finalize job then closes the study. No MLflow run
+    is left RUNNING."""
+    storage = postgres.create_database("slurm_preempt")
+    env = {**slurm.env, "MLFLOW_TRACKING_URI": mlflow_server, "STORAGE": storage, "STUDY": "preempt",
+           "N_TRIALS": "1", "ARRAY": "0-0", "CONFIG": str(TINY), "PYTHON": sys.executable,
+           "OVERRIDES": tiny_overrides(tmp_path, "data.synthetic.n_patients=2000", "tracking.registered_model_name=preempt"),
+           "GRES": "none", "CPUS_PER_TASK": "1", "MEM": "1G", "LOG_DIR": str(tmp_path / "logs")}
+    proc = subprocess.run(["bash", str(ROOT / "tuning" / "slurm" / "submit.sh")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids = dict(part.split("=") for part in proc.stdout.strip().splitlines()[-1].split())
+    task = f"{ids['array_job']}_0"
+    log = tmp_path / "logs" / f"search-{ids['array_job']}_0.out"
+    wait_for(lambda: log.exists() and "epoch 1 step 10/100" in log.read_text(errors="replace"), 600, "the trial to train")
+    subprocess.run([slurm.tools["scancel"], "--signal=USR1", "--batch", task], env=slurm.env, check=True, timeout=30)
+    done = ("completed", "failed", "cancelled", "timeout")
+    states = wait_for(lambda: (lambda s: s if len(s) == 2 and all(x in done for x in s) else None)(
+        slurm.job_states(task) + slurm.job_states(ids["finalize_job"])), 900, "the Slurm jobs", interval=2)
+    text = log.read_text(errors="replace")
+    assert states == ["completed", "completed"], text[-3000:]
+    assert "restarts=1" in slurm.scontrol("show", "job", task)
+    assert "stopped by SIGUSR1 at epoch 1" in text and "requeueing task 0" in text
+
+    study = optuna.load_study(study_name="preempt", storage=storage)
+    stopped, retry = study.trials
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs["resumable"] is True
+    assert retry.state == TrialState.COMPLETE and retry.system_attrs["failed_trial"] == 0
+    assert retry.user_attrs["mlflow_run_id"] == stopped.user_attrs["mlflow_run_id"]
+    client = check_finished_study(study, mlflow_server, 1)
+    run = client.get_run(retry.user_attrs["mlflow_run_id"])
+    assert run.data.tags["promptehr.interrupted"] == "resumed" and "/trials/preempt/0/" in run.data.tags["promptehr.resumed_from"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/next_visit_nll")] == [100, 200]
+    study_runs = client.search_runs([run.info.experiment_id], "tags.`optuna.study_name` = 'preempt'")
+    assert len(study_runs) == 2 and {r.info.status for r in study_runs} == {"FINISHED"}  # parent and the trial's run

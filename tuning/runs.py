@@ -2,8 +2,8 @@
 
 The parent run is created once, by whoever creates the study (its id is kept in the study's user
 attrs); each trial opens a child run (`parent_run_id`, `run_name=trial-N`) that `train()` attaches
-to, and ends it itself: FINISHED, KILLED (pruned, or its worker died) or FAILED (with a
-`failure_reason` tag). Optuna's MLflowCallback is not used: it is deprecated, logs only after a
+to, and ends it itself with the trial's outcome (`promptehr.run_status`): FINISHED, KILLED (pruned,
+interrupted, or its worker died) or FAILED (with a `failure_reason` tag). A retry reopens the run. Optuna's MLflowCallback is not used: it is deprecated, logs only after a
 trial ends and cannot nest runs across processes.
 """
 
@@ -15,6 +15,7 @@ import os
 import mlflow
 from mlflow import MlflowClient
 
+from promptehr.run_status import Outcome
 from promptehr.tracking import (MLflowTracker, log_pyfunc_model, promote_champion, resolve_experiment_id,
                                 resolve_tracking_uri)
 
@@ -60,29 +61,37 @@ def reopen_run(tracking_uri: str | None, run_id: str) -> None:
         client.update_run(run_id, status="RUNNING")
 
 
-def start_trial_run(tracking_uri: str, parent_run_id: str, experiment_id: str, trial_number: int, tags: dict) -> str:
-    """Open the trial's child run as the active run (train()'s tracker attaches to it)."""
+def start_trial_run(tracking_uri: str, parent_run_id: str, experiment_id: str, trial_number: int, tags: dict,
+                    resume_run_id: str | None = None) -> str:
+    """Open the trial's child run as the active run (train()'s tracker attaches to it); a retry reopens
+    the run of the attempt it resumes (`resume_run_id`), renamed after the retry's trial number."""
     os.environ.pop("MLFLOW_RUN_ID", None)  # else start_run would resume `mlflow run`'s run, not make a child
     mlflow.set_tracking_uri(tracking_uri)
+    if resume_run_id:
+        run = mlflow.start_run(run_id=resume_run_id)
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        MlflowClient(tracking_uri).update_run(resume_run_id, name=f"trial-{trial_number}")
+        return run.info.run_id
     run = mlflow.start_run(experiment_id=experiment_id, run_name=f"trial-{trial_number}", parent_run_id=parent_run_id,
                            tags={k: str(v) for k, v in tags.items()})
     return run.info.run_id
 
 
-def end_trial_run(status: str, failure_reason: str | None = None) -> None:
-    if failure_reason:
-        mlflow.set_tag("failure_reason", failure_reason[:4000])
+def end_trial_run(outcome: Outcome) -> None:
+    """End the active trial run with `outcome`'s status and tags."""
+    mlflow.set_tags(outcome.tags)
     mlflow.flush_async_logging()
-    mlflow.end_run(status=status)
+    mlflow.end_run(status=outcome.status)
 
 
-def close_run(tracking_uri: str, run_id: str, status: str, reason: str) -> None:
-    """End a run whose process is gone (a heartbeat-stale trial): without this it stays RUNNING."""
+def close_run(tracking_uri: str, run_id: str, outcome: Outcome) -> None:
+    """End a run whose process is gone (a heartbeat-stale trial) with `outcome`: else it stays RUNNING."""
     client = MlflowClient(tracking_uri)
     if client.get_run(run_id).info.status == "RUNNING":
-        client.set_tag(run_id, "failure_reason", reason)
-        client.set_terminated(run_id, status)
-        logger.info("closed MLflow run %s as %s: %s", run_id, status, reason)
+        for key, value in outcome.tags.items():
+            client.set_tag(run_id, key, value)
+        client.set_terminated(run_id, outcome.status)
+        logger.info("closed MLflow run %s as %s: %s", run_id, outcome.status, outcome.reason)
 
 
 def log_study_summary(tracking_uri: str, run_id: str, metrics: dict, tags: dict, artifacts: dict[str, str], step: int) -> None:

@@ -23,8 +23,9 @@ if __package__ in (None, ""):  # run as a script: make `tuning` and `promptehr` 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from promptehr.cli import setup_logging
-from promptehr.config import ConfigError, load_config
+from promptehr.config import ConfigError, check_config, load_config
 from promptehr.data import DataError
+from promptehr.run_status import EXIT_RESUMABLE, RunInterrupted
 
 logger = logging.getLogger("tuning.search")
 COMMANDS = ("run", "init", "worker", "finalize")
@@ -47,6 +48,7 @@ def cmd_init(args):
                                          "objective": args.objective, "pruner": args.pruner, "seed": args.seed is not None,
                                          "n_trials": args.n_trials}.items() if given}
     cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
+    check_config(cfg)  # before the study exists: every trial would fail on a bad base value
     settings = settings_from_config(cfg, load_space(args.space or DEFAULT_SPACE), n_trials=args.n_trials,
                                     objective=args.objective, pruner=args.pruner, seed=args.seed)
     return init_study(open_storage(args), args.study_name, settings, explicit, describe(args.storage))
@@ -162,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return 2
+    except RunInterrupted as exc:  # the study goes on: the trial was re-queued; search.sbatch requeues on this status
+        logger.error("worker %s; the study continues when a worker starts again", exc)
+        return EXIT_RESUMABLE
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@
 - `postgresql+psycopg2://user:pass@host/db`: many workers on many nodes (a Slurm array). Heartbeats:
   a trial whose worker stopped beating for `grace_period` seconds is failed, its MLflow run is
   closed (KILLED), and it is re-queued with the same parameters (`RetryHeartbeatStaleTrialCallback`).
+A worker stopped by a signal re-queues its trial itself (`requeue`), on any storage. A retry resumes
+the first attempt's newest checkpoint and MLflow run (tuning/objective.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
+from promptehr.run_status import Outcome
 from tuning import runs
 
 logger = logging.getLogger(__name__)
@@ -25,25 +28,33 @@ logger = logging.getLogger(__name__)
 MAX_RETRY = 3  # a trial that keeps killing its worker (out of memory) is not re-queued forever
 
 
+def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial, max_retry: int | None = None) -> None:
+    """Queue a retry of `trial`: a new trial number with the same parameters, its reports so far and
+    `failed_trial` (the first attempt's number, whose checkpoint folder and MLflow run the retry resumes)
+    and `retry_history` in its system attrs, as Optuna's RetryHeartbeatStaleTrialCallback writes them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback(max_retry=max_retry, inherit_intermediate_values=True)(study, trial)
+
+
 class CloseRunAndRetry:
     """Heartbeat-stale trial callback: end the dead trial's MLflow run as KILLED, then re-queue the
-    trial with the same parameters (Optuna's RetryHeartbeatStaleTrialCallback)."""
+    trial (`requeue`); the retry resumes its newest checkpoint and reopens its run."""
 
     def __init__(self, max_retry: int | None = MAX_RETRY):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            self.retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        self.max_retry = max_retry
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         run_id = trial.user_attrs.get("mlflow_run_id")
         tracking_uri = study.user_attrs.get("mlflow_tracking_uri")
         if run_id and tracking_uri:
             try:
-                runs.close_run(tracking_uri, run_id, "KILLED", f"worker stopped sending heartbeats during trial {trial.number}")
+                runs.close_run(tracking_uri, run_id, Outcome("KILLED", "interrupted", resumable=True, reason=(
+                    f"worker stopped sending heartbeats during trial {trial.number}; a retry resumes its newest checkpoint")))
             except Exception as exc:  # the retry matters more than the run's status
                 logger.warning("could not close MLflow run %s of stale trial %d: %s", run_id, trial.number, exc)
-        logger.warning("trial %d lost its worker (no heartbeat); re-queued with the same parameters", trial.number)
-        self.retry(study, trial)
+        logger.warning("trial %d lost its worker (no heartbeat); re-queued to resume from its last checkpoint", trial.number)
+        requeue(study, trial, self.max_retry)
 
 
 def normalize_url(url: str) -> str:

@@ -16,6 +16,7 @@ import optuna
 from optuna.trial import TrialState
 
 from promptehr.config import ConfigError, config_from_dict, flatten, migrate_legacy_keys, to_dict
+from promptehr.run_status import RunInterrupted, StopSignals
 from promptehr.tracking import resolve_tracking_uri
 from tuning import runs
 from tuning.space import check_space, default_params
@@ -205,17 +206,22 @@ def _comparable(base_config: dict) -> dict:
 
 def run_worker(study: optuna.Study, objective) -> int:
     """Run trials until the study's budget is spent; returns how many this worker ran. A failing
-    trial is recorded (FAIL, with its reason) and the worker goes on with the next one."""
+    trial is recorded (FAIL, with its reason) and the worker goes on with the next one. A stop signal
+    (SIGTERM, SIGINT, SIGUSR1) ends the worker with `RunInterrupted`: during a trial once the trial is
+    saved and re-queued (tuning/objective.py), between trials before the next one starts."""
     ran = 0
-    while True:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)  # before counting: a dead worker's trial frees its slot
-        budget = TrialBudget(study.user_attrs["n_trials"])
-        if not budget.has_work(study):
-            break
-        study.optimize(objective, n_trials=1, catch=(Exception,))
-        ran += 1
+    with StopSignals() as stop:
+        while True:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # before counting: a dead worker's trial frees its slot
+            budget = TrialBudget(study.user_attrs["n_trials"])
+            if not budget.has_work(study):
+                break
+            if stop.requested:
+                raise RunInterrupted(stop.name, f"between trials (this worker ran {ran})")
+            study.optimize(objective, n_trials=1, catch=(Exception,))  # a RunInterrupted passes through
+            ran += 1
     logger.info("worker done: ran %d trials; %d of %d finished in the study", ran, len(budget.finished(study)),
                 budget.n_trials)
     return ran
