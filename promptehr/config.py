@@ -401,7 +401,7 @@ def _value_rules() -> dict[str, tuple]:
                                                          "prompt_prob")},
         "validation.jaccard_patients": _at_least(0),
         "validation.batch_size": _at_least(1),
-        "tracking.experiment_name": (lambda v: bool(v.strip()), "a non-empty name"),
+        "tracking.experiment_name": (lambda v: v is None or bool(v.strip()), "a non-empty name, or null for MLflow's default"),
         "tracking.registered_model_name": (lambda v: bool(v.strip()), "a non-empty name"),
         "tracking.n_sample_patients": _at_least(0),
     }
@@ -437,7 +437,7 @@ def check_config(cfg: Config) -> None:
         value = flat[key]
         try:
             ok = test(value)
-        except TypeError:  # a number where text is wanted, or the reverse
+        except (TypeError, AttributeError):  # a number where text is wanted, or the reverse
             ok = False
         if not ok:
             errors.append(f"{key}={'null' if value is None else value}: must be {allowed}")
