@@ -35,7 +35,8 @@ from promptehr.generate import SamplingConfig, demographics_histogram, generate_
 from promptehr.model import PromptBartWithDemographicPrediction  # noqa: E402
 from promptehr.tokenizer import DiagnosisCodeTokenizer  # noqa: E402
 from promptehr.tracking import Tracker  # noqa: E402
-from promptehr.train import resolve_device, train  # noqa: E402
+from promptehr.engine import resolve_device  # noqa: E402
+from promptehr.train import train  # noqa: E402
 
 SHAPES = {"tiny": "experiments/tiny.yaml", "base": "experiments/base.yaml"}
 

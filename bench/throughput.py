@@ -47,8 +47,8 @@ from promptehr.config import ModelConfig, load_config  # noqa: E402
 from promptehr.data import load_patients, split_patients  # noqa: E402
 from promptehr.model import N_PROMPTS, PromptBartWithDemographicPrediction  # noqa: E402
 from promptehr.tokenizer import DiagnosisCodeTokenizer  # noqa: E402
-from promptehr.train import (autocast_context, build_loader, build_optimizer, compiled_step_model,  # noqa: E402
-                             seed_everything, training_step)
+from promptehr.engine import (autocast_context, build_loader, build_optimizer, compiled_step_model,  # noqa: E402
+                              seed_everything, training_step)
 
 logger = logging.getLogger("bench.throughput")
 

@@ -73,7 +73,7 @@ def cmd_generate(args) -> int:
     from promptehr.checkpoint import load_checkpoint
     from promptehr.export import export_patients
     from promptehr.generate import generate_patients, sample_demographics
-    from promptehr.train import resolve_device
+    from promptehr.engine import resolve_device
 
     log = logging.getLogger("promptehr")
     sampling = _sampling(args)
@@ -120,7 +120,8 @@ def cmd_evaluate(args) -> int:
     from promptehr.data import held_out_subject_ids, load_patients, split_for_training
     from promptehr.report import log_quality_report, plot_report, quality_report
     from promptehr.tracking import MLflowTracker, Tracker
-    from promptehr.train import resolve_device, split_fingerprint
+    from promptehr.engine import resolve_device
+    from promptehr.train import split_fingerprint
     from promptehr.validation import ValidationProtocol
     from promptehr.validation import protocol_id as validation_id
 

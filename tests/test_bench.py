@@ -124,7 +124,7 @@ def test_timed_epoch_runs_every_batch_of_a_new_epoch():
     """`bench/throughput.py --epochs`: the timed epoch is the whole epoch train() would run (every
     batch of the epoch's own plan, each through the training step), not an extrapolation."""
     from promptehr.data import load_patients, split_patients
-    from promptehr.train import autocast_context, build_loader, build_optimizer
+    from promptehr.engine import autocast_context, build_loader, build_optimizer
     from transformers import get_linear_schedule_with_warmup
 
     cfg = load_config(ROOT / "experiments" / "tiny.yaml", ["data.synthetic.n_patients=120"])
