@@ -75,7 +75,7 @@ def test_unknown_generator_names_the_key_and_the_choices(tmp_path, caplog):
     caplog.set_level(logging.ERROR)
     rc = cli.main(["train", "--config", str(ROOT / "experiments" / "tiny.yaml"), "--no-tracking", "--overrides",
                    f"data.synthetic.generator=mimic training.checkpoint_dir={tmp_path / 'ck'}"])
-    assert rc == 2 and "data.synthetic.generator must be one of hmm, transition, small" in caplog.text
+    assert rc == 2 and "data.synthetic.generator=mimic: must be one of hmm, transition, small" in caplog.text
     assert not (tmp_path / "ck").exists()
     with pytest.raises(DataError, match="data.source=synthetic"):
         cohort_model_for(load_config(None, ["data.source=mimic3"]).data)
