@@ -76,7 +76,7 @@ class ModelConfig:
     target_visit_loss_weight: float = 1.0  # LM loss weight of a next-/first-visit row's hidden visit (codes and </v>) vs other label tokens
     tie_embeddings: bool = True     # the output layer shares the code embeddings (false: its own weights)
     scale_embedding: bool = False   # multiply token embeddings by sqrt(d_model) (BART's option)
-    output_bias: bool = False       # a learned per-token output bias, initialised at the log frequency of the training codes
+    output_bias: bool = True        # a learned per-token output bias, initialised at the log frequency of the training codes
 
 
 @dataclass
@@ -207,6 +207,7 @@ MOVED_KEYS = {
 # means the old behaviour
 ABSENT_MEANS = {
     "data.synthetic.generator": "small",   # the only built-in cohort before there was a choice
+    "model.output_bias": False,            # models before the option had no output bias
 }
 
 

@@ -94,3 +94,26 @@ def test_resume_after_a_crash_between_the_renames_falls_back_with_a_warning(tmp_
     assert f"{run / 'last'} is not a complete checkpoint" in caplog.text and "last.old instead" in caplog.text
     assert resumed["checkpoint_dir"] == str(run) and resumed["global_step"] == 2 * first["global_step"]
     assert ck.read_metadata(run / "last")["epoch"] == 1 and not (run / "last.old").exists()
+
+
+def test_a_checkpoint_of_an_earlier_version_loads_as_it_was_trained(cohort, tmp_path):
+    """A checkpoint saved before some keys existed or moved loads with what the code did then: no output
+    bias (its weights have none), the 389-code cohort, validation settings found under training.*."""
+    import yaml
+
+    from promptehr.model import PromptBartWithDemographicPrediction
+    from promptehr.tokenizer import DiagnosisCodeTokenizer
+
+    cfg = load_config(ROOT / "experiments" / "tiny.yaml", ["model.output_bias=false", "validation.prompt_prob=0.3"])
+    tokenizer = DiagnosisCodeTokenizer.from_patients(cohort[:50])
+    folder = ck.save_checkpoint(tmp_path / "old", PromptBartWithDemographicPrediction(tokenizer, cfg), None, None, cfg,
+                                tokenizer, {"epoch": 0})
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    del saved["model"]["output_bias"], saved["data"]["synthetic"]["generator"]
+    saved["training"]["prompt_prob"] = saved["validation"].pop("prompt_prob")
+    (folder / "config.yaml").write_text(yaml.safe_dump(saved))
+
+    model, _, loaded, _ = ck.load_checkpoint(folder)
+    assert loaded.model.output_bias is False and loaded.data.synthetic.generator == "small"
+    assert loaded.validation.prompt_prob == 0.3
+    assert load_config(None).model.output_bias is True  # what a new run gets
