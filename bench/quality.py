@@ -44,13 +44,14 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from promptehr.checkpoint import load_checkpoint  # noqa: E402
-from promptehr.collator import TASK_ID  # noqa: E402
-from promptehr.cohorts import CohortModel, cohort_model_for  # noqa: E402
-from promptehr.config import load_config  # noqa: E402
-from promptehr.data import SEXES, load_patients, split_patients  # noqa: E402
 from promptehr.baselines import NextVisitBaselines, VisitPairs  # noqa: E402
+from promptehr.checkpoint import load_checkpoint  # noqa: E402
+from promptehr.cohorts import CohortModel, cohort_model_for  # noqa: E402
+from promptehr.collator import TASK_ID  # noqa: E402
+from promptehr.config import load_config  # noqa: E402
+from promptehr.data import load_patients, split_patients  # noqa: E402
 from promptehr.patient_format import hidden_visit_row, pad_batch, with_closing_token  # noqa: E402
+from promptehr.schema import SEXES  # noqa: E402
 from promptehr.tokenizer import DiagnosisCodeTokenizer  # noqa: E402
 
 logger = logging.getLogger("bench.quality")
@@ -307,7 +308,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("promptehr.train", "promptehr.data"):
+    for noisy in ("promptehr.train", "promptehr.data", "promptehr.schema"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     overrides = [o for text in args.overrides for o in shlex.split(text)]

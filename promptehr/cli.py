@@ -13,8 +13,8 @@ import shlex
 import sys
 
 from promptehr.config import ConfigError, load_config
-from promptehr.data import DataError
 from promptehr.run_status import RunInterrupted, StopSignals, TrainingDiverged, end_run, outcome_of
+from promptehr.schema import DataError
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -24,8 +24,8 @@ if __package__ in (None, ""):  # run as a script: make `tuning` and `promptehr` 
 
 from promptehr.cli import setup_logging
 from promptehr.config import ConfigError, check_config, load_config
-from promptehr.data import DataError
 from promptehr.run_status import EXIT_RESUMABLE, RunInterrupted
+from promptehr.schema import DataError
 
 logger = logging.getLogger("tuning.search")
 COMMANDS = ("run", "init", "worker", "finalize")
