@@ -45,7 +45,7 @@ def main() -> None:
     import mlflow
     import pandas as pd
 
-    from promptehr.tracking import log_pyfunc_model
+    from promptehr.registry import log_pyfunc_model
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -52,9 +52,10 @@ def cmd_train(args) -> int:
 def _checkpoint_folder(model: str, tmp: str) -> str:
     """A checkpoint folder as given, or the one inside a logged model (`models:/promptehr@champion`, `runs:/...`)."""
     if model.startswith(("models:/", "runs:/")) or "://" in model:
-        from promptehr.tracking import download_model_checkpoint
+        from promptehr.registry import download_model_checkpoint
+        from promptehr.tracking import resolve_tracking_uri
 
-        return str(download_model_checkpoint(model, tmp))
+        return str(download_model_checkpoint(model, tmp, resolve_tracking_uri(None)))
     return model
 
 

@@ -125,7 +125,7 @@ def test_generate_refuses_a_checkpoint_without_demographics(checkpoint_folder, t
 def test_generate_from_the_registry(checkpoint_folder, tmp_path, monkeypatch):
     import mlflow
 
-    from promptehr.tracking import log_pyfunc_model
+    from promptehr.registry import log_pyfunc_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

@@ -64,7 +64,7 @@ def champion(tmp_path, cohort):
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(experiment_id=MlflowClient(uri).create_experiment("readme")):  # no set_experiment: see test_serving
-        from promptehr.tracking import log_pyfunc_model
+        from promptehr.registry import log_pyfunc_model
 
         info = log_pyfunc_model(str(tiny_checkpoint(tmp_path / "ck", cohort)), "promptehr")
     MlflowClient(uri).set_registered_model_alias("promptehr", "champion", info.registered_model_version)

@@ -213,7 +213,7 @@ def test_champion_gate_compares_on_one_protocol_and_rescores_a_legacy_champion(t
     import mlflow
 
     from promptehr.checkpoint import read_metadata
-    from promptehr.tracking import log_pyfunc_model
+    from promptehr.registry import log_pyfunc_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)

@@ -2,7 +2,7 @@
 
 The best trial's best checkpoint is logged as a pyfunc model in the parent run and registered as a
 version of the registered model; it takes alias `champion` only if it beats the current champion on
-the same data (`promptehr.tracking.promote_champion`). Running it again (a resumed study) adds
+the same data (`promptehr.registry.promote_champion`). Running it again (a resumed study) adds
 points to the counts and registers a new version only if the best trial changed.
 """
 
