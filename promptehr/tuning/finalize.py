@@ -18,8 +18,8 @@ import optuna
 from optuna.trial import TrialState
 
 from promptehr.checkpoint import read_metadata
-from tuning import runs
-from tuning.study import StudySettings, TrialBudget
+from promptehr.tuning import runs
+from promptehr.tuning.study import StudySettings, TrialBudget
 
 logger = logging.getLogger(__name__)
 
