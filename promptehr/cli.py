@@ -11,6 +11,7 @@ requeues on it), 128+N stopped by signal N with nothing to resume.
 from __future__ import annotations
 
 import argparse
+import ast
 import logging
 import os
 import shlex
@@ -297,15 +298,11 @@ and parameters, plots and the registered champion in the parent run).""")
 
 def bench_scripts() -> dict[str, str]:
     """name -> the first paragraph of its docstring, for every bench/NAME.py of the source checkout."""
-    import ast
-
-    if not BENCH_DIR.is_dir():
-        return {}
     def summary(path: Path) -> str:
         first = (ast.get_docstring(ast.parse(path.read_text())) or "").split("\n\n")[0]
         return " ".join(first.split()).replace(" (a benchmark that prints figures)", "")
 
-    return {path.stem: summary(path) for path in sorted(BENCH_DIR.glob("*.py"))}
+    return {path.stem: summary(path) for path in sorted(BENCH_DIR.glob("*.py"))} if BENCH_DIR.is_dir() else {}
 
 
 def bench_description() -> str:
