@@ -16,7 +16,6 @@ from pathlib import Path
 from promptehr.config import ConfigError, check_config
 
 logger = logging.getLogger(__name__)
-STEPS = ("run", "init", "worker", "finalize")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "base.yaml"
 
 
