@@ -17,7 +17,6 @@ of what was generated (speed depends on both).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import tempfile
 import time
@@ -25,18 +24,18 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from promptehr.checkpoint import load_checkpoint, save_checkpoint
+from promptehr.cli import setup_logging
+from promptehr.config import load_config
+from promptehr.data import load_patients, split_patients
+from promptehr.generate import SamplingConfig, demographics_histogram, generate_patients, sample_demographics
+from promptehr.model import PromptBartWithDemographicPrediction
+from promptehr.tokenizer import DiagnosisCodeTokenizer
+from promptehr.tracking import Tracker
+from promptehr.engine import resolve_device
+from promptehr.train import train
 
-from promptehr.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from promptehr.config import load_config  # noqa: E402
-from promptehr.data import load_patients, split_patients  # noqa: E402
-from promptehr.generate import SamplingConfig, demographics_histogram, generate_patients, sample_demographics  # noqa: E402
-from promptehr.model import PromptBartWithDemographicPrediction  # noqa: E402
-from promptehr.tokenizer import DiagnosisCodeTokenizer  # noqa: E402
-from promptehr.tracking import Tracker  # noqa: E402
-from promptehr.engine import resolve_device  # noqa: E402
-from promptehr.train import train  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SHAPES = {"tiny": "experiments/tiny.yaml", "base": "experiments/base.yaml"}
 
@@ -85,7 +84,7 @@ def main(argv=None) -> int:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    setup_logging("WARNING")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import shlex
 import sys
 import tempfile
 import time
@@ -41,17 +40,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from promptehr.baselines import NextVisitBaselines, VisitPairs
+from promptehr.checkpoint import load_checkpoint
+from promptehr.cli import add_config_arguments, overrides_of, setup_logging
+from promptehr.cohorts import CohortModel, cohort_model_for
+from promptehr.collator import TASK_ID
+from promptehr.config import load_config
+from promptehr.data import load_patients, split_patients
+from promptehr.patient_format import hidden_visit_row, pad_batch, with_closing_token
+from promptehr.schema import SEXES
+from promptehr.tokenizer import DiagnosisCodeTokenizer
 
-from promptehr.checkpoint import load_checkpoint  # noqa: E402
-from promptehr.collator import TASK_ID  # noqa: E402
-from promptehr.cohorts import CohortModel, cohort_model_for  # noqa: E402
-from promptehr.config import load_config  # noqa: E402
-from promptehr.data import SEXES, load_patients, split_patients  # noqa: E402
-from promptehr.baselines import NextVisitBaselines, VisitPairs  # noqa: E402
-from promptehr.patient_format import hidden_visit_row, pad_batch, with_closing_token  # noqa: E402
-from promptehr.tokenizer import DiagnosisCodeTokenizer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 logger = logging.getLogger("bench.quality")
 
@@ -291,9 +291,7 @@ def train_and_load(cfg, minutes: float | None):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(ROOT / "experiments" / "base.yaml"))
-    parser.add_argument("--overrides", action="append", default=[], help='dotted overrides, e.g. "model.d_model=192"')
-    parser.add_argument("--epochs", type=int, default=None, help="training.num_epochs (default: the config's)")
+    add_config_arguments(parser, str(ROOT / "experiments" / "base.yaml"), epochs=True)
     parser.add_argument("--minutes", type=float, default=None,
                         help="stop at the first validation after this many minutes (the schedule stays the config's)")
     parser.add_argument("--checkpoint", default=None, help="score this checkpoint folder instead of training")
@@ -306,14 +304,11 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", default=None, help="keep the checkpoints in this folder (default: a temp dir)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("promptehr.train", "promptehr.data"):
+    setup_logging("INFO")
+    for noisy in ("promptehr.train", "promptehr.data", "promptehr.schema"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    overrides = [o for text in args.overrides for o in shlex.split(text)]
-    overrides.insert(0, "training.quality_report=false")  # train()'s generated-cohort report: not needed here
-    if args.epochs is not None:
-        overrides.append(f"training.num_epochs={args.epochs}")
+    overrides = ["training.quality_report=false", *overrides_of(args)]  # train()'s cohort report: not needed here
     tmp = None
     wall = float("nan")
     if args.checkpoint:

@@ -14,6 +14,7 @@ warm-up request each.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import sys
@@ -21,15 +22,25 @@ import tempfile
 import time
 from pathlib import Path
 
+from generation import build_checkpoint  # bench/generation.py, beside this script
+
+from promptehr.checkpoint import read_metadata
+from promptehr.cli import setup_logging
+from promptehr.generate import sample_demographics
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
-from generation import build_checkpoint  # noqa: E402
-from servers import clean_env, free_port, post_json, running  # noqa: E402
 
-from promptehr.checkpoint import read_metadata  # noqa: E402
-from promptehr.generate import sample_demographics  # noqa: E402
+def _load_test_helpers():
+    """tests/servers.py, the test suite's helpers that start a server and stop its whole process group."""
+    spec = importlib.util.spec_from_file_location("servers", ROOT / "tests" / "servers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+servers = _load_test_helpers()
+clean_env, free_port, post_json, running = servers.clean_env, servers.free_port, servers.post_json, servers.running
 
 logger = logging.getLogger("bench.serving")
 
@@ -40,12 +51,12 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--rows", type=int, default=2000)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging("INFO")
 
     import mlflow
     import pandas as pd
 
-    from promptehr.tracking import log_pyfunc_model
+    from promptehr.registry import log_pyfunc_model
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -30,7 +30,6 @@ import dataclasses
 import logging
 import math
 import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -40,15 +39,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from promptehr.cli import add_config_arguments, overrides_of, setup_logging
+from promptehr.config import ModelConfig, load_config
+from promptehr.data import load_patients, split_patients
+from promptehr.engine import (autocast_context, build_loader, build_optimizer, compiled_step_model, seed_everything,
+                              training_step)
+from promptehr.model import N_PROMPTS, PromptBartWithDemographicPrediction
+from promptehr.tokenizer import DiagnosisCodeTokenizer
 
-from promptehr.config import ModelConfig, load_config  # noqa: E402
-from promptehr.data import load_patients, split_patients  # noqa: E402
-from promptehr.model import N_PROMPTS, PromptBartWithDemographicPrediction  # noqa: E402
-from promptehr.tokenizer import DiagnosisCodeTokenizer  # noqa: E402
-from promptehr.engine import (autocast_context, build_loader, build_optimizer, compiled_step_model,  # noqa: E402
-                              seed_everything, training_step)
+ROOT = Path(__file__).resolve().parents[1]
 
 logger = logging.getLogger("bench.throughput")
 
@@ -158,7 +157,7 @@ def batch_flops(m: ModelConfig, vocab: int, batch) -> tuple[float, float]:
 
 def shape_config(name: str, args):
     path, overrides = SHAPES[name]
-    extra = [o for text in args.overrides for o in shlex.split(text)]
+    extra = overrides_of(args)
     if args.patients:
         extra.append(f"data.synthetic.n_patients={args.patients}")
     cfg = load_config(ROOT / path, [*(overrides or []), *extra, f"training.num_workers={args.num_workers}"])
@@ -333,7 +332,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps-bart-cpu", type=int, default=6, help="timed steps for bart-base on CPU")
     parser.add_argument("--warmup", type=int, default=8, help="untimed warm-up steps (first steps are slow)")
     parser.add_argument("--patients", type=int, default=None, help="cohort size (default: the config's)")
-    parser.add_argument("--overrides", action="append", default=[], help="dotted overrides for every shape")
+    add_config_arguments(parser, config=False)  # --overrides: for every shape
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (training.precision=bf16)")
@@ -346,7 +345,7 @@ def main(argv=None) -> int:
                         help="after the step timings, also time this many whole training epochs, wall clock")
     parser.add_argument("--no-logging-bench", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging("WARNING")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision("high" if args.tf32 else "highest")

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from promptehr.data import SEXES, Patient
 from promptehr.patient_format import hidden_visit_row, pad_batch, row_lengths, whole_patient_row
+from promptehr.schema import SEXES, Patient
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 
 logger = logging.getLogger(__name__)

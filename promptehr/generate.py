@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from promptehr.data import MAX_AGE, SEXES, Patient
 from promptehr.model import N_PROMPTS
 from promptehr.patient_format import VisitGrammar, generation_rows, pad_prefixes
+from promptehr.schema import MAX_AGE, SEXES, Patient
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 
 logger = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from promptehr import __version__
-from promptehr.data import ICD_VERSIONS, MAX_AGE, SEXES, DataError, DataReport, Patient, _warn, build_vocab, summarize
 from promptehr.export import mimic3_tables, write_jsonl
+from promptehr.schema import ICD_VERSIONS, MAX_AGE, SEXES, DataError, DataReport, Patient, build_vocab, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -185,12 +185,12 @@ def _parse_diagnoses(diag: pd.DataFrame, prefix: str, versions: str, report: Dat
     usable = ~malformed & ~unknown_version
     keep = usable if versions == "both" else usable & (version == versions)
     no_time = keep & diag["time_missing"]
-    _warn(report, "diagnosis_events_malformed_code", int(malformed.sum()),
-          f"diagnosis events are not of the form {prefix}<version>//<code>")
-    _warn(report, "diagnosis_events_unknown_icd_version", int(unknown_version.sum()),
-          "diagnosis events have an ICD version other than 9 or 10")
+    report.left_out("diagnosis_events_malformed_code", int(malformed.sum()),
+                    f"diagnosis events are not of the form {prefix}<version>//<code>")
+    report.left_out("diagnosis_events_unknown_icd_version", int(unknown_version.sum()),
+                    "diagnosis events have an ICD version other than 9 or 10")
     report.add("diagnosis_events_excluded_icd_version", int((usable & ~keep).sum()))
-    _warn(report, "diagnosis_events_without_time", int(no_time.sum()), "diagnosis events have no time")
+    report.left_out("diagnosis_events_without_time", int(no_time.sum()), "diagnosis events have no time")
     keep &= ~no_time
     return diag[keep].assign(code="ICD" + version[keep] + ":" + icd[keep])
 
@@ -277,7 +277,7 @@ def load_meds_data(root, icd_versions: str = "both", diagnosis_prefix: str = DIA
     report.add("shards", len(shards))
     events = pd.concat(frames, ignore_index=True)
     no_subject = events["subject_id"].isna()
-    _warn(report, "events_without_subject_id", int(no_subject.sum()), "birth, sex or diagnosis events have no subject_id")
+    report.left_out("events_without_subject_id", int(no_subject.sum()), "birth, sex or diagnosis events have no subject_id")
     events = events[~no_subject].astype({"subject_id": np.int64})
     if not any_hadm:
         logger.info("data[meds]: no hadm_id column: diagnosis events at the same time form one visit")

@@ -24,8 +24,8 @@ from torch import nn
 from transformers import BartConfig, BartForConditionalGeneration
 from transformers.models.bart.modeling_bart import shift_tokens_right
 
-from promptehr.data import MAX_AGE, SEXES
 from promptehr.patient_format import BANNED_LOGIT, grammar_mask, grammar_token_ids, with_closing_token
+from promptehr.schema import MAX_AGE, SEXES
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 
 N_PROMPTS = 2  # age, sex

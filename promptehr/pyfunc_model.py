@@ -98,7 +98,7 @@ class Rows:
     """Rows [start, stop) of a request, read as arrays."""
 
     ages: np.ndarray      # float64
-    sex_ids: np.ndarray   # index into promptehr.data.SEXES (M 0, F 1)
+    sex_ids: np.ndarray   # index into promptehr.schema.SEXES (M 0, F 1)
     n_visits: np.ndarray  # float64; NaN: the model decides
     seeds: np.ndarray     # float64; NaN: the row has no seed of its own
     problems: list        # (row, column, value, rule) of every bad value
@@ -166,7 +166,7 @@ class PromptEHRModel(PythonModel):
         self.model, self.tokenizer, self.cfg, self.metadata = load_checkpoint(context.artifacts["checkpoint"], "cpu")
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from promptehr.data import MAX_AGE
+        from promptehr.schema import MAX_AGE
 
         params = params or {}
         sampling = sampling_from_params(params)
@@ -191,8 +191,8 @@ class PromptEHRModel(PythonModel):
         import torch
         from tqdm.auto import tqdm
 
-        from promptehr.data import MAX_AGE
         from promptehr.generate import generate_patients
+        from promptehr.schema import MAX_AGE
 
         n = len(df)
         out = {"patient_id": np.empty(n, dtype=object), "age": np.empty(n), "sex": np.empty(n, dtype=object),

@@ -28,7 +28,7 @@ from transformers import get_linear_schedule_with_warmup
 from promptehr.checkpoint import (git_commit, load_checkpoint, load_training_state, mark_run_state, newest_complete,
                                   package_versions, position, read_metadata, rng_state, save_checkpoint, set_rng_state)
 from promptehr.config import Config, ConfigError, check_config, flatten, to_yaml
-from promptehr.data import held_out_subject_ids, load_patients, split_for_training
+from promptehr.data import held_out_subject_ids, load_patients, split_fingerprint, split_for_training
 from promptehr.engine import (LogWindow, autocast_context, build_loader, build_optimizer, compiled_step_model,
                               epoch_batches, resolve_device, seed_everything, training_step)
 from promptehr.generate import SamplingConfig, demographics_histogram, generate_patients, sample_demographics
@@ -45,19 +45,6 @@ from promptehr.validation import ValidationProtocol, copy_warning
 logger = logging.getLogger(__name__)
 
 __all__ = ["train", "TrainingPruned", "RunInterrupted", "TrainingDiverged"]
-
-
-def split_fingerprint(train_patients, val_patients, held_out_ids=()) -> str:
-    """Hash of the split (for checks on resume), with the subjects kept for a final test when there are
-    such (MEDS held_out); reveals nothing about the patients."""
-    h = hashlib.sha256()
-    for group in (train_patients, val_patients):
-        for p in group:
-            h.update(p.subject_id.encode())
-        h.update(b"|")
-    if held_out_ids:  # only then, so a random split keeps the fingerprint its checkpoints hold
-        h.update(b"held_out|" + "|".join(held_out_ids).encode())
-    return h.hexdigest()[:16]
 
 
 

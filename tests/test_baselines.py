@@ -5,7 +5,7 @@ import pytest
 
 from promptehr.baselines import (N_STRATA, NextVisitBaselines, VisitPairs, bernoulli_set_nll, fit_repeat_weight,
                                  set_nll, stratum, visit_prior)
-from promptehr.data import Patient
+from promptehr.schema import Patient
 
 
 def test_bernoulli_set_probabilities_sum_to_one_over_nonempty_sets():

@@ -17,7 +17,8 @@ from promptehr import cli
 from promptehr.cohorts import GENERATORS, CohortModel, TransitionModel, cohort_model, cohort_model_for, sample_cohort
 from promptehr.cohorts.icd9 import category, mimic_vocabulary
 from promptehr.config import load_config
-from promptehr.data import DataError, Patient, load_patients
+from promptehr.data import load_patients
+from promptehr.schema import DataError, Patient
 from promptehr.validity import code_allowed, code_restriction
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from promptehr.cohorts import CohortModel, cohort_model, sample_cohort
-from promptehr.data import Patient
+from promptehr.schema import Patient
 from promptehr.validity import code_allowed, code_restriction
 
 N_COHORT = 20_000

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from promptehr.cohorts import TransitionModel, cohort_model
-from promptehr.data import Patient
+from promptehr.schema import Patient
 from promptehr.validity import code_allowed, code_restriction
 
 TINY_CODES = ["4019", "0389", "V270", "185"]   # chronic, acute, pregnancy (F 12-55), male-only

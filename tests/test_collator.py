@@ -4,7 +4,7 @@ import torch
 
 from promptehr.collator import (TASK_ID, TASK_TYPES, EHRDataCollator, EHRPatientDataset, LengthBucketSampler,
                                RowBucketSampler)
-from promptehr.data import Patient
+from promptehr.schema import Patient
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 
 

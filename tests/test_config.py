@@ -170,8 +170,8 @@ def test_max_position_embeddings_rule_is_the_model_limit():
     import torch
 
     from promptehr.collator import EHRDataCollator, EHRPatientDataset
-    from promptehr.data import Patient
     from promptehr.model import PromptBartWithDemographicPrediction
+    from promptehr.schema import Patient
     from promptehr.tokenizer import DiagnosisCodeTokenizer
 
     codes = [f"{i:03d}" for i in range(60)]

@@ -11,10 +11,11 @@ import torch
 from promptehr.checkpoint import save_checkpoint
 from promptehr.cli import main
 from promptehr.config import load_config
-from promptehr.data import MAX_AGE, Patient, load_mimic_data
 from promptehr.export import export_patients, read_jsonl, write_mimic3
 from promptehr.generate import AGE_BIN_EDGES, demographics_histogram
+from promptehr.mimic import load_mimic_data
 from promptehr.model import PromptBartWithDemographicPrediction
+from promptehr.schema import MAX_AGE, Patient
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +125,7 @@ def test_generate_refuses_a_checkpoint_without_demographics(checkpoint_folder, t
 def test_generate_from_the_registry(checkpoint_folder, tmp_path, monkeypatch):
     import mlflow
 
-    from promptehr.tracking import log_pyfunc_model
+    from promptehr.registry import log_pyfunc_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

@@ -20,7 +20,7 @@ from mlflow.exceptions import MlflowException
 
 from promptehr.checkpoint import load_checkpoint, save_checkpoint
 from promptehr.config import load_config
-from promptehr.data import SEXES, Patient
+from promptehr.schema import SEXES, Patient
 from promptehr.generate import (AGE_BIN_EDGES, SamplingConfig, demographics_histogram,
                                 generate_conditional_batch, generate_patients, sample_demographics, sample_visit_batch)
 from promptehr.model import PromptBartWithDemographicPrediction

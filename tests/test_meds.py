@@ -24,15 +24,17 @@ from conftest import SHARED, needs_shared
 from promptehr.checkpoint import read_metadata, save_checkpoint
 from promptehr.cli import main
 from promptehr.config import load_config
-from promptehr.data import (MAX_AGE, DataError, DataReport, Patient, held_out_subject_ids, load_mimic4_data, load_patients,
-                            split_for_training)
+from promptehr.data import held_out_subject_ids, load_patients, split_for_training
 from promptehr.export import read_jsonl
 from promptehr.generate import demographics_histogram
 from promptehr.meds import load_meds_data, meds_events, write_meds
+from promptehr.mimic import load_mimic4_data
 from promptehr.model import PromptBartWithDemographicPrediction
+from promptehr.schema import MAX_AGE, DataError, DataReport, Patient
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 from promptehr.tracking import Tracker
-from promptehr.train import split_fingerprint, train
+from promptehr.data import split_fingerprint
+from promptehr.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSP = SHARED / "mimic4-demo" / "hosp"

@@ -64,7 +64,7 @@ def champion(tmp_path, cohort):
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(experiment_id=MlflowClient(uri).create_experiment("readme")):  # no set_experiment: see test_serving
-        from promptehr.tracking import log_pyfunc_model
+        from promptehr.registry import log_pyfunc_model
 
         info = log_pyfunc_model(str(tiny_checkpoint(tmp_path / "ck", cohort)), "promptehr")
     MlflowClient(uri).set_registered_model_alias("promptehr", "champion", info.registered_model_version)
@@ -233,3 +233,21 @@ def test_readme_search_commands_put_studies_beside_the_main_job(sandbox):
     # the main job, the CLI runs and every study side by side in one experiment, and no empty run
     assert {r.info.experiment_id for r in runs} == {"0"}
     assert all(r.data.metrics or r.info.run_id in children for r in runs)
+
+
+@pytest.mark.slow
+def test_readme_command_line_block(tmp_path):
+    """The one command line as the Layout section writes it: its help, a train, a tune and a benchmark,
+    each through the installed `promptehr` command, in a user's folder of its own."""
+    import optuna
+
+    box = Sandbox(tmp_path)
+    help_command, train, tune, bench = readme.commands("command-line")
+    assert all(f"{name} " in box.run(help_command) for name in ("train", "generate", "evaluate", "tune", "bench"))
+    box.run(tiny(train))
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()][0].startswith("untracked-")
+    box.run(tiny(tune))
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(study.trials) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert "small: 389 codes in the vocabulary; 5000 patients" in box.run(tiny(bench))
+

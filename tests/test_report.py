@@ -16,12 +16,13 @@ import promptehr.report.privacy as privacy
 from promptehr.cli import main
 from promptehr.collator import EHRDataCollator, EHRPatientDataset
 from promptehr.config import load_config
-from promptehr.data import Patient, load_patients, split_patients
+from promptehr.data import load_patients, split_patients
 from promptehr.generate import SamplingConfig, demographics_histogram, generate_patients, sample_demographics
 from promptehr.model import PromptBartWithDemographicPrediction
 from promptehr.report import run_quality_report
 from promptehr.report.privacy import patient_signature
 from promptehr.report.quality import MIN_CELL_PATIENTS, suppress_small_cells
+from promptehr.schema import Patient
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 from promptehr.tracking import Tracker
 

@@ -5,10 +5,10 @@ intervals, and the age/sex validity rules."""
 import numpy as np
 import pytest
 
-from promptehr.data import Patient
 from promptehr.report import fidelity as fd
 from promptehr.report.stats import bootstrap_weights, count_distances
 from promptehr.report.validity import validity_metrics
+from promptehr.schema import Patient
 
 
 def P(*visits, age=50.0, sex="M"):

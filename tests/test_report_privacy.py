@@ -5,8 +5,8 @@ median-threshold accuracy), attribute inference by nearest neighbours."""
 import numpy as np
 import pytest
 
-from promptehr.data import Patient
 from promptehr.report import privacy as pv
+from promptehr.schema import Patient
 
 
 def P(*visits):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from promptehr.data import Patient
 from promptehr.report import utility as ut
 from promptehr.report.stats import bootstrap_weights, interval, weighted_auroc
+from promptehr.schema import Patient
 
 
 def test_code_groups():

@@ -295,7 +295,7 @@ def test_auto_never_picks_a_run_another_process_holds(tmp_path, caplog):
     from promptehr.data import load_patients, split_patients
     from promptehr.resume import RunLock, resume_checkpoint
     from promptehr.tokenizer import DiagnosisCodeTokenizer
-    from promptehr.train import split_fingerprint
+    from promptehr.data import split_fingerprint
 
     cfg = tiny(tmp_path / "ck", "training.resume_from=auto")
     train_p, val_p = split_patients(load_patients(cfg.data)[0], cfg.data.val_fraction, cfg.data.split_seed)

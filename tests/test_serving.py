@@ -40,7 +40,7 @@ def tiny_checkpoint(folder: Path, cohort, n_codes: int = 30, short_patients: boo
 def log_model(checkpoint: Path, tracking_uri: str) -> str:
     import mlflow
 
-    from promptehr.tracking import log_pyfunc_model
+    from promptehr.registry import log_pyfunc_model
 
     mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)  # not mlflow.set_experiment: it exports MLFLOW_EXPERIMENT_ID to later tests
@@ -139,7 +139,7 @@ def test_chunked_predict_gives_the_patients_of_one_uninterrupted_generation(load
     generate_patients gives for all rows at once (a chunk that restarted the stream would repeat
     the first chunk's patients)."""
     from promptehr.checkpoint import load_checkpoint
-    from promptehr.tracking import download_model_checkpoint
+    from promptehr.registry import download_model_checkpoint
 
     short = loaded[1]
     n = 2500

@@ -1,6 +1,6 @@
 import pytest
 
-from promptehr.data import Patient
+from promptehr.schema import Patient
 from promptehr.tokenizer import SPECIAL_TOKENS, DiagnosisCodeTokenizer
 
 

@@ -10,8 +10,9 @@ from conftest import SHARED, needs_shared
 from promptehr.config import load_config
 from promptehr.data import load_patients, split_patients
 from promptehr.tracking import MLflowTracker, dataset_description, resolve_experiment_id
-from promptehr.train import split_fingerprint, train
-from tuning import runs
+from promptehr.data import split_fingerprint
+from promptehr.train import train
+from promptehr.tuning import runs
 
 ROOT = Path(__file__).resolve().parents[1]
 

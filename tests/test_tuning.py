@@ -1,4 +1,4 @@
-"""Hyperparameter search (tuning/): space, trial budget, storages, pruning, and real studies.
+"""Hyperparameter search (promptehr/tuning/): space, trial budget, storages, pruning, and real studies.
 
 Default suite: the space and budget logic, a pruned and a failed trial in-process, and
 `python tuning/search.py` end to end on SQLite (3 tiny trials, then a resume). Marked slow+services:
@@ -22,9 +22,9 @@ import pytest
 from optuna.trial import TrialState
 
 from promptehr.config import load_config
-from tuning.space import default_params, load_space, suggest, trial_config
-from tuning.storage import describe, journal_path, normalize_url, open_storage
-from tuning.study import TrialBudget, init_study, run_worker, settings_from_config
+from promptehr.tuning.space import default_params, load_space, suggest, trial_config
+from promptehr.tuning.storage import describe, journal_path, normalize_url, open_storage
+from promptehr.tuning.study import TrialBudget, init_study, run_worker, settings_from_config
 
 from services import clean_env, wait_for
 
@@ -130,7 +130,8 @@ def test_trial_budget_holds_slots_across_workers():
 def test_local_workers_are_pinned_to_gpus_round_robin(monkeypatch):
     import torch
 
-    from tuning import search as search_script
+    from promptehr.cli import build_parser
+    from promptehr.tuning import search as search_script
 
     started = []
 
@@ -143,13 +144,14 @@ def test_local_workers_are_pinned_to_gpus_round_robin(monkeypatch):
 
     monkeypatch.setattr(search_script.subprocess, "Popen", Worker)
     monkeypatch.setenv("MLFLOW_RUN_ID", "run-of-mlflow-run")  # workers must open child runs, not resume it
-    args = search_script.build_parser().parse_args(["run", "--n-workers", "3", "--storage", "journal:study.log"])
+    args = build_parser().parse_args(["tune", "run", "--n-workers", "3", "--storage", "journal:study.log"])
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")  # this job was given GPUs 4 and 6
     assert search_script.run_local_workers(args) == 0
     assert [env["CUDA_VISIBLE_DEVICES"] for _, env in started] == ["4", "6", "4"]
     assert [cmd[cmd.index("--worker-id") + 1] for cmd, _ in started] == ["0", "1", "2"]
-    assert all(cmd[2] == "worker" and "MLFLOW_RUN_ID" not in env for cmd, env in started)
+    assert all(cmd[1:4] == ["-m", "promptehr.cli", "--log-level"] and cmd[cmd.index("tune") + 1] == "worker"
+               and "MLFLOW_RUN_ID" not in env for cmd, env in started)
     started.clear()
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
@@ -175,7 +177,7 @@ def test_pruned_trial_ends_its_run_killed_and_a_failing_trial_failed(tmp_path, m
     study.enqueue_trial({"training.precision": "fp16"})
     # a pruner that prunes at the first report: trial 0 (the defaults, fp32) stops after epoch 1
     study = optuna.load_study(study_name="prune", storage=storage, pruner=optuna.pruners.ThresholdPruner(upper=0.0))
-    from tuning.objective import Objective
+    from promptehr.tuning.objective import Objective
 
     assert run_worker(study, Objective(study)) == 2
     assert run_worker(study, Objective(study)) == 0  # the budget is spent
@@ -212,7 +214,7 @@ def test_signalled_worker_requeues_its_trial_and_the_retry_resumes_it(tmp_path, 
 
     from promptehr.model import PromptBartWithDemographicPrediction
     from promptehr.run_status import RunInterrupted
-    from tuning.objective import Objective
+    from promptehr.tuning.objective import Objective
 
     study, uri = in_process_study(tmp_path, monkeypatch, "signal", {"collator.corruption_prob": {"low": 0.3, "high": 0.7}})
     original, calls = PromptBartWithDemographicPrediction.forward, [0]
@@ -260,7 +262,7 @@ def test_diverging_trial_fails_at_once_with_the_reason(tmp_path, monkeypatch):
     the step and learning rate in `failure_reason`; its run ends FAILED, outcome diverged."""
     import mlflow
 
-    from tuning.objective import Objective
+    from promptehr.tuning.objective import Objective
 
     study, uri = in_process_study(tmp_path, monkeypatch, "diverge",
                                   {"training.learning_rate": {"type": "categorical", "choices": [1.0e4]}},
@@ -293,7 +295,7 @@ def test_trials_of_any_corruption_sit_the_same_exam(tmp_path, monkeypatch):
     fixed = {k: v for k, v in default_params(cfg, space).items() if k != "collator.corruption_prob"}
     for corruption in (0.3, 0.6, 0.7):  # trial 0, the config's own values, has 0.5
         study.enqueue_trial({**fixed, "collator.corruption_prob": corruption})
-    from tuning.objective import Objective
+    from promptehr.tuning.objective import Objective
 
     assert run_worker(study, Objective(study)) == 4
     trials = study.trials
@@ -366,17 +368,17 @@ def test_search_on_sqlite_end_to_end_and_resume(tmp_path):
 
 
 def test_search_refuses_a_changed_study_and_parallel_sqlite(tmp_path, monkeypatch, caplog):
-    from tuning.search import main
+    from promptehr.cli import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    assert main(["init", "--config", str(TINY), "--storage", storage, "--study-name", "s", "--n-trials", "2"]) == 0
-    assert main(["init", "--storage", storage, "--study-name", "s", "--n-trials", "3"]) == 0  # resumed, extended
+    assert main(["tune", "init", "--config", str(TINY), "--storage", storage, "--study-name", "s", "--n-trials", "2"]) == 0
+    assert main(["tune", "init", "--storage", storage, "--study-name", "s", "--n-trials", "3"]) == 0  # resumed, extended
     assert optuna.load_study(study_name="s", storage=storage).user_attrs["n_trials"] == 3
-    assert main(["init", "--storage", storage, "--study-name", "s", "--objective", "val_perplexity"]) == 2
+    assert main(["tune", "init", "--storage", storage, "--study-name", "s", "--objective", "val_perplexity"]) == 2
     assert "was created with another objective" in caplog.text
-    assert main(["--n-workers", "2", "--storage", storage, "--study-name", "s"]) == 2
+    assert main(["tune", "--n-workers", "2", "--storage", storage, "--study-name", "s"]) == 2
     assert "not SQLite" in caplog.text
 
 

@@ -213,7 +213,7 @@ def test_champion_gate_compares_on_one_protocol_and_rescores_a_legacy_champion(t
     import mlflow
 
     from promptehr.checkpoint import read_metadata
-    from promptehr.tracking import log_pyfunc_model
+    from promptehr.registry import log_pyfunc_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
@@ -250,7 +250,7 @@ def test_baselines_are_fitted_on_training_patients_never_on_the_scored_visits():
     """Held-out patients who repeat their last visit exactly, training patients who never do: a
     repeat weight fitted on the scored visits would make the repeat baseline look excellent; fitted
     on the training next visits it is no better than the prior."""
-    from promptehr.data import Patient
+    from promptehr.schema import Patient
 
     rng = np.random.default_rng(0)
     codes = [f"C{i:02d}" for i in range(40)]

@@ -13,7 +13,7 @@ from promptehr.cohorts.hmm import CohortModel
 from promptehr.cohorts.mimic_hmm import mimic_hmm_model
 from promptehr.cohorts.small import small_cohort_model
 from promptehr.cohorts.transition import TransitionModel, transition_model
-from promptehr.data import DataError, Patient
+from promptehr.schema import DataError, Patient
 
 GENERATORS: dict[str, Callable[[], CohortModel | TransitionModel]] = {
     "hmm": mimic_hmm_model,           # MIMIC-scale: ~9,000 ICD-9 codes, 31 hidden phenotype states

@@ -8,10 +8,10 @@ Generative process (`CohortModel.sample`; `CohortModel.next_visit_log_prob` comp
 under exactly this process)
 ------------------------------------------------------------------------------------------------------
 1. Demographics (fixed for the whole patient; `age` is the age at the first admission, as in
-   `promptehr.data`):
+   `promptehr.mimic`):
    - with probability `neonate_share` the patient is a neonate: age 0.0, male with `neonate_male_share`;
    - otherwise an adult, male with `adult_male_share`; age = `age_top` (90, MIMIC's cap: MIMIC shifts
-     ages above 89, `data.MAX_AGE`) with probability `age_top_share`, else
+     ages above 89, `schema.MAX_AGE`) with probability `age_top_share`, else
      `age_min_adult + (age_top - age_min_adult) * Beta(age_beta_a, age_beta_b)` rounded to 0.1 year.
 2. Hidden phenotype state of the first visit, z_0 ~ `initial_state_probs(age, sex)`: a softmax over the
    states *eligible* for the patient of
@@ -49,7 +49,7 @@ from promptehr.cohorts.base import (
     logsumexp,
     sample_categorical,
 )
-from promptehr.data import MAX_AGE, Patient
+from promptehr.schema import MAX_AGE, Patient
 from promptehr.validity import code_restriction
 
 DEFAULT_MAX_VISITS = 20

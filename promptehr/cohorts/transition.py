@@ -52,7 +52,7 @@ from promptehr.cohorts.base import (
 )
 from promptehr.cohorts.hmm import DEFAULT_MAX_VISITS
 from promptehr.cohorts.icd9 import STRUCTURE_SEED, Vocabulary, mimic_vocabulary, phenotype_weights, read_phenotypes
-from promptehr.data import MAX_AGE, Patient
+from promptehr.schema import MAX_AGE, Patient
 from promptehr.validity import code_restriction
 
 

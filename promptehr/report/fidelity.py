@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import r2_score
 
-from promptehr.data import Patient
 from promptehr.report.stats import bootstrap_weights, count_distances, multi_hot, normal_interval, pearson
+from promptehr.schema import Patient
 
 TOP_K = 100
 HEADLINE = ("prevalence_r2_visit", "prevalence_r2_patient", "transition_r2")

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from promptehr.collator import EHRPatientDataset
-from promptehr.data import Patient
 from promptehr.patient_format import hidden_visit_row, pad_batch
 from promptehr.report.stats import bootstrap_weights, interval, multi_hot, weighted_auroc
+from promptehr.schema import Patient
 
 ATTRIBUTE_KS = (1, 2, 3, 4, 5)
 KNOWN_CODES = 100

@@ -14,7 +14,6 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from promptehr.data import Patient
 from promptehr.generate import SamplingConfig, demographics_histogram, generate_patients, sample_demographics
 from promptehr.metrics import compute_reconstruction_jaccard
 from promptehr.report.fidelity import all_codes, code_prevalence, fidelity_intervals, fidelity_metrics
@@ -23,6 +22,7 @@ from promptehr.report.privacy import (attribute_inference, distance_membership_i
                                       membership_inference_auc, nearest_neighbour_distances)
 from promptehr.report.utility import utility_metrics
 from promptehr.report.validity import validity_metrics
+from promptehr.schema import Patient
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from promptehr.data import MAX_AGE, Patient
 from promptehr.report.stats import bootstrap_weights, interval, multi_hot, weighted_auroc
+from promptehr.schema import MAX_AGE, Patient
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Search space: `tuning/space.yaml` -> Optuna suggestions -> a `Config` for one trial.
+"""Search space: `space.yaml` (beside this module) -> Optuna suggestions -> a `Config` for one trial.
 
 Each entry names a dotted config key (`training.learning_rate`) and its range; a trial's values are
 written over the study's base config, so a trial differs from the base only by these keys.

@@ -15,9 +15,9 @@ import os
 import mlflow
 from mlflow import MlflowClient
 
+from promptehr.registry import log_pyfunc_model, promote_champion
 from promptehr.run_status import Outcome
-from promptehr.tracking import (MLflowTracker, log_pyfunc_model, promote_champion, resolve_experiment_id,
-                                resolve_tracking_uri)
+from promptehr.tracking import MLflowTracker, resolve_experiment_id, resolve_tracking_uri
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def log_champion(tracking_uri: str, run_id: str, checkpoint: str, model_name: st
                  rescore=None) -> dict:
     """Log the checkpoint as a pyfunc model in the parent run, register it as a version of
     `model_name` and let it take alias `champion` if it beats the champion on the same data and
-    validation protocol (`promptehr.tracking.promote_champion`)."""
+    validation protocol (`promptehr.registry.promote_champion`)."""
     mlflow.set_tracking_uri(tracking_uri)
     os.environ.pop("MLFLOW_RUN_ID", None)
     with mlflow.start_run(run_id=run_id):

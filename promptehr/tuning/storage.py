@@ -7,7 +7,7 @@
   a trial whose worker stopped beating for `grace_period` seconds is failed, its MLflow run is
   closed (KILLED), and it is re-queued with the same parameters (`RetryHeartbeatStaleTrialCallback`).
 A worker stopped by a signal re-queues its trial itself (`requeue`), on any storage. A retry resumes
-the first attempt's newest checkpoint and MLflow run (tuning/objective.py).
+the first attempt's newest checkpoint and MLflow run (objective.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
 from promptehr.run_status import Outcome
-from tuning import runs
+from promptehr.tuning import runs
 
 logger = logging.getLogger(__name__)
 

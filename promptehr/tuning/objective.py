@@ -4,7 +4,7 @@
 Every validation is reported to Optuna (`trial.report(value, epoch)`); when the pruner says so the
 `on_validate` callback raises `TrainingPruned`, the child run ends KILLED and Optuna records the
 trial as PRUNED. A divergence fails the trial at once (its reason in `failure_reason`). On a stop
-signal the trial is recorded FAIL with `resumable` and re-queued under a new number (tuning/storage.py
+signal the trial is recorded FAIL with `resumable` and re-queued under a new number (storage.py
 `requeue`), and the worker stops; a retry (also of a trial whose worker died) resumes the first
 attempt's newest checkpoint (`training.resume_from=auto` in its folder) and reopens its MLflow run.
 """
@@ -19,10 +19,10 @@ import optuna
 
 from promptehr.run_status import RunInterrupted, outcome_of
 from promptehr.train import TrainingPruned, train
-from tuning import runs
-from tuning.storage import requeue
-from tuning.space import suggest, trial_config
-from tuning.study import OBJECTIVES, StudySettings, TrialBudget
+from promptehr.tuning import runs
+from promptehr.tuning.space import suggest, trial_config
+from promptehr.tuning.storage import requeue
+from promptehr.tuning.study import OBJECTIVES, StudySettings, TrialBudget
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from optuna.trial import TrialState
 from promptehr.config import ConfigError, config_from_dict, flatten, migrate_legacy_keys, to_dict
 from promptehr.run_status import RunInterrupted, StopSignals
 from promptehr.tracking import resolve_tracking_uri
-from tuning import runs
-from tuning.space import check_space, default_params
+from promptehr.tuning import runs
+from promptehr.tuning.space import check_space, default_params
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def open_study(storage, study_name: str, worker_id: int = 0) -> optuna.Study:
     started together do not draw the same random start-up trials) and the study's pruner."""
     study = optuna.load_study(study_name=study_name, storage=storage)
     if "mlflow_parent_run_id" not in study.user_attrs:
-        raise ConfigError(f"study {study_name!r} has no MLflow parent run: run `python tuning/search.py init` first")
+        raise ConfigError(f"study {study_name!r} has no MLflow parent run: run `promptehr tune init` first")
     settings = StudySettings.from_study(study)
     seed = None if settings.seed is None else settings.seed + worker_id
     return optuna.load_study(study_name=study_name, storage=storage, sampler=optuna.samplers.TPESampler(seed=seed),
@@ -208,7 +208,7 @@ def run_worker(study: optuna.Study, objective) -> int:
     """Run trials until the study's budget is spent; returns how many this worker ran. A failing
     trial is recorded (FAIL, with its reason) and the worker goes on with the next one. A stop signal
     (SIGTERM, SIGINT, SIGUSR1) ends the worker with `RunInterrupted`: during a trial once the trial is
-    saved and re-queued (tuning/objective.py), between trials before the next one starts."""
+    saved and re-queued (objective.py), between trials before the next one starts."""
     ran = 0
     with StopSignals() as stop:
         while True:

@@ -2,7 +2,7 @@
 
 The best trial's best checkpoint is logged as a pyfunc model in the parent run and registered as a
 version of the registered model; it takes alias `champion` only if it beats the current champion on
-the same data (`promptehr.tracking.promote_champion`). Running it again (a resumed study) adds
+the same data (`promptehr.registry.promote_champion`). Running it again (a resumed study) adds
 points to the counts and registers a new version only if the best trial changed.
 """
 
@@ -18,8 +18,8 @@ import optuna
 from optuna.trial import TrialState
 
 from promptehr.checkpoint import read_metadata
-from tuning import runs
-from tuning.study import StudySettings, TrialBudget
+from promptehr.tuning import runs
+from promptehr.tuning.study import StudySettings, TrialBudget
 
 logger = logging.getLogger(__name__)
 
