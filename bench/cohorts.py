@@ -47,15 +47,21 @@ def next_visit_nll(model, train, heldout) -> dict[str, float]:
     events = [(i, k) for i, p in enumerate(heldout) for k in range(1, len(p.visits)) if set(p.visits[k]) <= known]
     baselines = NextVisitBaselines.fit(train, codes)
     index = {c: j for j, c in enumerate(codes)}
-    pairs = VisitPairs.from_visits([(heldout[i].visits[k], heldout[i].visits[k - 1], heldout[i].age, heldout[i].sex)
-                                    for i, k in events], index)
+    pairs = VisitPairs.from_visits(
+        [(heldout[i].visits[k], heldout[i].visits[k - 1], heldout[i].age, heldout[i].sex) for i, k in events], index
+    )
     scores = baselines.score(pairs)
     frequency, repeat = scores["frequency"], scores["repeat"]
     cache: dict[int, np.ndarray] = {}
     optimum = np.array([-cache.setdefault(i, model.next_visit_log_probs(heldout[i]))[k] for i, k in events])
-    return {"events": len(events), "frequency": frequency.mean(), "repeat": repeat.mean(),
-            "repeat weight": baselines.repeat_weight, "optimum": optimum.mean(),
-            "repeat gap share": (frequency.mean() - repeat.mean()) / (frequency.mean() - optimum.mean())}
+    return {
+        "events": len(events),
+        "frequency": frequency.mean(),
+        "repeat": repeat.mean(),
+        "repeat weight": baselines.repeat_weight,
+        "optimum": optimum.mean(),
+        "repeat gap share": (frequency.mean() - repeat.mean()) / (frequency.mean() - optimum.mean()),
+    }
 
 
 def main(argv=None) -> int:
@@ -75,15 +81,19 @@ def main(argv=None) -> int:
         for p in patients[: args.scored]:
             model.next_visit_log_probs(p)
         score_s = time.perf_counter() - t
-        print(f"\n{name}: {len(model.codes)} codes in the vocabulary; {args.patients} patients (seed {args.seed}) "
-              f"sampled in {sample_s:.1f}s; exact likelihood of every visit of {args.scored} patients in {score_s:.1f}s")
+        print(
+            f"\n{name}: {len(model.codes)} codes in the vocabulary; {args.patients} patients (seed {args.seed}) "
+            f"sampled in {sample_s:.1f}s; exact likelihood of every visit of {args.scored} patients in {score_s:.1f}s"
+        )
         for key, value in shape(patients).items():
             print(f"  {key:<22} {value:.3f}" if isinstance(value, float) else f"  {key:<22} {value}")
         cut = int(0.8 * len(patients))
         nll = next_visit_nll(model, patients[:cut], patients[cut:])
-        print(f"  next visits of the last 20% ({nll['events']} visits), NLL nats/visit: frequency prior "
-              f"{nll['frequency']:.2f}, repeat + prior {nll['repeat']:.2f} (a={nll['repeat weight']:.3f}; closes "
-              f"{nll['repeat gap share']:.1%} of the gap), optimum {nll['optimum']:.2f}")
+        print(
+            f"  next visits of the last 20% ({nll['events']} visits), NLL nats/visit: frequency prior "
+            f"{nll['frequency']:.2f}, repeat + prior {nll['repeat']:.2f} (a={nll['repeat weight']:.3f}; closes "
+            f"{nll['repeat gap share']:.1%} of the gap), optimum {nll['optimum']:.2f}"
+        )
     return 0
 
 

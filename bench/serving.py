@@ -75,19 +75,40 @@ def main() -> None:
         visits = out["n_visits"].mean()
 
         port = free_port()
-        cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-               "-p", str(port), "-h", "127.0.0.1", "-t", "600"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            model_uri,
+            "--env-manager",
+            "local",
+            "-p",
+            str(port),
+            "-h",
+            "127.0.0.1",
+            "-t",
+            "600",
+        ]
         url = f"http://127.0.0.1:{port}/invocations"
         body = json.dumps({"dataframe_split": json.loads(df.to_json(orient="split", index=False)), "params": {"seed": 1}})
-        with running(cmd, f"http://127.0.0.1:{port}/ping", tmp / "serve.log", cwd=tmp, env=clean_env(MLFLOW_TRACKING_URI=uri)):
-            post_json(url, json.dumps({"dataframe_split": json.loads(df.head(64).to_json(orient="split", index=False))}).encode())
+        with running(
+            cmd, f"http://127.0.0.1:{port}/ping", tmp / "serve.log", cwd=tmp, env=clean_env(MLFLOW_TRACKING_URI=uri)
+        ):
+            post_json(
+                url, json.dumps({"dataframe_split": json.loads(df.head(64).to_json(orient="split", index=False))}).encode()
+            )
             start = time.perf_counter()
             status, answer = post_json(url, body.encode(), timeout=3600)
             rest = time.perf_counter() - start
         if status != 200:
             raise SystemExit(f"REST request failed with HTTP {status}: {answer[:1000]!r}")
-        print(f"{args.rows} rows, {visits:.2f} visits per patient: in process {args.rows / in_process:.0f} patients/s "
-              f"({in_process:.1f} s), over REST {args.rows / rest:.0f} patients/s ({rest:.1f} s)")
+        print(
+            f"{args.rows} rows, {visits:.2f} visits per patient: in process {args.rows / in_process:.0f} patients/s "
+            f"({in_process:.1f} s), over REST {args.rows / rest:.0f} patients/s ({rest:.1f} s)"
+        )
 
 
 if __name__ == "__main__":

@@ -100,9 +100,13 @@ class EHRDataCollator:
         shuffle_codes: bool = True,
         seed: int = 0,
     ):
-        for name, value in (("mask_probability", mask_probability), ("del_probability", del_probability),
-                            ("rep_probability", rep_probability), ("corruption_prob", corruption_prob),
-                            ("first_visit_prob", first_visit_prob)):
+        for name, value in (
+            ("mask_probability", mask_probability),
+            ("del_probability", del_probability),
+            ("rep_probability", rep_probability),
+            ("corruption_prob", corruption_prob),
+            ("first_visit_prob", first_visit_prob),
+        ):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"collator.{name} must lie in [0, 1], got {value}")
         if lambda_poisson < 0:
@@ -120,7 +124,7 @@ class EHRDataCollator:
         self.epoch = 0
 
     @classmethod
-    def from_config(cls, tokenizer, cfg, seed: int = 0) -> "EHRDataCollator":
+    def from_config(cls, tokenizer, cfg, seed: int = 0) -> EHRDataCollator:
         from dataclasses import asdict
 
         kwargs = asdict(cfg)
@@ -149,7 +153,7 @@ class EHRDataCollator:
                 codes[replace] = rng.integers(self.tok.n_special, len(self.tok), size=int(replace.sum()))
             if span is not None:
                 start, length = span
-                keep[start:start + length] = False
+                keep[start : start + length] = False
                 pieces = [codes[:start][keep[:start]], [self.tok.mask_token_id], codes[start:][keep[start:]]]
                 new = np.concatenate(pieces).astype(np.int64)
             else:
@@ -161,7 +165,7 @@ class EHRDataCollator:
             n = len(out[j])
             length = max(1, min(int(rng.poisson(self.lambda_poisson)), n))
             start = int(rng.integers(0, n - length + 1))
-            out[j] = np.concatenate([out[j][:start], [self.tok.mask_token_id], out[j][start + length:]]).astype(np.int64)
+            out[j] = np.concatenate([out[j][:start], [self.tok.mask_token_id], out[j][start + length :]]).astype(np.int64)
         return out
 
     # ------------------------------------------------------------------ encoding
@@ -238,9 +242,9 @@ class LengthBucketSampler(Sampler[list[int]]):
         chunk = self.batch_size * self.window
         batches = []
         for s in range(0, len(order), chunk):
-            part = order[s:s + chunk]
+            part = order[s : s + chunk]
             part = part[np.argsort(self.lengths[part], kind="stable")]
-            batches += [part[j:j + self.batch_size].tolist() for j in range(0, len(part), self.batch_size)]
+            batches += [part[j : j + self.batch_size].tolist() for j in range(0, len(part), self.batch_size)]
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         return iter(batches)
@@ -264,8 +268,14 @@ class RowBucketSampler(Sampler[list[tuple[int, int, int, int]]]):
     `EHRDataCollator` build exactly the planned row.
     """
 
-    def __init__(self, dataset: EHRPatientDataset, collator: EHRDataCollator, batch_size: int, seed: int = 0,
-                 window: int | None = None):
+    def __init__(
+        self,
+        dataset: EHRPatientDataset,
+        collator: EHRDataCollator,
+        batch_size: int,
+        seed: int = 0,
+        window: int | None = None,
+    ):
         self.visit_lengths = [np.array([len(v) for v in visits], dtype=np.int64) for visits in dataset.visits]
         self.collator = collator
         self.batch_size = batch_size

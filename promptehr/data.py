@@ -48,7 +48,9 @@ def split_patients(patients: list[Patient], val_fraction: float, seed: int) -> t
 SPLITS = ("random", "meds")
 
 
-def split_for_training(patients: list[Patient], cfg, report: DataReport | None = None) -> tuple[list[Patient], list[Patient]]:
+def split_for_training(
+    patients: list[Patient], cfg, report: DataReport | None = None
+) -> tuple[list[Patient], list[Patient]]:
     """(train, val) by `data.split` (cfg: a DataConfig): `random` is the seeded `split_patients`;
     `meds` takes the MEDS dataset's train and tuning subjects (held_out never), counting into `report`."""
     if cfg.split == "random":
@@ -56,7 +58,9 @@ def split_for_training(patients: list[Patient], cfg, report: DataReport | None =
     if cfg.split != "meds":
         raise DataError(f"data.split must be one of {', '.join(SPLITS)}; got {cfg.split!r}")
     if cfg.source != "meds":
-        raise DataError(f"data.split=meds needs data.source=meds (the dataset's subject_splits), got data.source={cfg.source}")
+        raise DataError(
+            f"data.split=meds needs data.source=meds (the dataset's subject_splits), got data.source={cfg.source}"
+        )
     from promptehr.meds import split_by_subject_splits
 
     return split_by_subject_splits(patients, cfg.path, report)
@@ -104,14 +108,18 @@ def load_patients(cfg) -> tuple[list[Patient], list[str], DataReport]:
             raise DataError("data.source=meds needs data.path (the MEDS dataset root holding data/ and metadata/)")
         from promptehr.meds import load_meds_data
 
-        patients, _, report = load_meds_data(cfg.path, icd_versions=cfg.icd_versions, diagnosis_prefix=cfg.meds_diagnosis_prefix)
+        patients, _, report = load_meds_data(
+            cfg.path, icd_versions=cfg.icd_versions, diagnosis_prefix=cfg.meds_diagnosis_prefix
+        )
     else:
         raise DataError(f"data.source must be synthetic, mimic3, mimic4 or meds, got {cfg.source!r}")
     n_loaded = len(patients)
     patients = apply_filters(patients, cfg, report)
     if not patients:
         excluded = ", ".join(f"{k} {v}" for k, v in report.counts.items() if k.startswith("patients_excluded") and v)
-        raise DataError(f"no patients left from data.source={cfg.source} after filtering: {n_loaded} loaded, {excluded} "
-                        f"(data.min_visits={cfg.min_visits}, data.max_patients={cfg.max_patients})")
+        raise DataError(
+            f"no patients left from data.source={cfg.source} after filtering: {n_loaded} loaded, {excluded} "
+            f"(data.min_visits={cfg.min_visits}, data.max_patients={cfg.max_patients})"
+        )
     summarize(patients, report)
     return patients, build_vocab(patients), report

@@ -19,8 +19,19 @@ from promptehr.collator import EHRDataCollator, EHRPatientDataset, LengthBucketS
 from promptehr.config import Config
 from promptehr.run_status import TrainingDiverged, ignore_stop_signals
 
-__all__ = ["LOSS_PARTS", "LogWindow", "ResumableBatches", "autocast_context", "build_loader", "build_optimizer",
-           "compiled_step_model", "epoch_batches", "resolve_device", "seed_everything", "training_step"]
+__all__ = [
+    "LOSS_PARTS",
+    "LogWindow",
+    "ResumableBatches",
+    "autocast_context",
+    "build_loader",
+    "build_optimizer",
+    "compiled_step_model",
+    "epoch_batches",
+    "resolve_device",
+    "seed_everything",
+    "training_step",
+]
 
 
 def seed_everything(seed: int) -> None:
@@ -89,9 +100,15 @@ def build_loader(cfg: Config, tokenizer, train_patients):
     else:  # patients in random batches
         train_sampler = LengthBucketSampler(train_ds.lengths, tcfg.batch_size, seed=tcfg.seed, window=1)
     train_sampler = ResumableBatches(train_sampler)
-    train_loader = DataLoader(train_ds, batch_sampler=train_sampler, collate_fn=train_collator, num_workers=tcfg.num_workers,
-                              persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                              worker_init_fn=ignore_stop_signals if tcfg.num_workers else None)
+    train_loader = DataLoader(
+        train_ds,
+        batch_sampler=train_sampler,
+        collate_fn=train_collator,
+        num_workers=tcfg.num_workers,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+        worker_init_fn=ignore_stop_signals if tcfg.num_workers else None,
+    )
     return train_loader, train_sampler, train_collator, train_ds.report
 
 
@@ -149,7 +166,7 @@ class LogWindow:
     started: float = field(default_factory=time.perf_counter)
 
     @classmethod
-    def start(cls, device, state: dict | None = None) -> "LogWindow":
+    def start(cls, device, state: dict | None = None) -> LogWindow:
         if state is None:
             return cls(torch.zeros(len(LOSS_PARTS), device=device))
         return cls(state["sums"].to(device), int(state["steps"]), int(state["rows"]))
@@ -166,8 +183,10 @@ class LogWindow:
         """Log the window's means at `step` and start a new window; returns what was logged."""
         means = dict(zip(LOSS_PARTS, (self.sums / self.steps).tolist()))
         rate = self.rows / max(time.perf_counter() - self.started, 1e-9)
-        tracker.log_metrics({**{f"train/{k}": v for k, v in means.items()}, "train/learning_rate": lr,
-                             "train/rows_per_second": rate}, step=step)
+        tracker.log_metrics(
+            {**{f"train/{k}": v for k, v in means.items()}, "train/learning_rate": lr, "train/rows_per_second": rate},
+            step=step,
+        )
         self.sums.zero_()
         self.steps, self.rows, self.started = 0, 0, time.perf_counter()
         return means

@@ -29,10 +29,10 @@ logger = logging.getLogger(__name__)
 @dataclass
 class SamplingConfig:
     temperature: float = 1.0
-    top_k: int = 0             # 0 = off
-    top_p: float = 1.0         # 1.0 = off
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
     max_codes_per_visit: int = 40
-    max_visits: int = 20       # a patient the model has not ended by then is ended (n_visits overrides it)
+    max_visits: int = 20  # a patient the model has not ended by then is ended (n_visits overrides it)
 
     def __post_init__(self):
         if not self.temperature > 0:
@@ -154,9 +154,9 @@ def reveal_codes(visit: list[str], prompt_prob: float, rng: np.random.Generator)
 def generate_conditional_batch(model, tokenizer, patients, prompt_prob=0.5, sampling=None, seed=0, batch_size=64):
     """Reveal a `prompt_prob` share of each visit's codes and generate the rest of that visit given the
     true earlier visits, batched over patients (all visits of each). Each result holds "prompts",
-    "generated" and "target" (lists of code lists per visit) and "ranked": per visit, the codes the model finds most likely to come next after the
-    revealed ones (by the first sampled position's distribution; revealed codes excluded), as many as
-    the visit has codes, most likely first."""
+    "generated" and "target" (lists of code lists per visit) and "ranked": per visit, the codes the model
+    finds most likely to come next after the revealed ones (by the first sampled position's distribution;
+    revealed codes excluded), as many as the visit has codes, most likely first."""
     sampling = sampling or SamplingConfig()
     rng = np.random.default_rng(seed)
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
@@ -165,18 +165,32 @@ def generate_conditional_batch(model, tokenizer, patients, prompt_prob=0.5, samp
     for pi, p in enumerate(patients):
         ids = _encode_patient_codes(tokenizer, p.visits)
         prompts = [reveal_codes(v, prompt_prob, rng) for v in p.visits]
-        results.append({"prompts": prompts, "generated": [None] * len(p.visits), "ranked": [None] * len(p.visits),
-                        "target": [list(v) for v in p.visits]})
+        results.append(
+            {
+                "prompts": prompts,
+                "generated": [None] * len(p.visits),
+                "ranked": [None] * len(p.visits),
+                "target": [list(v) for v in p.visits],
+            }
+        )
         for vi in range(len(p.visits)):
             jobs.append((pi, vi, ids[:vi], [tokenizer.encode_code(c) for c in prompts[vi]], p.age, SEXES.index(p.sex)))
     was_training = model.training
     model.eval()
     try:
         for s in range(0, len(jobs), batch_size):
-            chunk = jobs[s:s + batch_size]
-            codes, _, first = sample_visit_batch(model, tokenizer, [j[2] for j in chunk], [j[3] for j in chunk],
-                                                 [j[4] for j in chunk], [j[5] for j in chunk], sampling, gen,
-                                                 return_first_logits=True)
+            chunk = jobs[s : s + batch_size]
+            codes, _, first = sample_visit_batch(
+                model,
+                tokenizer,
+                [j[2] for j in chunk],
+                [j[3] for j in chunk],
+                [j[4] for j in chunk],
+                [j[5] for j in chunk],
+                sampling,
+                gen,
+                return_first_logits=True,
+            )
             first[:, : tokenizer.n_special] = float("-inf")  # codes only (`</v>` may be allowed there)
             order = first.argsort(dim=1, descending=True).tolist()
             n_allowed = torch.isfinite(first).sum(dim=1).tolist()
@@ -235,18 +249,31 @@ def generate_patients(model, tokenizer, ages, sexes, sampling=None, seed=0, batc
                         if targets[i] is not None:
                             raise ValueError(
                                 f"patient {i}: {len(hist[i])} visits already fill the model's {max_pos} positions; "
-                                f"n_visits={targets[i]} cannot be generated")
+                                f"n_visits={targets[i]} cannot be generated"
+                            )
                         ended_by_length += 1
                     active = fits
                     if not active:
                         break
-                    codes, more = sample_visit_batch(model, tokenizer, [hist[i] for i in active], [[] for _ in active],
-                                                     [float(ages[i]) for i in active], [sex_ids[i] for i in active], sampling, gen)
+                    codes, more = sample_visit_batch(
+                        model,
+                        tokenizer,
+                        [hist[i] for i in active],
+                        [[] for _ in active],
+                        [float(ages[i]) for i in active],
+                        [sex_ids[i] for i in active],
+                        sampling,
+                        gen,
+                    )
                     still = []
                     for i, new, cont in zip(active, codes, more):
                         hist[i].append(new)
                         length[i] += len(new) + 2
-                        go_on = len(hist[i]) < targets[i] if targets[i] is not None else cont and len(hist[i]) < sampling.max_visits
+                        go_on = (
+                            len(hist[i]) < targets[i]
+                            if targets[i] is not None
+                            else cont and len(hist[i]) < sampling.max_visits
+                        )
                         if go_on:
                             still.append(i)
                     active = still
@@ -257,6 +284,9 @@ def generate_patients(model, tokenizer, ages, sexes, sampling=None, seed=0, batc
     finally:
         model.train(was_training)
     if ended_by_length:
-        logger.warning("%d generated patients were ended because their history reached the model's %d positions",
-                       ended_by_length, max_pos)
+        logger.warning(
+            "%d generated patients were ended because their history reached the model's %d positions",
+            ended_by_length,
+            max_pos,
+        )
     return patients

@@ -106,25 +106,30 @@ def _read_table(path, required: tuple[str, ...]):
     missing = [c for c in required if c not in by_lower]
     if missing:
         raise DataError(
-            f"{path}: required column(s) {', '.join(missing)} missing; "
-            f"columns found: {', '.join(map(str, header.columns))}"
+            f"{path}: required column(s) {', '.join(missing)} missing; columns found: {', '.join(map(str, header.columns))}"
         )
     usecols = [by_lower[c] for c in required]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)  # pandas' only sign of a long first row
-            chunks = [chunk[usecols] for chunk in pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""],
-                                                              index_col=False, chunksize=_CHUNK_ROWS)]
+            chunks = [
+                chunk[usecols]
+                for chunk in pd.read_csv(
+                    path, dtype=str, keep_default_na=False, na_values=[""], index_col=False, chunksize=_CHUNK_ROWS
+                )
+            ]
     except pd.errors.ParserWarning:
-        raise DataError(f"{path}: line 2 has more fields than the header's {len(header.columns)} "
-                        "(an unquoted comma inside a value?)") from None
+        raise DataError(
+            f"{path}: line 2 has more fields than the header's {len(header.columns)} (an unquoted comma inside a value?)"
+        ) from None
     except pd.errors.ParserError as exc:
         import re
 
         found = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
         if found:
-            raise DataError(f"{path}: line {found[2]} has {found[3]} fields, the header {found[1]} "
-                            "(an unquoted comma inside a value?)") from None
+            raise DataError(
+                f"{path}: line {found[2]} has {found[3]} fields, the header {found[1]} (an unquoted comma inside a value?)"
+            ) from None
         raise DataError(f"{path}: cannot read the table: {exc}") from None
     except (*unreadable, ValueError) as exc:
         raise DataError(f"{path}: cannot read the table: {type(exc).__name__}: {exc}") from None
@@ -147,8 +152,9 @@ def _integer_ids(ids, path, column: str):
         return ids
     as_float = ids.str.fullmatch(r"\d+\.0*").fillna(False)
     if as_float.any():
-        logger.info("%s: %d %s values written as floats (e.g. %s) are read as integers", path, int(as_float.sum()),
-                    column, "10006.0")
+        logger.info(
+            "%s: %d %s values written as floats (e.g. %s) are read as integers", path, int(as_float.sum()), column, "10006.0"
+        )
         ids = ids.where(~as_float, ids.str.split(".", n=1).str[0])
     return ids
 
@@ -216,12 +222,21 @@ def _classify_diagnoses(pat, adm, diag, report: DataReport, code_col: str):
     mismatch = placed & (owner != diag["subject_id"])
     null_code = placed & ~mismatch & diag[code_col].isna()
 
-    report.left_out("diagnosis_rows_unknown_patient", int(unknown_patient.sum()),
-                    "diagnosis rows name a subject_id that is not in the patients table")
-    report.left_out("diagnosis_rows_unknown_admission", int(unknown_adm.sum()),
-                    "diagnosis rows name a hadm_id that is empty or not in the admissions table")
-    report.left_out("diagnosis_rows_subject_mismatch", int(mismatch.sum()),
-                    "diagnosis rows name an admission that belongs to another subject")
+    report.left_out(
+        "diagnosis_rows_unknown_patient",
+        int(unknown_patient.sum()),
+        "diagnosis rows name a subject_id that is not in the patients table",
+    )
+    report.left_out(
+        "diagnosis_rows_unknown_admission",
+        int(unknown_adm.sum()),
+        "diagnosis rows name a hadm_id that is empty or not in the admissions table",
+    )
+    report.left_out(
+        "diagnosis_rows_subject_mismatch",
+        int(mismatch.sum()),
+        "diagnosis rows name an admission that belongs to another subject",
+    )
     report.add("diagnosis_rows_null_code", int(null_code.sum()))
     if null_code.any():
         logger.info("data[%s] %d diagnosis rows have no code; they are left out", report.source, int(null_code.sum()))
@@ -346,8 +361,9 @@ def load_mimic_data(path) -> tuple[list[Patient], list[str], DataReport]:
     admit_s, admit_missing = _parse_seconds(adm["admittime"], a_path, "admittime")
     adm = adm.assign(admit_s=admit_s, admit_missing=admit_missing)
     unknown = ~adm["subject_id"].isin(pat["subject_id"].dropna().unique())
-    report.left_out("admissions_unknown_patient", int(unknown.sum()),
-                    "admissions name a subject_id that is not in the patients table")
+    report.left_out(
+        "admissions_unknown_patient", int(unknown.sum()), "admissions name a subject_id that is not in the patients table"
+    )
     adm = adm[~unknown]
 
     report.add("diagnosis_rows", len(diag))
@@ -398,8 +414,9 @@ def load_mimic4_data(path, icd_versions: str = "both") -> tuple[list[Patient], l
     anchor_year = _parse_int(pat["anchor_year"], p_path, "anchor_year")
     sex = _sex_column(pat)
     birth_missing = np.isnan(anchor_age) | np.isnan(anchor_year)
-    pat = pat.assign(sex=sex, anchor_age_f=anchor_age, anchor_year_f=anchor_year,
-                     valid=sex.notna().to_numpy() & ~birth_missing)
+    pat = pat.assign(
+        sex=sex, anchor_age_f=anchor_age, anchor_year_f=anchor_year, valid=sex.notna().to_numpy() & ~birth_missing
+    )
     report.add("patients_unknown_gender", int(sex.isna().sum()))
     report.add("patients_without_birth_info", int((sex.notna().to_numpy() & birth_missing).sum()))
 
@@ -407,16 +424,20 @@ def load_mimic4_data(path, icd_versions: str = "both") -> tuple[list[Patient], l
     admit_year = (admit_s.astype("datetime64[s]").astype("datetime64[Y]").astype(np.int64) + 1970).astype(float)
     adm = adm.assign(admit_s=admit_s, admit_missing=admit_missing, admit_year=admit_year)
     unknown = ~adm["subject_id"].isin(pat["subject_id"].dropna().unique())
-    report.left_out("admissions_unknown_patient", int(unknown.sum()),
-                    "admissions name a subject_id that is not in the patients table")
+    report.left_out(
+        "admissions_unknown_patient", int(unknown.sum()), "admissions name a subject_id that is not in the patients table"
+    )
     adm = adm[~unknown]
 
     report.add("diagnosis_rows", len(diag))
     diag = _classify_diagnoses(pat, adm, diag, report, "icd_code")
     version = diag["icd_version"].str.strip()
     unknown_version = ~version.isin(["9", "10"])
-    report.left_out("diagnosis_rows_unknown_icd_version", int(unknown_version.sum()),
-                    "diagnosis rows have an icd_version other than 9 or 10")
+    report.left_out(
+        "diagnosis_rows_unknown_icd_version",
+        int(unknown_version.sum()),
+        "diagnosis rows have an icd_version other than 9 or 10",
+    )
     keep = ~unknown_version if versions == "both" else (version == versions)
     excluded = ~unknown_version & ~keep
     report.add("diagnosis_rows_excluded_icd_version", int(excluded.sum()))
@@ -426,11 +447,15 @@ def load_mimic4_data(path, icd_versions: str = "both") -> tuple[list[Patient], l
     diag = diag.assign(code="ICD" + version[keep] + ":" + diag["icd_code"])[["subject_id", "hadm_id", "seq_num", "code"]]
 
     def age_fn(pat_rows, adm_rows):
-        return pat_rows["anchor_age_f"].to_numpy() + (adm_rows["admit_year"].to_numpy() - pat_rows["anchor_year_f"].to_numpy())
+        return pat_rows["anchor_age_f"].to_numpy() + (
+            adm_rows["admit_year"].to_numpy() - pat_rows["anchor_year_f"].to_numpy()
+        )
 
     patients = _assemble(pat, adm, diag, report, age_fn)
     if not patients:
-        raise DataError(f"{path}: no patient has an admission with a diagnosis code (icd_versions={versions}); "
-                        f"{_what_was_dropped(report, tables)}")
+        raise DataError(
+            f"{path}: no patient has an admission with a diagnosis code (icd_versions={versions}); "
+            f"{_what_was_dropped(report, tables)}"
+        )
     summarize(patients, report)
     return patients, build_vocab(patients), report

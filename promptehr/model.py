@@ -30,6 +30,7 @@ from promptehr.tokenizer import DiagnosisCodeTokenizer
 
 N_PROMPTS = 2  # age, sex
 
+
 def bart_config(cfg, tokenizer: DiagnosisCodeTokenizer) -> BartConfig:
     """`BartConfig` from our ModelConfig and vocabulary."""
     return BartConfig(
@@ -71,9 +72,9 @@ class DemographicPrompt(nn.Module):
         self.sex_proj = nn.Linear(hidden, d_model)
 
     def forward(self, x_num: torch.Tensor, x_cat: torch.Tensor) -> torch.Tensor:
-        age = (x_num[:, :1].float() / MAX_AGE) * self.age_weight + self.age_bias   # (B, hidden)
-        sex = self.sex_embedding(x_cat[:, 0].long())                                # (B, hidden)
-        return torch.stack([self.age_proj(age), self.sex_proj(sex)], dim=1)         # (B, 2, d_model)
+        age = (x_num[:, :1].float() / MAX_AGE) * self.age_weight + self.age_bias  # (B, hidden)
+        sex = self.sex_embedding(x_cat[:, 0].long())  # (B, hidden)
+        return torch.stack([self.age_proj(age), self.sex_proj(sex)], dim=1)  # (B, 2, d_model)
 
 
 class PromptBartWithDemographicPrediction(nn.Module):
@@ -107,7 +108,7 @@ class PromptBartWithDemographicPrediction(nn.Module):
         counts = torch.as_tensor(code_counts, dtype=torch.float32) + 1.0
         log_q = (counts / counts.sum()).log()
         with torch.no_grad():
-            self.output_bias[self.n_special:] = log_q - log_q.mean()
+            self.output_bias[self.n_special :] = log_q - log_q.mean()
 
     # ------------------------------------------------------------------ pieces used by generation
 
@@ -142,16 +143,20 @@ class PromptBartWithDemographicPrediction(nn.Module):
         hidden, hidden_mask = self.encode(input_ids, attention_mask, x_num, x_cat)
         n = decoder_input_ids.shape[0]
         attn = torch.cat([decoder_attention_mask.new_ones(n, N_PROMPTS), decoder_attention_mask], dim=1)
-        out = self.bart.model.decoder(inputs_embeds=self.decoder_prompt_embeds(decoder_input_ids, x_num, x_cat),
-                                      attention_mask=attn, encoder_hidden_states=hidden,
-                                      encoder_attention_mask=hidden_mask, use_cache=True)
-        lengths = decoder_attention_mask.sum(1) + N_PROMPTS   # each row's true length, prompts included
+        out = self.bart.model.decoder(
+            inputs_embeds=self.decoder_prompt_embeds(decoder_input_ids, x_num, x_cat),
+            attention_mask=attn,
+            encoder_hidden_states=hidden,
+            encoder_attention_mask=hidden_mask,
+            use_cache=True,
+        )
+        lengths = decoder_attention_mask.sum(1) + N_PROMPTS  # each row's true length, prompts included
         last = out.last_hidden_state[torch.arange(n, device=hidden.device), lengths - 1]
         state = DecodeState(hidden, hidden_mask, out.past_key_values, attn, lengths, attn.shape[1])
         return self.lm_logits(last).float(), state
 
     @torch.no_grad()
-    def decode_step(self, token: torch.Tensor, state: "DecodeState") -> torch.Tensor:
+    def decode_step(self, token: torch.Tensor, state: DecodeState) -> torch.Tensor:
         """Feed one token per row (n,) and return the next logits (n, V). Rows of different prefix
         lengths share one right-padded cache: the token goes into cache slot `width + step`, with the
         position embedding of its row's true position instead (BART's table is offset by 2)."""
@@ -160,8 +165,14 @@ class PromptBartWithDemographicPrediction(nn.Module):
         correction = positions[state.lengths + state.step + 2] - positions[state.width + state.step + 2]
         embeds = (decoder.embed_tokens(token) + correction.to(state.hidden.dtype)).unsqueeze(1)
         state.attn = torch.cat([state.attn, state.attn.new_ones(token.shape[0], 1)], dim=1)
-        out = decoder(inputs_embeds=embeds, attention_mask=state.attn, encoder_hidden_states=state.hidden,
-                      encoder_attention_mask=state.hidden_mask, past_key_values=state.past, use_cache=True)
+        out = decoder(
+            inputs_embeds=embeds,
+            attention_mask=state.attn,
+            encoder_hidden_states=state.hidden,
+            encoder_attention_mask=state.hidden_mask,
+            past_key_values=state.past,
+            use_cache=True,
+        )
         state.past = out.past_key_values
         state.step += 1
         return self.lm_logits(out.last_hidden_state[:, -1]).float()
@@ -175,8 +186,9 @@ class PromptBartWithDemographicPrediction(nn.Module):
 
     # ------------------------------------------------------------------ training forward
 
-    def forward(self, input_ids, attention_mask, labels, x_num, x_cat, decoder_input_ids=None, target_mask=None,
-                **_batch_extras):
+    def forward(
+        self, input_ids, attention_mask, labels, x_num, x_cat, decoder_input_ids=None, target_mask=None, **_batch_extras
+    ):
         """Denoising loss on `labels` (clean ids, -100 = ignore) plus weighted auxiliary losses.
 
         `lm_loss` is the mean NLL over label tokens. With `target_visit_loss_weight` w != 1 and a
@@ -191,7 +203,7 @@ class PromptBartWithDemographicPrediction(nn.Module):
         dec = self.bart.model.decoder(
             inputs_embeds=dec_embeds, encoder_hidden_states=hidden, encoder_attention_mask=enc_mask, use_cache=False
         ).last_hidden_state
-        logits = self.lm_logits(dec[:, N_PROMPTS:]).float()             # (B, T, V), aligned with labels
+        logits = self.lm_logits(dec[:, N_PROMPTS:]).float()  # (B, T, V), aligned with labels
         logits = logits.masked_fill(grammar_mask(labels, self.grammar_ids, logits.shape[-1]), BANNED_LOGIT)
         token_nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, T)
         valid = (labels != -100).float()
@@ -222,10 +234,10 @@ class DecodeState:
     """What `decode_step` continues from: the encoder's states, the decoder's KV cache and mask, each
     row's true length and the padded width the cache started at."""
 
-    hidden: torch.Tensor        # (n, 2 + L, d) encoder states, prompts first
-    hidden_mask: torch.Tensor   # (n, 2 + L)
-    past: object                # the decoder's KV cache
-    attn: torch.Tensor          # (n, width + step) decoder attention mask
-    lengths: torch.Tensor       # (n,) each row's prefix length, prompts included
-    width: int                  # padded prefix width, prompts included
-    step: int = 0               # tokens fed since
+    hidden: torch.Tensor  # (n, 2 + L, d) encoder states, prompts first
+    hidden_mask: torch.Tensor  # (n, 2 + L)
+    past: object  # the decoder's KV cache
+    attn: torch.Tensor  # (n, width + step) decoder attention mask
+    lengths: torch.Tensor  # (n,) each row's prefix length, prompts included
+    width: int  # padded prefix width, prompts included
+    step: int = 0  # tokens fed since

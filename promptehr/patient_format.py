@@ -164,8 +164,14 @@ def pad_prefixes(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor,
 
 def grammar_token_ids(tok) -> dict[str, int]:
     """The token ids the grammar needs (a model keeps them, so its forward needs no tokenizer)."""
-    return {"pad": tok.pad_token_id, "visit_open": tok.visit_open_id, "visit_close": tok.visit_close_id,
-            "eos": tok.eos_token_id, "unk": tok.unk_token_id, "n_special": tok.n_special}
+    return {
+        "pad": tok.pad_token_id,
+        "visit_open": tok.visit_open_id,
+        "visit_close": tok.visit_close_id,
+        "eos": tok.eos_token_id,
+        "unk": tok.unk_token_id,
+        "n_special": tok.n_special,
+    }
 
 
 def grammar_mask(labels: torch.Tensor, tok, vocab_size: int) -> torch.Tensor:
@@ -183,11 +189,11 @@ def grammar_mask(labels: torch.Tensor, tok, vocab_size: int) -> torch.Tensor:
     is_open = labels == ids["visit_open"]
     is_close = labels == ids["visit_close"]
     is_code = labels >= ids["n_special"]
-    opens_before = torch.cumsum(is_open.long(), 1) - is_open.long()        # <v> strictly before t
+    opens_before = torch.cumsum(is_open.long(), 1) - is_open.long()  # <v> strictly before t
     closes_before = torch.cumsum(is_close.long(), 1) - is_close.long()
-    inside = opens_before > closes_before                                  # position t lies in a visit
-    visit_of = torch.cumsum(is_open.long(), 1)                             # visit index of a code at s
-    earlier = torch.ones(t, t, dtype=torch.bool, device=dev).tril(-1)      # s < t
+    inside = opens_before > closes_before  # position t lies in a visit
+    visit_of = torch.cumsum(is_open.long(), 1)  # visit index of a code at s
+    earlier = torch.ones(t, t, dtype=torch.bool, device=dev).tril(-1)  # s < t
     same = (visit_of.unsqueeze(1) == opens_before.unsqueeze(2)) & earlier & inside.unsqueeze(2)  # (B, t, s)
     emitted = same & is_code.unsqueeze(1)
     special = torch.arange(vocab_size, device=dev) < ids["n_special"]
@@ -208,16 +214,16 @@ class VisitGrammar:
     """The same rules, token by token, for n rows each writing one visit after its revealed codes:
     `banned()` is the (n, V) mask of the next token, `advance(token)` takes the sampled tokens."""
 
-    banned_codes: torch.Tensor   # (n, V) specials and the codes already in the visit
-    n_in_visit: torch.Tensor     # (n,) codes in the visit so far
-    in_visit: torch.Tensor       # (n,) still inside the visit
-    done: torch.Tensor           # (n,) the token after `</v>` was sampled
-    more: torch.Tensor           # (n,) that token was `<v>`: another visit follows
+    banned_codes: torch.Tensor  # (n, V) specials and the codes already in the visit
+    n_in_visit: torch.Tensor  # (n,) codes in the visit so far
+    in_visit: torch.Tensor  # (n,) still inside the visit
+    done: torch.Tensor  # (n,) the token after `</v>` was sampled
+    more: torch.Tensor  # (n,) that token was `<v>`: another visit follows
     max_codes: int
     ids: dict
 
     @classmethod
-    def start(cls, tok, revealed: list[list[int]], vocab: int, max_codes: int, device) -> "VisitGrammar":
+    def start(cls, tok, revealed: list[list[int]], vocab: int, max_codes: int, device) -> VisitGrammar:
         n = len(revealed)
         banned = torch.zeros((n, vocab), dtype=torch.bool, device=device)
         banned[:, : tok.n_special] = True
@@ -225,8 +231,15 @@ class VisitGrammar:
             if rev:
                 banned[i, torch.tensor(rev, device=device)] = True
         flags = torch.zeros(n, dtype=torch.bool, device=device)
-        return cls(banned, torch.tensor([len(r) for r in revealed], device=device), ~flags, flags.clone(),
-                   flags.clone(), max_codes, grammar_token_ids(tok))
+        return cls(
+            banned,
+            torch.tensor([len(r) for r in revealed], device=device),
+            ~flags,
+            flags.clone(),
+            flags.clone(),
+            max_codes,
+            grammar_token_ids(tok),
+        )
 
     def banned(self) -> torch.Tensor:
         close = self.ids["visit_close"]

@@ -24,13 +24,32 @@ def pyfunc_signature():
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import AnyType
 
-    inputs = Schema([ColSpec(AnyType(), "age"), ColSpec("string", "sex"),
-                     ColSpec(AnyType(), "n_visits", required=False), ColSpec(AnyType(), "seed", required=False)])
-    outputs = Schema([ColSpec("string", "patient_id"), ColSpec("double", "age"), ColSpec("string", "sex"),
-                      ColSpec("long", "n_visits"), ColSpec("string", "visits")])
-    params = ParamSchema([ParamSpec("temperature", "double", 1.0), ParamSpec("top_k", "long", 0),
-                          ParamSpec("top_p", "double", 1.0), ParamSpec("max_visits", "long", 20),
-                          ParamSpec("seed", "long", 0)])
+    inputs = Schema(
+        [
+            ColSpec(AnyType(), "age"),
+            ColSpec("string", "sex"),
+            ColSpec(AnyType(), "n_visits", required=False),
+            ColSpec(AnyType(), "seed", required=False),
+        ]
+    )
+    outputs = Schema(
+        [
+            ColSpec("string", "patient_id"),
+            ColSpec("double", "age"),
+            ColSpec("string", "sex"),
+            ColSpec("long", "n_visits"),
+            ColSpec("string", "visits"),
+        ]
+    )
+    params = ParamSchema(
+        [
+            ParamSpec("temperature", "double", 1.0),
+            ParamSpec("top_k", "long", 0),
+            ParamSpec("top_p", "double", 1.0),
+            ParamSpec("max_visits", "long", 20),
+            ParamSpec("seed", "long", 0),
+        ]
+    )
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
@@ -70,8 +89,10 @@ def download_model_checkpoint(model_uri: str, dst_path: str | None = None, track
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
-    return [f"{name}=={version(name)}" for name in
-            ("torch", "transformers", "mlflow", "numpy", "pandas", "pyyaml", "safetensors", "tqdm")]
+    return [
+        f"{name}=={version(name)}"
+        for name in ("torch", "transformers", "mlflow", "numpy", "pandas", "pyyaml", "safetensors", "tqdm")
+    ]
 
 
 def promote_champion(model_name: str, version: str, score: float, tags: dict, rescore=None) -> bool:
@@ -98,33 +119,52 @@ def promote_champion(model_name: str, version: str, score: float, tags: dict, re
         current = None
     if current is not None:
         if current.tags.get("data_fingerprint") != str(tags.get("data_fingerprint")):
-            logger.info("champion v%s was trained on other data; v%s does not replace it "
-                        "(set it by hand: MlflowClient().set_registered_model_alias(%r, 'champion', %s))",
-                        current.version, version, model_name, version)
+            logger.info(
+                "champion v%s was trained on other data; v%s does not replace it "
+                "(set it by hand: MlflowClient().set_registered_model_alias(%r, 'champion', %s))",
+                current.version,
+                version,
+                model_name,
+                version,
+            )
             return False
-        same_exam = (current.tags.get("protocol_id") == str(tags.get("protocol_id"))
-                     and current.tags.get("selection_metric") == metric and metric in current.tags)
+        same_exam = (
+            current.tags.get("protocol_id") == str(tags.get("protocol_id"))
+            and current.tags.get("selection_metric") == metric
+            and metric in current.tags
+        )
         if same_exam:
             champion_score = float(current.tags[metric])
         else:
             if rescore is None:
-                logger.info("champion v%s was measured on another validation protocol and cannot be re-scored "
-                            "here; it stays", current.version)
+                logger.info(
+                    "champion v%s was measured on another validation protocol and cannot be re-scored here; it stays",
+                    current.version,
+                )
                 return False
             with tempfile.TemporaryDirectory() as tmp:
-                folder = download_model_checkpoint(f"models:/{model_name}/{current.version}", tmp,
-                                                   mlflow.get_tracking_uri())
+                folder = download_model_checkpoint(f"models:/{model_name}/{current.version}", tmp, mlflow.get_tracking_uri())
                 champion_score = float(rescore(folder))
-            logger.info("champion v%s was measured on protocol %s: re-scored on protocol %s, %s %.4f",
-                        current.version, current.tags.get("protocol_id", "(none: registered before protocols)"),
-                        tags.get("protocol_id"), metric, champion_score)
+            logger.info(
+                "champion v%s was measured on protocol %s: re-scored on protocol %s, %s %.4f",
+                current.version,
+                current.tags.get("protocol_id", "(none: registered before protocols)"),
+                tags.get("protocol_id"),
+                metric,
+                champion_score,
+            )
             if "protocol_id" not in current.tags:  # a legacy champion: keep the score it now has
-                for key, value in {"protocol_id": tags.get("protocol_id"), "selection_metric": metric,
-                                   metric: champion_score, "rescored": "true"}.items():
+                for key, value in {
+                    "protocol_id": tags.get("protocol_id"),
+                    "selection_metric": metric,
+                    metric: champion_score,
+                    "rescored": "true",
+                }.items():
                     client.set_model_version_tag(model_name, current.version, key, str(value))
         if not (math.isfinite(score) and (score < champion_score or not math.isfinite(champion_score))):
-            logger.info("champion v%s (%s %.4f) stays; v%s has %.4f", current.version, metric, champion_score,
-                        version, score)
+            logger.info(
+                "champion v%s (%s %.4f) stays; v%s has %.4f", current.version, metric, champion_score, version, score
+            )
             return False
     elif not math.isfinite(score):
         logger.warning("v%s has %s %s: it does not become the champion", version, metric, score)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 logger = logging.getLogger(__name__)
 
 SEXES = ("M", "F")  # x_cat index: M -> 0, F -> 1
-MAX_AGE = 90.0      # MIMIC shifts ages above 89 to ~300 years: cap them
+MAX_AGE = 90.0  # MIMIC shifts ages above 89 to ~300 years: cap them
 ICD_VERSIONS = ("9", "10", "both")
 
 
@@ -22,9 +22,9 @@ class DataError(ValueError):
 
 @dataclass
 class Patient:
-    subject_id: str          # identifier in the source; never logged or written to MLflow
-    age: float               # years at first admission, capped at MAX_AGE
-    sex: str                 # "M" or "F"
+    subject_id: str  # identifier in the source; never logged or written to MLflow
+    age: float  # years at first admission, capped at MAX_AGE
+    sex: str  # "M" or "F"
     visits: list[list[str]]  # visits in time order; each a list of distinct codes
 
     @property

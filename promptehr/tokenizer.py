@@ -57,13 +57,15 @@ class DiagnosisCodeTokenizer:
         Path(path).write_text(json.dumps(data, indent=0))
 
     @classmethod
-    def load(cls, path: str | Path) -> "DiagnosisCodeTokenizer":
+    def load(cls, path: str | Path) -> DiagnosisCodeTokenizer:
         data = json.loads(Path(path).read_text())
         if tuple(data.get("special_tokens", ())) != SPECIAL_TOKENS:
-            raise ValueError(f"{path}: special tokens {data.get('special_tokens')} differ from this version's {SPECIAL_TOKENS}")
+            raise ValueError(
+                f"{path}: special tokens {data.get('special_tokens')} differ from this version's {SPECIAL_TOKENS}"
+            )
         return cls(data["codes"])
 
     @classmethod
-    def from_patients(cls, patients) -> "DiagnosisCodeTokenizer":
+    def from_patients(cls, patients) -> DiagnosisCodeTokenizer:
         """Vocabulary of the codes occurring in `patients` (pass the training split only)."""
         return cls(sorted({c for p in patients for v in p.visits for c in v}))

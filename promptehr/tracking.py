@@ -33,11 +33,13 @@ class Tracker:
     def log_dict(self, data, artifact_file: str) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
-    def log_dataset(self, data_cfg, train_patients, val_patients, split_fingerprint: str,
-                    context: str = "training") -> None: ...
+    def log_dataset(
+        self, data_cfg, train_patients, val_patients, split_fingerprint: str, context: str = "training"
+    ) -> None: ...
     def flush(self) -> None: ...
     def log_model(self, checkpoint_dir: str, score: float, tags: dict, rescore=None) -> dict | None:
         return None
+
     def end(self, status: str = "FINISHED") -> None: ...
     def run_status(self, run_id: str) -> str | None:
         """The status of run `run_id` (RUNNING, FINISHED, KILLED, FAILED), None if unknown."""
@@ -68,9 +70,16 @@ class MLflowTracker(Tracker):
     started (MLFLOW_RUN_ID / an active run), else starts a new run in `experiment_name` (None: the
     experiment `mlflow run` would use, see `resolve_experiment_id`)."""
 
-    def __init__(self, tracking_uri: str | None = None, experiment_name: str | None = None, run_name: str | None = None,
-                 registered_model_name: str = "promptehr", register_model: bool = True,
-                 log_system_metrics: bool = False, parent_run_id: str | None = None):
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        experiment_name: str | None = None,
+        run_name: str | None = None,
+        registered_model_name: str = "promptehr",
+        register_model: bool = True,
+        log_system_metrics: bool = False,
+        parent_run_id: str | None = None,
+    ):
         import mlflow
 
         self.mlflow = mlflow
@@ -87,9 +96,16 @@ class MLflowTracker(Tracker):
         self._existing_params: dict[str, str] = {}
 
     @classmethod
-    def from_config(cls, tcfg, **kwargs) -> "MLflowTracker":
-        return cls(tcfg.tracking_uri, tcfg.experiment_name, tcfg.run_name, tcfg.registered_model_name,
-                   tcfg.register_model, tcfg.log_system_metrics, **kwargs)
+    def from_config(cls, tcfg, **kwargs) -> MLflowTracker:
+        return cls(
+            tcfg.tracking_uri,
+            tcfg.experiment_name,
+            tcfg.run_name,
+            tcfg.registered_model_name,
+            tcfg.register_model,
+            tcfg.log_system_metrics,
+            **kwargs,
+        )
 
     def start(self, run_id: str | None = None) -> str:
         mlflow = self.mlflow
@@ -106,10 +122,16 @@ class MLflowTracker(Tracker):
             if run_id is not None and wrapper and wrapper != run_id:
                 # `mlflow run` made a new run for this command, but a resume continues the original one
                 mlflow.MlflowClient().set_tag(wrapper, "promptehr.resumed_run_id", run_id)
-                logger.warning("resuming into MLflow run %s; the run %s that `mlflow run` created stays empty",
-                               run_id, wrapper)
-            run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=None if run_id else self.run_name,
-                                   parent_run_id=self.parent_run_id, log_system_metrics=self.log_system_metrics or None)
+                logger.warning(
+                    "resuming into MLflow run %s; the run %s that `mlflow run` created stays empty", run_id, wrapper
+                )
+            run = mlflow.start_run(
+                run_id=run_id,
+                experiment_id=experiment_id,
+                run_name=None if run_id else self.run_name,
+                parent_run_id=self.parent_run_id,
+                log_system_metrics=self.log_system_metrics or None,
+            )
             self.run_id = run.info.run_id
             self._owns_run = True
         self._existing_params = dict(mlflow.get_run(self.run_id).data.params)
@@ -121,9 +143,13 @@ class MLflowTracker(Tracker):
         client = self.mlflow.MlflowClient()
         experiment = client.get_experiment(client.get_run(wrapper_run_id).info.experiment_id)
         if experiment.name != self.experiment_name:
-            logger.warning("tracking.experiment_name=%s, but `mlflow run` put this run in experiment %r: name the "
-                           "experiment with `mlflow run --experiment-name %s` or $MLFLOW_EXPERIMENT_NAME instead",
-                           self.experiment_name, experiment.name, self.experiment_name)
+            logger.warning(
+                "tracking.experiment_name=%s, but `mlflow run` put this run in experiment %r: name the "
+                "experiment with `mlflow run --experiment-name %s` or $MLFLOW_EXPERIMENT_NAME instead",
+                self.experiment_name,
+                experiment.name,
+                self.experiment_name,
+            )
 
     def log_params(self, params: dict) -> None:
         """Log params not already on the run (`mlflow run` logs its own; a resume logs again).
@@ -138,7 +164,7 @@ class MLflowTracker(Tracker):
             fresh[key] = text
         items = list(fresh.items())
         for i in range(0, len(items), 100):  # MLflow's per-call param limit
-            self.mlflow.log_params(dict(items[i:i + 100]))
+            self.mlflow.log_params(dict(items[i : i + 100]))
         self._existing_params.update(fresh)
 
     def set_tags(self, tags: dict) -> None:
@@ -157,8 +183,7 @@ class MLflowTracker(Tracker):
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self.mlflow.log_artifact(path, artifact_path)
 
-    def log_dataset(self, data_cfg, train_patients, val_patients, split_fingerprint: str,
-                    context: str = "training") -> None:
+    def log_dataset(self, data_cfg, train_patients, val_patients, split_fingerprint: str, context: str = "training") -> None:
         """The data as an MLflow dataset input (the UI's Dataset column): see `dataset_description`."""
         from mlflow.data.code_dataset_source import CodeDatasetSource
 
@@ -207,14 +232,16 @@ def dataset_description(data_cfg, train_patients, val_patients, split_fingerprin
     synthetic cohort's settings or the MIMIC folder's name (not its path), the table one row of
     aggregates per split, the digest a hash of the name, the split fingerprint and the table."""
     import hashlib
-    import json
     from dataclasses import asdict
     from pathlib import PurePath
 
     import pandas as pd
 
-    tags = {"data.source": data_cfg.source, "split_fingerprint": split_fingerprint,
-            **{f"data.{k}": v for k, v in asdict(data_cfg).items() if k not in ("source", "path", "synthetic")}}
+    tags = {
+        "data.source": data_cfg.source,
+        "split_fingerprint": split_fingerprint,
+        **{f"data.{k}": v for k, v in asdict(data_cfg).items() if k not in ("source", "path", "synthetic")},
+    }
     if data_cfg.source == "synthetic":
         settings = asdict(data_cfg.synthetic)
         tags.update({f"synthetic.{k}": v for k, v in settings.items()}, generator="promptehr.cohort.sample_cohort")
@@ -227,11 +254,19 @@ def dataset_description(data_cfg, train_patients, val_patients, split_fingerprin
     for split, patients in (("train", train_patients), ("validation", val_patients)):
         n_visits = sum(len(p.visits) for p in patients)
         n_codes = sum(p.n_codes for p in patients)
-        rows.append({"split": split, "patients": len(patients), "visits": n_visits, "codes": n_codes,
-                     "distinct_codes": len({c for p in patients for v in p.visits for c in v}),
-                     "visits_per_patient": n_visits / max(len(patients), 1), "codes_per_visit": n_codes / max(n_visits, 1),
-                     "female_share": sum(p.sex == "F" for p in patients) / max(len(patients), 1),
-                     "age_mean": sum(p.age for p in patients) / max(len(patients), 1)})
+        rows.append(
+            {
+                "split": split,
+                "patients": len(patients),
+                "visits": n_visits,
+                "codes": n_codes,
+                "distinct_codes": len({c for p in patients for v in p.visits for c in v}),
+                "visits_per_patient": n_visits / max(len(patients), 1),
+                "codes_per_visit": n_codes / max(n_visits, 1),
+                "female_share": sum(p.sex == "F" for p in patients) / max(len(patients), 1),
+                "age_mean": sum(p.age for p in patients) / max(len(patients), 1),
+            }
+        )
     table = pd.DataFrame(rows)
     digest = hashlib.sha256(f"{name}|{split_fingerprint}|{table.to_json()}".encode()).hexdigest()[:8]
     return name, {k: str(v) for k, v in tags.items()}, table, digest

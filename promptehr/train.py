@@ -25,19 +25,38 @@ from safetensors.torch import load_model
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from promptehr.checkpoint import (git_commit, load_checkpoint, load_training_state, mark_run_state, newest_complete,
-                                  package_versions, position, read_metadata, rng_state, save_checkpoint, set_rng_state)
+from promptehr.checkpoint import (
+    git_commit,
+    load_checkpoint,
+    load_training_state,
+    mark_run_state,
+    newest_complete,
+    package_versions,
+    position,
+    read_metadata,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from promptehr.config import Config, ConfigError, check_config, flatten, to_yaml
 from promptehr.data import held_out_subject_ids, load_patients, split_fingerprint, split_for_training
-from promptehr.engine import (LogWindow, autocast_context, build_loader, build_optimizer, compiled_step_model,
-                              epoch_batches, resolve_device, seed_everything, training_step)
+from promptehr.engine import (
+    LogWindow,
+    autocast_context,
+    build_loader,
+    build_optimizer,
+    compiled_step_model,
+    epoch_batches,
+    resolve_device,
+    seed_everything,
+    training_step,
+)
 from promptehr.generate import SamplingConfig, demographics_histogram, generate_patients, sample_demographics
 from promptehr.model import PromptBartWithDemographicPrediction
 from promptehr.report import run_quality_report
 from promptehr.report.privacy import patient_signature
 from promptehr.resume import RunLock, config_differences, resume_checkpoint
-from promptehr.run_status import (RunInterrupted, StopSignals, TrainingDiverged, TrainingPruned, end_run,
-                                  outcome_of)
+from promptehr.run_status import RunInterrupted, StopSignals, TrainingDiverged, TrainingPruned, end_run, outcome_of
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 from promptehr.tracking import Tracker
 from promptehr.validation import ValidationProtocol, copy_warning
@@ -47,23 +66,35 @@ logger = logging.getLogger(__name__)
 __all__ = ["train", "TrainingPruned", "RunInterrupted", "TrainingDiverged"]
 
 
-
 # ------------------------------------------------------------------ validation
 
 
 def log_validation(epoch: int, metrics: dict, selection: str) -> None:
     get = lambda key: metrics.get(key, float("nan"))  # noqa: E731
-    logger.info("validation epoch %d: next-visit NLL %.3f nats/visit (frequency %.3f, repeat %.3f), TPL %.2f "
-                "(frequency %.2f, repeat %.2f), perplexity of unseen codes %.2f (reconstruction rows %.2f), "
-                "loss %.4f, jaccard %.3f ranked (baseline %.3f); selecting by %s", epoch + 1, get("next_visit_nll"),
-                get("next_visit_nll_frequency"), get("next_visit_nll_repeat"), get("tpl"), get("tpl_frequency_baseline"),
-                get("tpl_repeat_baseline"), get("perplexity"), get("perplexity_reconstruction"), get("loss"),
-                get("reconstruction_jaccard_ranked"), get("reconstruction_jaccard_baseline"), selection)
+    logger.info(
+        "validation epoch %d: next-visit NLL %.3f nats/visit (frequency %.3f, repeat %.3f), TPL %.2f "
+        "(frequency %.2f, repeat %.2f), perplexity of unseen codes %.2f (reconstruction rows %.2f), "
+        "loss %.4f, jaccard %.3f ranked (baseline %.3f); selecting by %s",
+        epoch + 1,
+        get("next_visit_nll"),
+        get("next_visit_nll_frequency"),
+        get("next_visit_nll_repeat"),
+        get("tpl"),
+        get("tpl_frequency_baseline"),
+        get("tpl_repeat_baseline"),
+        get("perplexity"),
+        get("perplexity_reconstruction"),
+        get("loss"),
+        get("reconstruction_jaccard_ranked"),
+        get("reconstruction_jaccard_baseline"),
+        selection,
+    )
 
 
 def checkpoint_scorer(protocol: ValidationProtocol, device, selection: str):
     """score(checkpoint folder) -> the checkpoint's `selection` metric on `protocol`: how the champion
     gate re-scores a registered model measured on another protocol (or before protocols existed)."""
+
     def score(folder) -> float:
         model = load_checkpoint(folder, device)[0]
         return protocol.evaluate(model, device, jaccard=False)[selection]
@@ -105,8 +136,9 @@ def untracked_run_name() -> str:
 
 def check_resume(resume: dict, path: Path, cfg: Config, fingerprint: str) -> None:
     if resume.get("split_fingerprint") != fingerprint:
-        raise ConfigError(f"training.resume_from={path}: the data split differs from the checkpoint's "
-                          "(data config or files changed)")
+        raise ConfigError(
+            f"training.resume_from={path}: the data split differs from the checkpoint's (data config or files changed)"
+        )
     for key in config_differences(cfg, path):
         logger.warning("resume: %s differs from the checkpoint's config (%s)", key, path)
 
@@ -137,10 +169,10 @@ class Split:
 
     train: list
     val: list
-    report: object                # the loader's DataReport (counts of what was kept and dropped)
-    fingerprint: str              # the split (checked on resume)
-    data_fingerprint: str         # the split and where it came from (the champion gate compares it)
-    demographics: dict            # (sex, age bin) counts of training patients: what generation samples from
+    report: object  # the loader's DataReport (counts of what was kept and dropped)
+    fingerprint: str  # the split (checked on resume)
+    data_fingerprint: str  # the split and where it came from (the champion gate compares it)
+    demographics: dict  # (sex, age bin) counts of training patients: what generation samples from
     dataset_counts: dict = field(default_factory=dict)  # the training dataset's unknown codes and truncations
 
 
@@ -148,14 +180,14 @@ class Split:
 class RunState:
     """What changes as a run trains: every checkpoint records it, a resume starts from it."""
 
-    start_epoch: int = 0          # where training starts: 0, or the resumed checkpoint's place,
-    start_batch: int = 0          # batches of start_epoch already trained
+    start_epoch: int = 0  # where training starts: 0, or the resumed checkpoint's place,
+    start_batch: int = 0  # batches of start_epoch already trained
     global_step: int = 0
     best_score: float = math.inf
     best_metrics: dict = field(default_factory=dict)
     last_metrics: dict = field(default_factory=dict)
-    window: dict | None = None    # a mid-epoch resume: the partial logging window ...
-    rng: dict | None = None       # ... and the random state after the checkpoint's step
+    window: dict | None = None  # a mid-epoch resume: the partial logging window ...
+    rng: dict | None = None  # ... and the random state after the checkpoint's step
     quality: dict = field(default_factory=dict)
     model_info: object = None
 
@@ -201,28 +233,56 @@ class Run:
         max_steps = self.cfg.training.max_steps
         return max_steps is not None and self.state.global_step >= max_steps
 
-    def checkpoint(self, folder: Path, epoch: int, metrics: dict, batches_done: int | None = None,
-                   window: LogWindow | None = None) -> None:
+    def checkpoint(
+        self, folder: Path, epoch: int, metrics: dict, batches_done: int | None = None, window: LogWindow | None = None
+    ) -> None:
         """Save a checkpoint at the end of `epoch`, or inside it after `batches_done` batches."""
         self.tracker.flush()
         s, split = self.state, self.split
-        save_checkpoint(folder, self.model, self.optimizer, self.scheduler, self.cfg, self.tokenizer, {
-            "epoch": epoch, "epoch_complete": batches_done is None, "batches_done": batches_done or self.steps_per_epoch,
-            "global_step": s.global_step, "run_state": "running", "metrics": metrics, "selection_metric": self.selection,
-            "best_score": s.best_score, "protocol_id": self.protocol.id, "best_metrics": s.best_metrics,
-            "seed": self.cfg.training.seed, "run_id": self.run_id, "split_fingerprint": split.fingerprint,
-            "data_fingerprint": split.data_fingerprint, "data_source": self.cfg.data.source,
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "demographics": split.demographics,
-        }, loop_state=None if window is None else {"window": window.state()})
+        save_checkpoint(
+            folder,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.cfg,
+            self.tokenizer,
+            {
+                "epoch": epoch,
+                "epoch_complete": batches_done is None,
+                "batches_done": batches_done or self.steps_per_epoch,
+                "global_step": s.global_step,
+                "run_state": "running",
+                "metrics": metrics,
+                "selection_metric": self.selection,
+                "best_score": s.best_score,
+                "protocol_id": self.protocol.id,
+                "best_metrics": s.best_metrics,
+                "seed": self.cfg.training.seed,
+                "run_id": self.run_id,
+                "split_fingerprint": split.fingerprint,
+                "data_fingerprint": split.data_fingerprint,
+                "data_source": self.cfg.data.source,
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                "demographics": split.demographics,
+            },
+            loop_state=None if window is None else {"window": window.state()},
+        )
 
     def result(self) -> dict:
         s = self.state
-        return {"run_id": self.run_id, "global_step": s.global_step, "selection_metric": self.selection,
-                "best_score": s.best_score, "protocol_id": self.protocol.id, "best_metrics": s.best_metrics,
-                "final_metrics": s.last_metrics, "checkpoint_dir": str(self.ckpt_dir),
-                "best_checkpoint": str(self.best_dir) if self.best_dir.exists() else None, "quality": s.quality,
-                **({"model": s.model_info} if s.model_info is not None else {})}
+        return {
+            "run_id": self.run_id,
+            "global_step": s.global_step,
+            "selection_metric": self.selection,
+            "best_score": s.best_score,
+            "protocol_id": self.protocol.id,
+            "best_metrics": s.best_metrics,
+            "final_metrics": s.last_metrics,
+            "checkpoint_dir": str(self.ckpt_dir),
+            "best_checkpoint": str(self.best_dir) if self.best_dir.exists() else None,
+            "quality": s.quality,
+            **({"model": s.model_info} if s.model_info is not None else {}),
+        }
 
 
 # ------------------------------------------------------------------ the recipe
@@ -283,8 +343,13 @@ def setup(cfg: Config, tracker: Tracker, stop: StopSignals) -> Run:
     loader, sampler, collator, ds_report = build_loader(cfg, tokenizer, split.train)
     split.dataset_counts = ds_report
     protocol = ValidationProtocol(cfg, tokenizer, split.train, split.val)
-    logger.info("validation protocol %s: %d held-out rows, %d next visits scored (%d left out: unknown codes)",
-                protocol.id, len(protocol.rows), protocol.pairs.n_events, protocol.n_excluded)
+    logger.info(
+        "validation protocol %s: %d held-out rows, %d next visits scored (%d left out: unknown codes)",
+        protocol.id,
+        len(protocol.rows),
+        protocol.pairs.n_events,
+        protocol.n_excluded,
+    )
     model = PromptBartWithDemographicPrediction(tokenizer, cfg).to(device)
     if not meta:
         counts = Counter(c for p in split.train for v in p.visits for c in v)
@@ -294,9 +359,25 @@ def setup(cfg: Config, tracker: Tracker, stop: StopSignals) -> Run:
     if tcfg.max_steps is not None:
         total_steps = min(total_steps, tcfg.max_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, min(tcfg.warmup_steps, total_steps), max(total_steps, 1))
-    run = Run(cfg, tracker, stop, device, autocast_context(device, tcfg.precision), split, tokenizer, protocol, model,
-              compiled_step_model(model, tcfg), optimizer, scheduler, loader, sampler, collator, RunState(),
-              resume_from)
+    run = Run(
+        cfg,
+        tracker,
+        stop,
+        device,
+        autocast_context(device, tcfg.precision),
+        split,
+        tokenizer,
+        protocol,
+        model,
+        compiled_step_model(model, tcfg),
+        optimizer,
+        scheduler,
+        loader,
+        sampler,
+        collator,
+        RunState(),
+        resume_from,
+    )
     if meta:
         restore(run, meta)
     start_tracking(run)
@@ -308,8 +389,7 @@ def load_split(cfg: Config) -> Split:
     train_patients, val_patients = split_for_training(patients, cfg.data, report)
     fingerprint = split_fingerprint(train_patients, val_patients, held_out_subject_ids(cfg.data))
     data_fingerprint = hashlib.sha256(f"{cfg.data.source}|{cfg.data.path}|{fingerprint}".encode()).hexdigest()[:16]
-    return Split(train_patients, val_patients, report, fingerprint, data_fingerprint,
-                 demographics_histogram(train_patients))
+    return Split(train_patients, val_patients, report, fingerprint, data_fingerprint, demographics_histogram(train_patients))
 
 
 def restore(run: Run, meta: dict) -> None:
@@ -324,8 +404,10 @@ def restore(run: Run, meta: dict) -> None:
     if meta.get("protocol_id") == run.protocol.id and meta.get("selection_metric") == run.selection:
         s.best_score = meta.get("best_score", math.inf)
     else:  # a checkpoint of an earlier version: its best was chosen on another exam
-        logger.warning("resume: the checkpoint's best model was selected on another validation protocol; "
-                       "the next validation sets a new best")
+        logger.warning(
+            "resume: the checkpoint's best model was selected on another validation protocol; "
+            "the next validation sets a new best"
+        )
     logger.info("resuming from %s at epoch %d, batch %d (step %d)", folder, s.start_epoch + 1, s.start_batch, s.global_step)
 
 
@@ -353,24 +435,42 @@ def open_run(run: Run) -> None:
     n_params = sum(p.numel() for p in run.model.parameters())
     if run.resume_from is None:
         tracker.log_params(flatten(cfg))
-        tracker.set_tags({
-            "data.source": cfg.data.source, "data_fingerprint": split.data_fingerprint,
-            "split_fingerprint": split.fingerprint, "protocol_id": run.protocol.id, "selection_metric": run.selection,
-            **({"data.generator": cfg.data.synthetic.generator} if cfg.data.source == "synthetic" else {}),
-            "n_parameters": n_params, "device": str(run.device), "vocab_size": len(run.tokenizer),
-            **{f"data.{k}": v for k, v in split.report.counts.items()},
-            **{f"dataset.{k}": v for k, v in split.dataset_counts.items()},
-            **{f"version.{k}": v for k, v in package_versions().items()},
-            "git_commit": git_commit() or "unknown", "promptehr.outcome": "running",
-        })
+        tracker.set_tags(
+            {
+                "data.source": cfg.data.source,
+                "data_fingerprint": split.data_fingerprint,
+                "split_fingerprint": split.fingerprint,
+                "protocol_id": run.protocol.id,
+                "selection_metric": run.selection,
+                **({"data.generator": cfg.data.synthetic.generator} if cfg.data.source == "synthetic" else {}),
+                "n_parameters": n_params,
+                "device": str(run.device),
+                "vocab_size": len(run.tokenizer),
+                **{f"data.{k}": v for k, v in split.report.counts.items()},
+                **{f"dataset.{k}": v for k, v in split.dataset_counts.items()},
+                **{f"version.{k}": v for k, v in package_versions().items()},
+                "git_commit": git_commit() or "unknown",
+                "promptehr.outcome": "running",
+            }
+        )
         tracker.log_text(to_yaml(cfg), "config/resolved.yaml")
         tracker.log_dict({"codes": run.tokenizer.codes}, "config/vocab.json")
         tracker.log_dataset(cfg.data, split.train, split.val, split.fingerprint)
     else:
-        tracker.set_tags({"promptehr.outcome": "running", "promptehr.interrupted": "resumed",
-                          "promptehr.resumed_from": str(run.resume_from)})
-    logger.info("model: %.2fM parameters on %s; %d steps/epoch; checkpoints in %s", n_params / 1e6, run.device,
-                run.steps_per_epoch, run.ckpt_dir)
+        tracker.set_tags(
+            {
+                "promptehr.outcome": "running",
+                "promptehr.interrupted": "resumed",
+                "promptehr.resumed_from": str(run.resume_from),
+            }
+        )
+    logger.info(
+        "model: %.2fM parameters on %s; %d steps/epoch; checkpoints in %s",
+        n_params / 1e6,
+        run.device,
+        run.steps_per_epoch,
+        run.ckpt_dir,
+    )
 
 
 def train_epoch(run: Run, epoch: int) -> None:
@@ -385,16 +485,26 @@ def train_epoch(run: Run, epoch: int) -> None:
     with epoch_batches(run.loader) as batches:  # draws the loader's seed from the global RNG, as every epoch does
         if skip:  # mid-epoch resume: from here on the RNG must run as it did after the checkpoint's step
             set_rng_state(s.rng)
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{tcfg.num_epochs}", unit="batch", leave=False,
-                   dynamic_ncols=True, initial=skip, total=run.steps_per_epoch)
+        bar = tqdm(
+            batches,
+            desc=f"epoch {epoch + 1}/{tcfg.num_epochs}",
+            unit="batch",
+            leave=False,
+            dynamic_ncols=True,
+            initial=skip,
+            total=run.steps_per_epoch,
+        )
         for batch_number, batch in enumerate(bar, start=skip + 1):
             step(run, batch, epoch, batch_number, window, bar)
             if run.out_of_steps():
                 break  # (a stop request waits for the epoch's validation, as at the end of an epoch)
             if run.stop.requested:  # the step is done: save where we are inside the epoch, then stop
                 run.checkpoint(run.ckpt_dir / "last", epoch, s.last_metrics, batches_done=batch_number, window=window)
-                raise RunInterrupted(run.stop.name, f"at epoch {epoch + 1}, batch {batch_number} of "
-                                     f"{run.steps_per_epoch} (step {s.global_step})", str(run.ckpt_dir / "last"))
+                raise RunInterrupted(
+                    run.stop.name,
+                    f"at epoch {epoch + 1}, batch {batch_number} of {run.steps_per_epoch} (step {s.global_step})",
+                    str(run.ckpt_dir / "last"),
+                )
         bar.close()
 
 
@@ -403,11 +513,14 @@ def step(run: Run, batch: dict, epoch: int, batch_number: int, window: LogWindow
     tcfg, s = run.cfg.training, run.state
     lr = run.scheduler.get_last_lr()[0]
     try:
-        losses = training_step(run.model, run.step_model, batch, run.optimizer, run.scheduler, tcfg.max_grad_norm,
-                               run.autocast, run.device)
+        losses = training_step(
+            run.model, run.step_model, batch, run.optimizer, run.scheduler, tcfg.max_grad_norm, run.autocast, run.device
+        )
     except TrainingDiverged as exc:
-        exc.where = (f"step {s.global_step + 1} (epoch {epoch + 1}, batch {batch_number} of {run.steps_per_epoch}), "
-                     f"learning rate {lr:.3g}")
+        exc.where = (
+            f"step {s.global_step + 1} (epoch {epoch + 1}, batch {batch_number} of {run.steps_per_epoch}), "
+            f"learning rate {lr:.3g}"
+        )
         raise
     s.global_step += 1
     window.add(losses, batch["labels"].shape[0])
@@ -415,8 +528,16 @@ def step(run: Run, batch: dict, epoch: int, batch_number: int, window: LogWindow
         lr = run.scheduler.get_last_lr()[0]
         means = window.log(run.tracker, lr, s.global_step)
         bar.set_postfix(loss=f"{means['loss']:.4f}")
-        logger.info("epoch %d step %d/%d (global %d) - loss %.4f, lm %.4f, lr %.2e", epoch + 1, batch_number,
-                    run.steps_per_epoch, s.global_step, means["loss"], means["lm_loss"], lr)
+        logger.info(
+            "epoch %d step %d/%d (global %d) - loss %.4f, lm %.4f, lr %.2e",
+            epoch + 1,
+            batch_number,
+            run.steps_per_epoch,
+            s.global_step,
+            means["loss"],
+            means["lm_loss"],
+            lr,
+        )
 
 
 def end_epoch(run: Run, epoch: int, on_validate) -> None:
@@ -446,11 +567,19 @@ def validate(run: Run, epoch: int, on_validate) -> None:
     if stuck:
         logger.warning(stuck)
         tracker.set_tags({"promptehr.stuck": f"epoch {epoch + 1}: {stuck}"})
-    samples, dropped = sample_patients(run.model, run.tokenizer, run.split.demographics,
-                                       run.cfg.tracking.n_sample_patients, run.cfg.training.seed + epoch, run.split.train)
+    samples, dropped = sample_patients(
+        run.model,
+        run.tokenizer,
+        run.split.demographics,
+        run.cfg.tracking.n_sample_patients,
+        run.cfg.training.seed + epoch,
+        run.split.train,
+    )
     if samples:
-        tracker.log_dict({"epoch": epoch + 1, "dropped_training_copies": dropped, "synthetic_patients": samples},
-                         f"samples/epoch_{epoch + 1:03d}.json")
+        tracker.log_dict(
+            {"epoch": epoch + 1, "dropped_training_copies": dropped, "synthetic_patients": samples},
+            f"samples/epoch_{epoch + 1:03d}.json",
+        )
     if metrics[run.selection] < s.best_score:
         s.best_score, s.best_metrics = metrics[run.selection], dict(metrics)
         run.checkpoint(run.best_dir, epoch, metrics)
@@ -465,15 +594,33 @@ def finish(run: Run) -> None:
         with run.stop.at_once():  # redone on resume: cheaper than waiting for it
             best_model = load_checkpoint(run.best_dir, run.device)[0]
             s.quality = run_quality_report(
-                best_model, run.tokenizer, run.split.train, run.split.val, run.tracker, step=s.global_step,
-                n_patients=tcfg.quality_report_patients, seed=cfg.validation.seed, prompt_prob=cfg.validation.prompt_prob,
-                max_length=cfg.collator.max_length, released_patients=tcfg.quality_report_released_patients)
+                best_model,
+                run.tokenizer,
+                run.split.train,
+                run.split.val,
+                run.tracker,
+                step=s.global_step,
+                n_patients=tcfg.quality_report_patients,
+                seed=cfg.validation.seed,
+                prompt_prob=cfg.validation.prompt_prob,
+                max_length=cfg.collator.max_length,
+                released_patients=tcfg.quality_report_released_patients,
+            )
     if run.best_dir.exists():  # a stop signal now waits: a half-registered model would be registered twice
         run.tracker.set_tags({f"best_{run.selection}": s.best_score, "best_epoch": s.best_metrics.get("epoch")})
-        s.model_info = run.tracker.log_model(str(run.best_dir), s.best_score, {
-            "data_source": cfg.data.source, "data_fingerprint": run.split.data_fingerprint, "run_id": run.run_id,
-            "protocol_id": run.protocol.id, "selection_metric": run.selection, "val_loss": s.best_metrics.get("loss")},
-            rescore=checkpoint_scorer(run.protocol, run.device, run.selection))
+        s.model_info = run.tracker.log_model(
+            str(run.best_dir),
+            s.best_score,
+            {
+                "data_source": cfg.data.source,
+                "data_fingerprint": run.split.data_fingerprint,
+                "run_id": run.run_id,
+                "protocol_id": run.protocol.id,
+                "selection_metric": run.selection,
+                "val_loss": s.best_metrics.get("loss"),
+            },
+            rescore=checkpoint_scorer(run.protocol, run.device, run.selection),
+        )
 
 
 def close_run(run: Run, error: BaseException | None) -> None:

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from services import clean_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,8 +23,9 @@ PROMPTEHR = shutil.which("promptehr")
 def promptehr(*args, cwd, timeout=300) -> subprocess.CompletedProcess:
     """`promptehr ARGS` with this checkout's package (PYTHONPATH), no MLFLOW_* variable, in `cwd`."""
     assert PROMPTEHR, "the promptehr command is not installed (pip install -e . installs it)"
-    return subprocess.run([PROMPTEHR, *map(str, args)], cwd=cwd, env=clean_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [PROMPTEHR, *map(str, args)], cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -39,12 +39,25 @@ def test_help_names_every_command_and_each_command_has_its_own(tmp_path):
     assert re.search(r"\{train,generate,evaluate,tune,bench\}", proc.stdout)
     tune = promptehr("tune", "--help", cwd=tmp_path)
     assert tune.returncode == 0
-    for option in ("{run,init,worker,finalize}", "--storage", "--config", "--overrides", "--n-trials", "--n-workers",
-                   "--worker-id"):
+    for option in (
+        "{run,init,worker,finalize}",
+        "--storage",
+        "--config",
+        "--overrides",
+        "--n-trials",
+        "--n-workers",
+        "--worker-id",
+    ):
         assert option in tune.stdout
     # `python tuning/search.py` is `promptehr tune`
-    script = subprocess.run([sys.executable, str(ROOT / "tuning" / "search.py"), "--help"], cwd=tmp_path,
-                            env=clean_env(), capture_output=True, text=True, timeout=120)
+    script = subprocess.run(
+        [sys.executable, str(ROOT / "tuning" / "search.py"), "--help"],
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert script.returncode == 0 and script.stdout == tune.stdout
     bench = promptehr("bench", "--help", cwd=tmp_path)
     assert bench.returncode == 0
@@ -66,10 +79,13 @@ def test_a_benchmark_runs_through_promptehr_bench_and_a_missing_one_is_named(tmp
     assert "promptehr bench qualty: no " in line and "benchmarks: cohorts, generation, quality" in line
 
 
-@pytest.mark.parametrize("override,message", [
-    ("training.batch_sise=3", "override 'training.batch_sise=3': unknown config key training.batch_sise; valid keys"),
-    ("training.batch_size=0", "invalid settings: training.batch_size=0: must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("training.batch_sise=3", "override 'training.batch_sise=3': unknown config key training.batch_sise; valid keys"),
+        ("training.batch_size=0", "invalid settings: training.batch_size=0: must be >= 1"),
+    ],
+)
 def test_a_bad_override_ends_train_and_tune_alike_with_one_line_and_exit_2(override, message, tmp_path):
     """Train and tune name their config through one parser: the same one line, before any work (no
     checkpoint folder, no study storage, no MLflow store)."""

@@ -5,19 +5,19 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from conftest import SHARED, needs_shared
 
 from promptehr.data import apply_filters, load_patients, split_patients
 from promptehr.schema import DataError, DataReport, Patient
-
-from conftest import SHARED, needs_shared
 
 MIMIC3 = SHARED / "mimic3-demo"
 
 
 @needs_shared
 def test_load_patients_mimic3_with_filters():
-    cfg = SimpleNamespace(source="mimic3", path=str(MIMIC3), icd_versions="both",
-                          min_visits=2, max_visits=3, max_patients=None)
+    cfg = SimpleNamespace(
+        source="mimic3", path=str(MIMIC3), icd_versions="both", min_visits=2, max_visits=3, max_patients=None
+    )
     patients, vocab, report = load_patients(cfg)
     assert len(patients) == 14
     assert report.counts["patients_excluded_min_visits"] == 86
@@ -61,8 +61,8 @@ def test_apply_filters_counts():
     report = DataReport("test")
     cfg = SimpleNamespace(min_visits=2, max_visits=3, max_patients=5)
     kept = apply_filters(patients, cfg, report)
-    assert report.counts["patients_excluded_min_visits"] == 3      # the three 1-visit patients
-    assert report.counts["visits_truncated_max_visits"] == 3       # the three 4-visit patients, one visit each
+    assert report.counts["patients_excluded_min_visits"] == 3  # the three 1-visit patients
+    assert report.counts["visits_truncated_max_visits"] == 3  # the three 4-visit patients, one visit each
     assert report.counts["patients_excluded_max_patients"] == 9 - 5
     assert [len(p.visits) for p in kept] == [2, 3, 3, 2, 3]
     assert len(patients[3].visits) == 4  # the input is not modified

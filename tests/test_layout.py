@@ -38,7 +38,7 @@ def import_graph(package: Path) -> dict[str, dict[str, int]]:
             elif isinstance(node, ast.ImportFrom):
                 if node.level:  # relative: from the package holding this module, `level - 1` packages up
                     base = name.split(".") if is_package else name.split(".")[:-1]
-                    base = base[:len(base) - (node.level - 1)]
+                    base = base[: len(base) - (node.level - 1)]
                     source = ".".join(base + ([node.module] if node.module else []))
                 else:
                     source = node.module or ""
@@ -120,7 +120,8 @@ def test_no_two_modules_of_the_package_import_each_other():
     assert len(graph) > 20 and graph["promptehr.data"], "the graph was not read"
     cycles = find_cycles(graph)
     assert not cycles, "import cycles (module (line of its import of the next) -> ...):\n" + "\n".join(
-        describe(graph, c) for c in cycles)
+        describe(graph, c) for c in cycles
+    )
 
 
 def test_the_patient_schema_stands_alone():

@@ -158,8 +158,9 @@ def mimic4():
         ("10", 44, 123, 734, 2193, 152, 56, 25),
     ],
 )
-def test_mimic4_demo_exact_figures(mimic4, versions, patients, visits, codes, rows_excluded,
-                                   adm_without, pat_without, two_plus):
+def test_mimic4_demo_exact_figures(
+    mimic4, versions, patients, visits, codes, rows_excluded, adm_without, pat_without, two_plus
+):
     pats, vocab, report = mimic4[versions]
     c = report.counts
     assert report.source == "mimic4"
@@ -189,8 +190,21 @@ def test_mimic4_demo_fields(mimic4):
     assert any(c.startswith("ICD9:0") for c in vocab)  # leading zeros kept
     big = next(p for p in pats if p.subject_id == "10014354")  # 20 admissions
     assert len(big.visits) == 20
-    assert Counter(len(p.visits) for p in pats) == {1: 52, 2: 20, 3: 9, 4: 2, 5: 2, 6: 3, 7: 4, 8: 1,
-                                                     9: 1, 10: 3, 12: 1, 13: 1, 20: 1}
+    assert Counter(len(p.visits) for p in pats) == {
+        1: 52,
+        2: 20,
+        3: 9,
+        4: 2,
+        5: 2,
+        6: 3,
+        7: 4,
+        8: 1,
+        9: 1,
+        10: 3,
+        12: 1,
+        13: 1,
+        20: 1,
+    }
 
 
 @needs_shared
@@ -231,14 +245,31 @@ def test_mimic4_hand_made(tmp_path):
     """Age formula and cap, versions kept apart, unknown version counted."""
     hosp = tmp_path / "hosp"
     hosp.mkdir()
-    _write_csv(hosp / "patients.csv", ["subject_id", "gender", "anchor_age", "anchor_year", "dod"],
-               [[900001, "F", 40, 2150, ""], [900002, "M", 91, 2170, ""]])
-    _write_csv(hosp / "admissions.csv", ["subject_id", "hadm_id", "admittime"],
-               [[900001, 800012, "2157-03-01 08:00:00"], [900001, 800011, "2155-12-31 23:00:00"],
-                [900002, 800021, "2171-01-01 00:00:00"]])
-    _write_csv(hosp / "diagnoses_icd.csv", ["subject_id", "hadm_id", "seq_num", "icd_code", "icd_version"],
-               [[900001, 800011, 1, "0389", 9], [900001, 800012, 1, "I10", 10], [900001, 800012, 2, "E8809", 10],
-                [900002, 800021, 2, "E8809", 9], [900002, 800021, 1, "X1", 11]])
+    _write_csv(
+        hosp / "patients.csv",
+        ["subject_id", "gender", "anchor_age", "anchor_year", "dod"],
+        [[900001, "F", 40, 2150, ""], [900002, "M", 91, 2170, ""]],
+    )
+    _write_csv(
+        hosp / "admissions.csv",
+        ["subject_id", "hadm_id", "admittime"],
+        [
+            [900001, 800012, "2157-03-01 08:00:00"],
+            [900001, 800011, "2155-12-31 23:00:00"],
+            [900002, 800021, "2171-01-01 00:00:00"],
+        ],
+    )
+    _write_csv(
+        hosp / "diagnoses_icd.csv",
+        ["subject_id", "hadm_id", "seq_num", "icd_code", "icd_version"],
+        [
+            [900001, 800011, 1, "0389", 9],
+            [900001, 800012, 1, "I10", 10],
+            [900001, 800012, 2, "E8809", 10],
+            [900002, 800021, 2, "E8809", 9],
+            [900002, 800021, 1, "X1", 11],
+        ],
+    )
     pats, vocab, report = load_mimic4_data(tmp_path)
     assert [(p.subject_id, p.age, p.sex, p.visits) for p in pats] == [
         ("900001", 45.0, "F", [["ICD9:0389"], ["ICD10:I10", "ICD10:E8809"]]),
@@ -265,35 +296,47 @@ D_HEADER = ["row_id", "subject_id", "hadm_id", "seq_num", "icd9_code"]
 
 def _mimic3_folder(folder: Path, patients=None, admissions=None, diagnoses=None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    patients = patients if patients is not None else [
-        [1, 700001, "F", "2050-06-15 00:00:00"],
-        [2, 700002, "M", "1850-01-01 00:00:00"],   # ~300 years at admission: capped at 90
-        [3, 700003, "F", "2060-01-01 00:00:00"],   # its only admission has no code
-        [4, 700004, "U", "2060-01-01 00:00:00"],   # unknown gender: excluded
-    ]
-    admissions = admissions if admissions is not None else [
-        [1, 700001, 600012, "2101-06-01 10:00:00"],  # file order is not time order
-        [2, 700001, 600011, "2100-01-01 09:00:00"],
-        [3, 700002, 600022, "2150-03-03 12:00:00"],  # same admittime as 600021: hadm_id breaks the tie
-        [4, 700002, 600021, "2150-03-03 12:00:00"],
-        [5, 700003, 600031, "2120-01-01 00:00:00"],
-        [6, 700004, 600041, "2120-01-01 00:00:00"],
-        [7, 700009, 600091, "2120-01-01 00:00:00"],  # subject not in PATIENTS
-    ]
-    diagnoses = diagnoses if diagnoses is not None else [
-        [1, 700001, 600012, 1, "25000"],
-        [2, 700001, 600011, 2, "0389"],
-        [3, 700001, 600011, 1, "V5861"],
-        [4, 700001, 600011, 3, "0389"],    # duplicate within the visit
-        [5, 700002, 600021, 1, "4019"],
-        [6, 700002, 600022, 1, "E8809"],
-        [7, 700002, 600021, 2, ""],        # null code
-        [8, 700001, 600077, 1, "4280"],    # hadm_id not in ADMISSIONS
-        [9, 700009, 600091, 1, "486"],     # subject not in PATIENTS
-        [10, 700008, 600011, 1, "5849"],   # subject not in PATIENTS
-        [11, 700002, 600011, 4, "51881"],  # admission of another subject
-        [12, 700004, 600041, 1, "99592"],  # patient excluded (gender)
-    ]
+    patients = (
+        patients
+        if patients is not None
+        else [
+            [1, 700001, "F", "2050-06-15 00:00:00"],
+            [2, 700002, "M", "1850-01-01 00:00:00"],  # ~300 years at admission: capped at 90
+            [3, 700003, "F", "2060-01-01 00:00:00"],  # its only admission has no code
+            [4, 700004, "U", "2060-01-01 00:00:00"],  # unknown gender: excluded
+        ]
+    )
+    admissions = (
+        admissions
+        if admissions is not None
+        else [
+            [1, 700001, 600012, "2101-06-01 10:00:00"],  # file order is not time order
+            [2, 700001, 600011, "2100-01-01 09:00:00"],
+            [3, 700002, 600022, "2150-03-03 12:00:00"],  # same admittime as 600021: hadm_id breaks the tie
+            [4, 700002, 600021, "2150-03-03 12:00:00"],
+            [5, 700003, 600031, "2120-01-01 00:00:00"],
+            [6, 700004, 600041, "2120-01-01 00:00:00"],
+            [7, 700009, 600091, "2120-01-01 00:00:00"],  # subject not in PATIENTS
+        ]
+    )
+    diagnoses = (
+        diagnoses
+        if diagnoses is not None
+        else [
+            [1, 700001, 600012, 1, "25000"],
+            [2, 700001, 600011, 2, "0389"],
+            [3, 700001, 600011, 1, "V5861"],
+            [4, 700001, 600011, 3, "0389"],  # duplicate within the visit
+            [5, 700002, 600021, 1, "4019"],
+            [6, 700002, 600022, 1, "E8809"],
+            [7, 700002, 600021, 2, ""],  # null code
+            [8, 700001, 600077, 1, "4280"],  # hadm_id not in ADMISSIONS
+            [9, 700009, 600091, 1, "486"],  # subject not in PATIENTS
+            [10, 700008, 600011, 1, "5849"],  # subject not in PATIENTS
+            [11, 700002, 600011, 4, "51881"],  # admission of another subject
+            [12, 700004, 600041, 1, "99592"],  # patient excluded (gender)
+        ]
+    )
     _write_csv(folder / "PATIENTS.csv", P_HEADER, patients)
     _write_csv(folder / "ADMISSIONS.csv", A_HEADER, admissions)
     _write_csv(folder / "DIAGNOSES_ICD.csv", D_HEADER, diagnoses)
@@ -372,8 +415,11 @@ def test_table_present_twice(tmp_path):
 
 def test_missing_column(tmp_path):
     folder = _mimic3_folder(tmp_path / "m3")
-    _write_csv(folder / "ADMISSIONS.csv", ["row_id", "subject_id", "hadm_id", "dischtime"],
-               [[1, 700001, 600011, "2100-01-01 00:00:00"]])
+    _write_csv(
+        folder / "ADMISSIONS.csv",
+        ["row_id", "subject_id", "hadm_id", "dischtime"],
+        [[1, 700001, 600011, "2100-01-01 00:00:00"]],
+    )
     with pytest.raises(DataError) as exc:
         load_mimic_data(folder)
     msg = str(exc.value)
@@ -383,8 +429,7 @@ def test_missing_column(tmp_path):
 
 def test_unparseable_date(tmp_path):
     folder = _mimic3_folder(tmp_path / "m3")
-    _write_csv(folder / "PATIENTS.csv", P_HEADER,
-               [[1, 700001, "F", "2050-06-15 00:00:00"], [2, 700002, "M", "15/06/2050"]])
+    _write_csv(folder / "PATIENTS.csv", P_HEADER, [[1, 700001, "F", "2050-06-15 00:00:00"], [2, 700002, "M", "15/06/2050"]])
     with pytest.raises(DataError) as exc:
         load_mimic_data(folder)
     msg = str(exc.value)
@@ -458,8 +503,11 @@ def test_integer_ids_written_as_floats_are_read_as_integers(tmp_path):
     for name, id_columns in (("PATIENTS.csv", [1]), ("ADMISSIONS.csv", [1, 2]), ("DIAGNOSES_ICD.csv", [1, 2])):
         rows = _read_csv(folder / name)
         header = list(rows[0])
-        _write_csv(folder / name, header, [[f"{v}.0" if i in id_columns and v else v for i, v in enumerate(r.values())]
-                                           for r in rows])
+        _write_csv(
+            folder / name,
+            header,
+            [[f"{v}.0" if i in id_columns and v else v for i, v in enumerate(r.values())] for r in rows],
+        )
     patients, _, report = load_mimic_data(folder)
     assert [(p.subject_id, p.visits) for p in patients] == [(p.subject_id, p.visits) for p in clean]
     assert report.counts == clean_report.counts

@@ -1,8 +1,6 @@
 """The patient format: row layout, padding, and one grammar in two forms (vectorised for teacher-forced
 labels, step by step for sampling) that must agree."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -10,8 +8,15 @@ from torch.utils.data import DataLoader
 
 from promptehr.collator import EHRDataCollator, EHRPatientDataset
 from promptehr.data import split_patients
-from promptehr.patient_format import (VisitGrammar, grammar_mask, hidden_visit_row, pad_batch, row_lengths,
-                                      whole_patient_row, with_closing_token)
+from promptehr.patient_format import (
+    VisitGrammar,
+    grammar_mask,
+    hidden_visit_row,
+    pad_batch,
+    row_lengths,
+    whole_patient_row,
+    with_closing_token,
+)
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 
 
@@ -22,8 +27,9 @@ def split(cohort):
 
 
 def loader(tok, patients, batch_size=32):
-    return DataLoader(EHRPatientDataset(patients, tok), batch_size=batch_size, shuffle=False,
-                      collate_fn=EHRDataCollator(tok, seed=0))
+    return DataLoader(
+        EHRPatientDataset(patients, tok), batch_size=batch_size, shuffle=False, collate_fn=EHRDataCollator(tok, seed=0)
+    )
 
 
 def test_rows_have_the_lengths_the_sampler_plans_with(split):
@@ -36,7 +42,7 @@ def test_rows_have_the_lengths_the_sampler_plans_with(split):
         for k in range(len(visits)):
             enc, labels, start = hidden_visit_row(tok, visits, k)
             assert (len(enc), len(labels)) == row_lengths(lengths, k)
-            assert labels[start - 1] == tok.visit_open_id and list(labels[start:start + len(visits[k])]) == list(visits[k])
+            assert labels[start - 1] == tok.visit_open_id and list(labels[start : start + len(visits[k])]) == list(visits[k])
 
 
 def test_the_scored_positions_are_the_hidden_visit_and_its_close(split):
@@ -86,7 +92,6 @@ def test_grammar_mask_is_the_patient_format(split):
     first_code = labels[:, 1]
     assert mask[:, 2].gather(1, first_code.unsqueeze(1)).all()
     assert mask[:, 1, tok.visit_close_id].all()
-
 
 
 def test_the_sampler_grammar_is_the_vectorised_grammar(split):

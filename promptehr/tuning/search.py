@@ -32,8 +32,14 @@ def init(args, cfg, explicit: set[str]):
     from promptehr.tuning.study import init_study, settings_from_config
 
     check_config(cfg)  # before the study exists: every trial would fail on a bad base value
-    settings = settings_from_config(cfg, load_space(args.space or DEFAULT_SPACE), n_trials=args.n_trials,
-                                    objective=args.objective, pruner=args.pruner, seed=args.seed)
+    settings = settings_from_config(
+        cfg,
+        load_space(args.space or DEFAULT_SPACE),
+        n_trials=args.n_trials,
+        objective=args.objective,
+        pruner=args.pruner,
+        seed=args.seed,
+    )
     return init_study(open_storage(args), args.study_name, settings, explicit, describe(args.storage))
 
 
@@ -64,8 +70,10 @@ def run(args, cfg, explicit: set[str]) -> int:
 
     n_workers = args.n_workers or 1
     if n_workers > 1 and not supports_parallel_workers(args.storage):
-        raise ConfigError(f"--n-workers {n_workers} needs a storage for parallel workers, not SQLite: "
-                          "--storage journal:./optuna_journal.log (one machine) or a PostgreSQL URL")
+        raise ConfigError(
+            f"--n-workers {n_workers} needs a storage for parallel workers, not SQLite: "
+            "--storage journal:./optuna_journal.log (one machine) or a PostgreSQL URL"
+        )
     study = init(args, cfg, explicit)
     if n_workers == 1:
         worker(args)
@@ -91,9 +99,25 @@ def run_local_workers(args) -> int:
             env["CUDA_VISIBLE_DEVICES"] = gpu_ids[worker_id % n_gpus]
         else:
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.n_workers)))
-        cmd = [sys.executable, "-m", "promptehr.cli", "--log-level", args.log_level, "tune", "worker",
-               "--storage", args.storage, "--study-name", args.study_name, "--worker-id", str(worker_id),
-               "--heartbeat-interval", str(args.heartbeat_interval), "--grace-period", str(args.grace_period)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "promptehr.cli",
+            "--log-level",
+            args.log_level,
+            "tune",
+            "worker",
+            "--storage",
+            args.storage,
+            "--study-name",
+            args.study_name,
+            "--worker-id",
+            str(worker_id),
+            "--heartbeat-interval",
+            str(args.heartbeat_interval),
+            "--grace-period",
+            str(args.grace_period),
+        ]
         logger.info("worker %d: %s", worker_id, f"GPU {env['CUDA_VISIBLE_DEVICES']}" if n_gpus else "CPU")
         procs.append(subprocess.Popen(cmd, env=env))
     codes = [p.wait() for p in procs]
