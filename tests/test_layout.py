@@ -152,3 +152,18 @@ def test_a_cycle_is_found_and_named_even_through_a_lazy_or_relative_import(tmp_p
     cycles = sorted(map(tuple, find_cycles(graph)))
     assert cycles == [("pkg.a", "pkg.b", "pkg.sub.c", "pkg.a"), ("pkg.d", "pkg.e", "pkg.d")]
     assert describe(graph, list(cycles[0])) == "pkg.a (line 1) -> pkg.b (line 5) -> pkg.sub.c (line 5) -> pkg.a"
+
+
+def test_the_readme_layout_names_every_module_of_the_package():
+    """A reader finds each stage by its file name: every top-level module of promptehr/ is named in the
+    README's Layout section (subpackages by their folder)."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    layout = readme[readme.index("## Layout") :]
+    layout = layout[: layout.index("\n## ", 1)]
+    missing = [
+        path.name
+        for path in sorted(PACKAGE.iterdir())
+        if (path.suffix == ".py" and path.name != "__init__.py" and path.name not in layout)
+        or (path.is_dir() and (path / "__init__.py").exists() and f"promptehr/{path.name}/" not in layout)
+    ]
+    assert not missing, f"README.md, Layout: no word of {missing}"
