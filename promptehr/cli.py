@@ -189,42 +189,11 @@ def cmd_generate(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    import json
-    import tempfile
-
-    from promptehr.checkpoint import load_checkpoint
-    from promptehr.config import to_yaml
-    from promptehr.data import held_out_subject_ids, load_patients, split_fingerprint, split_for_training
-    from promptehr.engine import resolve_device
-    from promptehr.report import log_quality_report, plot_report, quality_report
     from promptehr.tracking import MLflowTracker, Tracker
-    from promptehr.validation import ValidationProtocol
-    from promptehr.validation import protocol_id as validation_id
 
-    def model_device(m):
-        return next(m.parameters()).device
-
-    sampling = _sampling(args)
-    with tempfile.TemporaryDirectory() as tmp:
-        model, tokenizer, ckpt_cfg, metadata = load_checkpoint(
-            _checkpoint_folder(args.model, tmp), resolve_device(args.device)
-        )
-        if args.config:  # e.g. experiments/mimic3.yaml with data.path: the data the model was trained on
-            cfg = config_of(args)
-        else:
-            saved = Path(tmp) / "checkpoint_config.yaml"
-            saved.write_text(to_yaml(ckpt_cfg))
-            cfg = config_of(args, default=saved)
-    patients, _, _ = load_patients(cfg.data)
-    train_patients, heldout = split_for_training(patients, cfg.data)
-    same_split = split_fingerprint(train_patients, heldout, held_out_subject_ids(cfg.data)) == metadata.get(
-        "split_fingerprint"
-    )
-    if not same_split:
-        log.warning(
-            "the data split differs from the one the model was trained on: privacy figures compare with "
-            "patients that are not its training set"
-        )
+    _sampling(args)  # bad sampling settings fail before anything is loaded
+    model, tokenizer, ckpt_cfg, metadata, cfg = _evaluated_model(args)
+    split = _evaluation_split(cfg, metadata)
     tracker = (
         Tracker()
         if args.no_tracking
@@ -235,54 +204,7 @@ def cmd_evaluate(args) -> int:
     tracker.start()
     error = None
     try:
-        tracker.set_tags(
-            {
-                "task": "quality_report",
-                "evaluated_model": args.model,
-                "same_split": same_split,
-                "model_run_id": metadata.get("run_id") or "unknown",
-                "data.source": cfg.data.source,
-            }
-        )
-        tracker.log_dataset(
-            cfg.data,
-            train_patients,
-            heldout,
-            split_fingerprint(train_patients, heldout, held_out_subject_ids(cfg.data)),
-            "evaluation",
-        )
-        tracker.log_params(
-            {
-                "n_patients": int(args.n_patients),
-                "released_patients": int(args.released_patients),
-                "seed": int(args.seed),
-                **{f"sampling.{k}": v for k, v in vars(sampling).items()},
-            }
-        )
-        metrics, report = quality_report(
-            model,
-            tokenizer,
-            train_patients,
-            heldout,
-            n_patients=int(args.n_patients),
-            seed=int(args.seed),
-            sampling=sampling,
-            prompt_prob=ckpt_cfg.validation.prompt_prob,
-            max_length=ckpt_cfg.collator.max_length,
-            progress=True,
-            released_patients=int(args.released_patients),
-        )
-        log_quality_report(tracker, metrics, report)
-        validation = ValidationProtocol(cfg, tokenizer, train_patients, heldout).evaluate(model, model_device(model))
-        tracker.set_tags({"protocol_id": validation_id(cfg, train_patients, heldout)})
-        tracker.log_metrics({f"val/{k}": v for k, v in validation.items()}, step=0)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "quality.json").write_text(json.dumps(report, indent=1))
-        (out / "validation.json").write_text(
-            json.dumps({**validation, "protocol_id": validation_id(cfg, train_patients, heldout)}, indent=1)
-        )
-        plot_report(report, out)
+        metrics = _evaluate(args, tracker, model, tokenizer, ckpt_cfg, metadata, cfg, split)
     except BaseException as exc:  # a stop signal included: the run ends KILLED
         error = exc
         raise
@@ -290,8 +212,102 @@ def cmd_evaluate(args) -> int:
         end_run(tracker, outcome_of(error))
     for key in sorted(metrics):
         log.info("gen/%s = %.4g", key, metrics[key])
-    log.info("report written to %s", out)
+    log.info("report written to %s", args.out)
     return 0
+
+
+def _evaluated_model(args):
+    """The checkpoint (a folder or models:/ URI) and the config to evaluate it with: --config, or the
+    checkpoint's own config with --overrides applied."""
+    import tempfile
+
+    from promptehr.checkpoint import load_checkpoint
+    from promptehr.config import to_yaml
+    from promptehr.engine import resolve_device
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tokenizer, ckpt_cfg, metadata = load_checkpoint(
+            _checkpoint_folder(args.model, tmp), resolve_device(args.device)
+        )
+        if args.config:  # e.g. experiments/mimic3.yaml with data.path: the data the model was trained on
+            cfg = config_of(args)
+        else:
+            saved = Path(tmp) / "checkpoint_config.yaml"
+            saved.write_text(to_yaml(ckpt_cfg))
+            cfg = config_of(args, default=saved)
+    return model, tokenizer, ckpt_cfg, metadata, cfg
+
+
+def _evaluation_split(cfg, metadata) -> dict:
+    """The (train, held-out) patients of `cfg`, their fingerprint, and whether they are the split the
+    model was trained on (privacy figures mean little otherwise: said in the log and the run's tags)."""
+    from promptehr.data import held_out_subject_ids, load_patients, split_fingerprint, split_for_training
+
+    patients, _, _ = load_patients(cfg.data)
+    train_patients, heldout = split_for_training(patients, cfg.data)
+    fingerprint = split_fingerprint(train_patients, heldout, held_out_subject_ids(cfg.data))
+    same_split = fingerprint == metadata.get("split_fingerprint")
+    if not same_split:
+        log.warning(
+            "the data split differs from the one the model was trained on: privacy figures compare with "
+            "patients that are not its training set"
+        )
+    return {"train": train_patients, "heldout": heldout, "fingerprint": fingerprint, "same_split": same_split}
+
+
+def _evaluate(args, tracker, model, tokenizer, ckpt_cfg, metadata, cfg, split) -> dict:
+    """The quality report and the validation protocol's metrics of `model`, logged to `tracker` and
+    written to --out (quality.json, validation.json, plots); returns the report's metrics."""
+    import json
+
+    from promptehr.report import log_quality_report, plot_report, quality_report
+    from promptehr.validation import ValidationProtocol
+    from promptehr.validation import protocol_id as validation_id
+
+    train_patients, heldout = split["train"], split["heldout"]
+    sampling = _sampling(args)
+    tracker.set_tags(
+        {
+            "task": "quality_report",
+            "evaluated_model": args.model,
+            "same_split": split["same_split"],
+            "model_run_id": metadata.get("run_id") or "unknown",
+            "data.source": cfg.data.source,
+        }
+    )
+    tracker.log_dataset(cfg.data, train_patients, heldout, split["fingerprint"], "evaluation")
+    tracker.log_params(
+        {
+            "n_patients": int(args.n_patients),
+            "released_patients": int(args.released_patients),
+            "seed": int(args.seed),
+            **{f"sampling.{k}": v for k, v in vars(sampling).items()},
+        }
+    )
+    metrics, report = quality_report(
+        model,
+        tokenizer,
+        train_patients,
+        heldout,
+        n_patients=int(args.n_patients),
+        seed=int(args.seed),
+        sampling=sampling,
+        prompt_prob=ckpt_cfg.validation.prompt_prob,
+        max_length=ckpt_cfg.collator.max_length,
+        progress=True,
+        released_patients=int(args.released_patients),
+    )
+    log_quality_report(tracker, metrics, report)
+    protocol = validation_id(cfg, train_patients, heldout)
+    validation = ValidationProtocol(cfg, tokenizer, train_patients, heldout).evaluate(model, next(model.parameters()).device)
+    tracker.set_tags({"protocol_id": protocol})
+    tracker.log_metrics({f"val/{k}": v for k, v in validation.items()}, step=0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(report, indent=1))
+    (out / "validation.json").write_text(json.dumps({**validation, "protocol_id": protocol}, indent=1))
+    plot_report(report, out)
+    return metrics
 
 
 # ------------------------------------------------------------------ tune
