@@ -8,27 +8,21 @@ the 100 most frequent codes, visits per patient, share of patients with 2+ visit
 wall time to sample the cohort and to compute the exact log-likelihood of every visit of `--scored`
 patients (`next_visit_log_probs`). Then, on the next visits (k >= 1) of the last 20% of the patients,
 with the first 80% as training patients, the mean NLL per visit of bench/quality.py's estimators
-without a model: the frequency prior, "repeat the previous visit + prior" and the exact optimum.
+without a model: the next-visit frequency prior, "repeat the previous visit + prior" and the exact optimum.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.quality import bernoulli_set_nll, code_prior, fit_repeat_weight, gap_share, visit_matrix  # noqa: E402
-from promptehr.cohorts import GENERATORS, cohort_model  # noqa: E402
-
-logger = logging.getLogger("bench.cohorts")
+from promptehr.baselines import NextVisitBaselines, VisitPairs
+from promptehr.cli import setup_logging
+from promptehr.cohorts import GENERATORS, cohort_model
 
 
 def shape(patients) -> dict[str, float]:
@@ -44,26 +38,30 @@ def shape(patients) -> dict[str, float]:
     }
 
 
-def next_visit_nll(model, train, heldout, fit_events: int = 3000, seed: int = 0) -> dict[str, float]:
-    """Mean NLL per next visit (k >= 1) of `heldout`: frequency prior, repeat + prior (weight fitted on at
-    most `fit_events` training next visits) and the exact optimum; codes outside the training patients'
-    vocabulary count as in bench/quality.py (the baselines smooth them, the optimum knows them)."""
+def next_visit_nll(model, train, heldout) -> dict[str, float]:
+    """Mean NLL per next visit (k >= 1) of `heldout`: the next-visit frequency prior and repeat + prior
+    of `promptehr.baselines` (fitted on the training patients' next visits, as bench/quality.py) and
+    the exact optimum; visits holding a code outside the training vocabulary are left out, as there."""
     codes = sorted({c for p in train for v in p.visits for c in v})
-    events = [(i, k) for i, p in enumerate(heldout) for k in range(1, len(p.visits))]
-    train_events = [(i, k) for i, p in enumerate(train) for k in range(1, len(p.visits))]
-    rng = np.random.default_rng(seed)
-    train_events = [train_events[i] for i in sorted(rng.permutation(len(train_events))[:fit_events])]
     known = set(codes)
-    events = [(i, k) for i, k in events if set(heldout[i].visits[k]) <= known]
-    prior = code_prior(train, codes)
-    a = fit_repeat_weight(prior, visit_matrix(train, train_events, codes), visit_matrix(train, train_events, codes, 1))
-    y, prev = visit_matrix(heldout, events, codes), visit_matrix(heldout, events, codes, 1)
-    frequency = bernoulli_set_nll(np.broadcast_to(prior, y.shape), y)
-    repeat = bernoulli_set_nll(a * prev + (1 - a) * prior, y)
+    events = [(i, k) for i, p in enumerate(heldout) for k in range(1, len(p.visits)) if set(p.visits[k]) <= known]
+    baselines = NextVisitBaselines.fit(train, codes)
+    index = {c: j for j, c in enumerate(codes)}
+    pairs = VisitPairs.from_visits(
+        [(heldout[i].visits[k], heldout[i].visits[k - 1], heldout[i].age, heldout[i].sex) for i, k in events], index
+    )
+    scores = baselines.score(pairs)
+    frequency, repeat = scores["frequency"], scores["repeat"]
     cache: dict[int, np.ndarray] = {}
     optimum = np.array([-cache.setdefault(i, model.next_visit_log_probs(heldout[i]))[k] for i, k in events])
-    return {"events": len(events), "frequency": frequency.mean(), "repeat": repeat.mean(), "repeat weight": a,
-            "optimum": optimum.mean(), "repeat gap share": gap_share(frequency, repeat, optimum)}
+    return {
+        "events": len(events),
+        "frequency": frequency.mean(),
+        "repeat": repeat.mean(),
+        "repeat weight": baselines.repeat_weight,
+        "optimum": optimum.mean(),
+        "repeat gap share": (frequency.mean() - repeat.mean()) / (frequency.mean() - optimum.mean()),
+    }
 
 
 def main(argv=None) -> int:
@@ -73,7 +71,7 @@ def main(argv=None) -> int:
     parser.add_argument("--scored", type=int, default=5_000, help="patients whose exact likelihood is timed")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging("INFO")
     for name in args.generators:
         model = cohort_model(name)
         t = time.perf_counter()
@@ -83,15 +81,19 @@ def main(argv=None) -> int:
         for p in patients[: args.scored]:
             model.next_visit_log_probs(p)
         score_s = time.perf_counter() - t
-        print(f"\n{name}: {len(model.codes)} codes in the vocabulary; {args.patients} patients (seed {args.seed}) "
-              f"sampled in {sample_s:.1f}s; exact likelihood of every visit of {args.scored} patients in {score_s:.1f}s")
+        print(
+            f"\n{name}: {len(model.codes)} codes in the vocabulary; {args.patients} patients (seed {args.seed}) "
+            f"sampled in {sample_s:.1f}s; exact likelihood of every visit of {args.scored} patients in {score_s:.1f}s"
+        )
         for key, value in shape(patients).items():
             print(f"  {key:<22} {value:.3f}" if isinstance(value, float) else f"  {key:<22} {value}")
         cut = int(0.8 * len(patients))
-        nll = next_visit_nll(model, patients[:cut], patients[cut:], seed=args.seed)
-        print(f"  next visits of the last 20% ({nll['events']} visits), NLL nats/visit: frequency prior "
-              f"{nll['frequency']:.2f}, repeat + prior {nll['repeat']:.2f} (a={nll['repeat weight']:.3f}; closes "
-              f"{nll['repeat gap share']:.1%} of the gap), optimum {nll['optimum']:.2f}")
+        nll = next_visit_nll(model, patients[:cut], patients[cut:])
+        print(
+            f"  next visits of the last 20% ({nll['events']} visits), NLL nats/visit: frequency prior "
+            f"{nll['frequency']:.2f}, repeat + prior {nll['repeat']:.2f} (a={nll['repeat weight']:.3f}; closes "
+            f"{nll['repeat gap share']:.1%} of the gap), optimum {nll['optimum']:.2f}"
+        )
     return 0
 
 

@@ -17,7 +17,6 @@ of what was generated (speed depends on both).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import tempfile
 import time
@@ -25,35 +24,45 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from promptehr.checkpoint import load_checkpoint, save_checkpoint
+from promptehr.cli import setup_logging
+from promptehr.config import load_config
+from promptehr.data import load_patients, split_patients
+from promptehr.engine import resolve_device
+from promptehr.generate import SamplingConfig, demographics_histogram, generate_patients, sample_demographics
+from promptehr.model import PromptBartWithDemographicPrediction
+from promptehr.tokenizer import DiagnosisCodeTokenizer
+from promptehr.tracking import Tracker
+from promptehr.train import train
 
-from promptehr.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from promptehr.config import load_config  # noqa: E402
-from promptehr.data import load_patients, split_patients  # noqa: E402
-from promptehr.generate import SamplingConfig, demographics_histogram, generate_patients, sample_demographics  # noqa: E402
-from promptehr.model import PromptBartWithDemographicPrediction  # noqa: E402
-from promptehr.tokenizer import DiagnosisCodeTokenizer  # noqa: E402
-from promptehr.tracking import Tracker  # noqa: E402
-from promptehr.train import resolve_device, train  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SHAPES = {"tiny": "experiments/tiny.yaml", "base": "experiments/base.yaml"}
 
 
 def build_checkpoint(shape: str, train_steps: int, random_init: bool, folder: Path) -> Path:
     """A checkpoint of `shape`: trained for `train_steps` steps, or random-init (with the histogram)."""
-    overrides = [f"training.checkpoint_dir={folder}", "training.quality_report=false", "tracking.n_sample_patients=0",
-                 "validation.jaccard_patients=0", "training.device=cpu"]
+    overrides = [
+        f"training.checkpoint_dir={folder}",
+        "training.quality_report=false",
+        "tracking.n_sample_patients=0",
+        "validation.jaccard_patients=0",
+        "training.device=cpu",
+    ]
     cfg = load_config(ROOT / SHAPES[shape], overrides)
     if random_init:
         patients, _, _ = load_patients(cfg.data)
         train_patients, _ = split_patients(patients, cfg.data.val_fraction, cfg.data.split_seed)
         tok = DiagnosisCodeTokenizer.from_patients(train_patients)
         model = PromptBartWithDemographicPrediction(tok, cfg)
-        return save_checkpoint(folder / "random", model, None, None, cfg, tok,
-                               {"demographics": demographics_histogram(train_patients)})
-    cfg = load_config(ROOT / SHAPES[shape], overrides + [f"training.max_steps={train_steps}", "training.num_epochs=1000",
-                                                         "training.validate_every_n_epochs=1000"])
+        return save_checkpoint(
+            folder / "random", model, None, None, cfg, tok, {"demographics": demographics_histogram(train_patients)}
+        )
+    cfg = load_config(
+        ROOT / SHAPES[shape],
+        overrides
+        + [f"training.max_steps={train_steps}", "training.num_epochs=1000", "training.validate_every_n_epochs=1000"],
+    )
     return Path(train(cfg, Tracker())["best_checkpoint"])
 
 
@@ -67,8 +76,14 @@ def time_generation(model, tok, histogram, n_patients: int, batch_size: int, sam
     visits = sum(len(p.visits) for p in patients)
     codes = sum(len(v) for p in patients for v in p.visits)
     tokens = codes + 2 * visits  # each visit also samples </v> and <v>/</s>
-    return {"patients_per_s": len(patients) / seconds, "visits_per_s": visits / seconds, "tokens_per_s": tokens / seconds,
-            "visits_per_patient": visits / len(patients), "codes_per_visit": codes / max(visits, 1), "seconds": seconds}
+    return {
+        "patients_per_s": len(patients) / seconds,
+        "visits_per_s": visits / seconds,
+        "tokens_per_s": tokens / seconds,
+        "visits_per_patient": visits / len(patients),
+        "codes_per_visit": codes / max(visits, 1),
+        "seconds": seconds,
+    }
 
 
 def main(argv=None) -> int:
@@ -84,31 +99,40 @@ def main(argv=None) -> int:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    setup_logging("WARNING")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     sampling = SamplingConfig(top_k=args.top_k, top_p=args.top_p)
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"sampling top_k={args.top_k} top_p={args.top_p}, max_codes_per_visit={sampling.max_codes_per_visit}, "
-          f"max_visits={sampling.max_visits}")
+    print(
+        f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"sampling top_k={args.top_k} top_p={args.top_p}, max_codes_per_visit={sampling.max_codes_per_visit}, "
+        f"max_visits={sampling.max_visits}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [("checkpoint", Path(args.checkpoint))] if args.checkpoint else []
-        for shape in ([] if args.checkpoint else args.shapes):
+        for shape in [] if args.checkpoint else args.shapes:
             t = time.perf_counter()
             folder = build_checkpoint(shape, args.train_steps, args.random_init, Path(tmp) / shape)
-            how = "random init" if args.random_init else f"trained {args.train_steps} steps in {time.perf_counter() - t:.0f} s"
+            how = (
+                "random init" if args.random_init else f"trained {args.train_steps} steps in {time.perf_counter() - t:.0f} s"
+            )
             jobs.append((f"{shape} ({how})", folder))
         for name, folder in jobs:
             model, tok, cfg, meta = load_checkpoint(folder, device)
             n_params = sum(p.numel() for p in model.parameters())
-            print(f"\n{name}: d_model {cfg.model.d_model}, {cfg.model.encoder_layers}+{cfg.model.decoder_layers} layers, "
-                  f"{n_params / 1e6:.2f}M parameters, vocabulary {len(tok)}")
+            print(
+                f"\n{name}: d_model {cfg.model.d_model}, {cfg.model.encoder_layers}+{cfg.model.decoder_layers} layers, "
+                f"{n_params / 1e6:.2f}M parameters, vocabulary {len(tok)}"
+            )
             print(f"{'batch':>6} {'patients/s':>11} {'visits/s':>9} {'tokens/s':>9} {'visits/pt':>10} {'codes/visit':>12}")
             for bs in args.batch_sizes:
                 r = time_generation(model, tok, meta["demographics"], args.patients, bs, sampling)
-                print(f"{bs:>6} {r['patients_per_s']:>11.1f} {r['visits_per_s']:>9.1f} {r['tokens_per_s']:>9.0f} "
-                      f"{r['visits_per_patient']:>10.2f} {r['codes_per_visit']:>12.1f}", flush=True)
+                print(
+                    f"{bs:>6} {r['patients_per_s']:>11.1f} {r['visits_per_s']:>9.1f} {r['tokens_per_s']:>9.0f} "
+                    f"{r['visits_per_patient']:>10.2f} {r['codes_per_visit']:>12.1f}",
+                    flush=True,
+                )
     return 0
 
 

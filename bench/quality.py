@@ -8,7 +8,7 @@ Trains the config with `promptehr.train.train` (no tracking), loads the best che
 every next visit k >= 1 of the held-out patients (the split train() used) under:
   (a) the model: NLL of visit k's codes in a uniformly random order plus its closing `</v>`, teacher-
       forced after `<v> v0 </v> .. <v> v(k-1) </v> <v>` with the encoder holding the history and a
-      `<v> <mask> </v>` placeholder (the collator's next-visit row), minus log(n!). Averaged over
+      `<v> <mask> </v>` placeholder (the next-visit row of `promptehr.patient_format`), minus log(n!). Averaged over
       random orders this is an upper bound on the model's NLL of the visit's code SET (Jensen:
       E_order[-log P(order)] - log n! >= -log sum_orders P(order)); `--orders M` also prints the
       tighter bound -log(mean of the M order probabilities) - log n!.
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import shlex
 import sys
 import tempfile
 import time
@@ -41,16 +40,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from promptehr.baselines import NextVisitBaselines, VisitPairs
+from promptehr.checkpoint import load_checkpoint
+from promptehr.cli import add_config_arguments, overrides_of, setup_logging
+from promptehr.cohorts import CohortModel, cohort_model_for
+from promptehr.collator import TASK_ID
+from promptehr.config import load_config
+from promptehr.data import load_patients, split_patients
+from promptehr.patient_format import hidden_visit_row, pad_batch, with_closing_token
+from promptehr.schema import SEXES
+from promptehr.tokenizer import DiagnosisCodeTokenizer
 
-from promptehr.checkpoint import load_checkpoint  # noqa: E402
-from promptehr.collator import TASK_ID, EHRDataCollator  # noqa: E402
-from promptehr.cohorts import CohortModel, cohort_model_for  # noqa: E402
-from promptehr.config import load_config  # noqa: E402
-from promptehr.data import SEXES, load_patients, split_patients  # noqa: E402
-from promptehr.baselines import NextVisitBaselines, VisitPairs  # noqa: E402
-from promptehr.tokenizer import DiagnosisCodeTokenizer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 logger = logging.getLogger("bench.quality")
 
@@ -63,7 +64,7 @@ def next_visit_events(patients, tokenizer: DiagnosisCodeTokenizer, first: bool =
     codes are all in the vocabulary; and the number of visits left out for holding an unknown code."""
     events, skipped = [], 0
     for i, p in enumerate(patients):
-        for k in (range(1) if first else range(1, len(p.visits))):
+        for k in range(1) if first else range(1, len(p.visits)):
             if all(c in tokenizer.token_to_id and tokenizer.token_to_id[c] >= tokenizer.n_special for c in p.visits[k]):
                 events.append((i, k))
             else:
@@ -74,39 +75,43 @@ def next_visit_events(patients, tokenizer: DiagnosisCodeTokenizer, first: bool =
 # ------------------------------------------------------------------ (a) the trained model
 
 
-def scored_batch(collator: EHRDataCollator, rows) -> tuple[dict, torch.Tensor]:
-    """Rows (encoder ids, label ids, first code position, age, sex) of `collator.cut_row`, padded by the
-    collator itself; and the scored label positions: visit k's codes and its `</v>` (not the `<v>`
-    that opens it, nor the token after)."""
-    batch = collator.pad([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
-                         [TASK_ID["next_visit_prediction"]] * len(rows), [r[3] for r in rows], [r[4] for r in rows])
-    codes = batch["target_mask"]  # visit k's codes
-    scored = codes.clone()
-    scored[:, 1:] |= codes[:, :-1]  # ... and the </v> right after them
-    return batch, scored
+def scored_batch(tok, rows) -> tuple[dict, torch.Tensor]:
+    """Rows (encoder ids, label ids, first code position, age, sex) of `patient_format.hidden_visit_row`,
+    padded; and the scored label positions: visit k's codes and its `</v>` (not the `<v>` that opens
+    it, nor the token after)."""
+    batch = pad_batch(
+        tok,
+        [r[0] for r in rows],
+        [r[1] for r in rows],
+        [r[2] for r in rows],
+        [TASK_ID["next_visit_prediction"]] * len(rows),
+        [r[3] for r in rows],
+        [r[4] for r in rows],
+    )
+    return batch, with_closing_token(batch["target_mask"])
 
 
 @torch.no_grad()
-def model_visit_nll(model, tok, patients, events, orders: int = 4, seed: int = 0, batch_size: int = 128,
-                    device="cpu") -> tuple[np.ndarray, np.ndarray]:
+def model_visit_nll(
+    model, tok, patients, events, orders: int = 4, seed: int = 0, batch_size: int = 128, device="cpu"
+) -> tuple[np.ndarray, np.ndarray]:
     """Per event: (mean over `orders` random code orders of the sequence NLL minus log n!,
     -log(mean of the order probabilities) - log n!). Histories are shuffled too (teacher-forced)."""
     rng = np.random.default_rng(seed)
-    collator = EHRDataCollator(tok)
     rows = []  # (encoder ids, label ids, first code position, age, sex id), `orders` per event
     for i, k in events:
         p = patients[i]
         ids = [np.array([tok.token_to_id.get(c, tok.unk_token_id) for c in v], dtype=np.int64) for v in p.visits]
         for _ in range(orders):
-            visits = [rng.permutation(v) for v in ids[: k + 1]] + ids[k + 1:]  # later visits: only their count matters
-            rows.append((*collator.cut_row(visits, k), p.age, SEXES.index(p.sex)))
+            visits = [rng.permutation(v) for v in ids[: k + 1]] + ids[k + 1 :]  # later visits: only their count matters
+            rows.append((*hidden_visit_row(tok, visits, k), p.age, SEXES.index(p.sex)))
     nll = np.zeros(len(rows))
     for s in range(0, len(rows), batch_size):
-        batch, scored = scored_batch(collator, rows[s:s + batch_size])
+        batch, scored = scored_batch(tok, rows[s : s + batch_size])
         out = model(**{key: v.to(device) for key, v in batch.items()})
         logp = F.log_softmax(out["logits"].float(), dim=-1).cpu()
         token_nll = -logp.gather(-1, batch["labels"].clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        nll[s:s + len(scored)] = (token_nll * scored).sum(1).numpy()
+        nll[s : s + len(scored)] = (token_nll * scored).sum(1).numpy()
     log_fact = np.array([math.lgamma(len(patients[i].visits[k]) + 1) for i, k in events])
     return order_bounds(nll.reshape(len(events), orders), log_fact)
 
@@ -171,13 +176,29 @@ def score(model, tokenizer, train_patients, eval_patients, orders, seed, device=
     model_nll, model_tight = model_visit_nll(model, tokenizer, eval_patients, events, orders, seed, device=device)
     index = {c: j for j, c in enumerate(tokenizer.codes)}
     fitted = NextVisitBaselines.fit(train_patients, tokenizer.codes, first=first)
-    pairs = VisitPairs.from_visits([(eval_patients[i].visits[k], eval_patients[i].visits[k - 1] if k else [],
-                                     eval_patients[i].age, eval_patients[i].sex) for i, k in events], index)
+    pairs = VisitPairs.from_visits(
+        [
+            (
+                eval_patients[i].visits[k],
+                eval_patients[i].visits[k - 1] if k else [],
+                eval_patients[i].age,
+                eval_patients[i].sex,
+            )
+            for i, k in events
+        ],
+        index,
+    )
     b = fitted.score(pairs)
     return {
-        "events": events, "skipped": skipped, "repeat_weight": fitted.repeat_weight,
-        "model": model_nll, "model_tight": model_tight, "optimum": optimum_visit_nll(cohort, eval_patients, events),
-        "frequency": b["frequency"], "stratified": b["stratified"], "repeat": b["repeat"],
+        "events": events,
+        "skipped": skipped,
+        "repeat_weight": fitted.repeat_weight,
+        "model": model_nll,
+        "model_tight": model_tight,
+        "optimum": optimum_visit_nll(cohort, eval_patients, events),
+        "frequency": b["frequency"],
+        "stratified": b["stratified"],
+        "repeat": b["repeat"],
         "n_codes": np.array([len(eval_patients[i].visits[k]) for i, k in events]),
     }
 
@@ -187,8 +208,10 @@ def report(title: str, s: dict, orders: int) -> dict:
     opt = s["optimum"].mean()
     n_pat = len({i for i, _ in s["events"]})
     groups = [i for i, _ in s["events"]]
-    print(f"\n{title}: {len(s['events'])} visits of {n_pat} patients, "
-          f"{s['n_codes'].mean():.2f} codes per visit; {s['skipped']} visits with an unknown code left out")
+    print(
+        f"\n{title}: {len(s['events'])} visits of {n_pat} patients, "
+        f"{s['n_codes'].mean():.2f} codes per visit; {s['skipped']} visits with an unknown code left out"
+    )
     print(f"{'estimator':<52} {'NLL nats/visit':>16} {'/ optimum':>10}")
     rows = [
         (f"model, random order, mean of {orders} orders", s["model"]),
@@ -205,23 +228,35 @@ def report(title: str, s: dict, orders: int) -> dict:
     diff_lo, diff_hi = bootstrap(groups, [diff], lambda d: d)
     share = gap_share(s["frequency"], s["model"], s["optimum"])
     lo, hi = bootstrap(groups, [s["frequency"], s["model"], s["optimum"]], lambda f, m, o: (f - m) / (f - o))
-    print(f"HEADLINE model - optimum: {diff.mean():.3f} nats/visit (95% CI {diff_lo:.3f} .. {diff_hi:.3f}; "
-          f"{diff.mean() / s['n_codes'].mean():.3f} per code)")
-    print(f"gap closed against the next-visit prior, (prior - model) / (prior - optimum): {share:.1%} "
-          f"(95% CI {lo:.1%} .. {hi:.1%})")
-    print(f"  with the tighter model bound: {gap_share(s['frequency'], s['model_tight'], s['optimum']):.1%};"
-          f"  stratified prior: {gap_share(s['frequency'], s['stratified'], s['optimum']):.1%};"
-          f"  repeat baseline: {gap_share(s['frequency'], s['repeat'], s['optimum']):.1%}")
-    return {"model_minus_optimum": float(diff.mean()), "ci": (diff_lo, diff_hi), "gap_share": share,
-            "gap_share_ci": (lo, hi), "visits": len(s["events"])}
+    print(
+        f"HEADLINE model - optimum: {diff.mean():.3f} nats/visit (95% CI {diff_lo:.3f} .. {diff_hi:.3f}; "
+        f"{diff.mean() / s['n_codes'].mean():.3f} per code)"
+    )
+    print(
+        f"gap closed against the next-visit prior, (prior - model) / (prior - optimum): {share:.1%} "
+        f"(95% CI {lo:.1%} .. {hi:.1%})"
+    )
+    print(
+        f"  with the tighter model bound: {gap_share(s['frequency'], s['model_tight'], s['optimum']):.1%};"
+        f"  stratified prior: {gap_share(s['frequency'], s['stratified'], s['optimum']):.1%};"
+        f"  repeat baseline: {gap_share(s['frequency'], s['repeat'], s['optimum']):.1%}"
+    )
+    return {
+        "model_minus_optimum": float(diff.mean()),
+        "ci": (diff_lo, diff_hi),
+        "gap_share": share,
+        "gap_share_ci": (lo, hi),
+        "visits": len(s["events"]),
+    }
 
 
 # ------------------------------------------------------------------ diagnosis: the first code of a next visit
 
 
 @torch.no_grad()
-def first_code_persistence(model, tok, cohort_model, patients, events, samples: int = 400, seed: int = 0,
-                           batch_size: int = 64) -> dict[str, float]:
+def first_code_persistence(
+    model, tok, cohort_model, patients, events, samples: int = 400, seed: int = 0, batch_size: int = 64
+) -> dict[str, float]:
     """What the model and the optimum predict for the FIRST code of next visit k (random order).
 
     The optimum's first-code distribution is P(first = c) = E[1{c in V} / |V|] over visits V of the
@@ -230,19 +265,18 @@ def first_code_persistence(model, tok, cohort_model, patients, events, samples: 
     mean mass each puts on the previous visit's chronic codes (persistence > 0), on its acute codes,
     and the mean KL(optimum || model) of the first-code distribution in nats."""
     rng = np.random.default_rng(seed)
-    collator = EHRDataCollator(tok)
     index = {c: j for j, c in enumerate(cohort_model.codes)}
     token_of_code = torch.tensor([tok.token_to_id.get(c, tok.unk_token_id) for c in cohort_model.codes])
     rows = []
     for i, k in events:
         p = patients[i]
         ids = [np.array([tok.token_to_id.get(c, tok.unk_token_id) for c in v], dtype=np.int64) for v in p.visits]
-        rows.append((*collator.cut_row(ids, k), p.age, SEXES.index(p.sex)))
+        rows.append((*hidden_visit_row(tok, ids, k), p.age, SEXES.index(p.sex)))
     out = {"model_chronic": [], "optimum_chronic": [], "model_acute": [], "optimum_acute": [], "kl": []}
     for s in range(0, len(rows), batch_size):
-        batch, _ = scored_batch(collator, rows[s:s + batch_size])
+        batch, _ = scored_batch(tok, rows[s : s + batch_size])
         logp = F.log_softmax(model(**batch)["logits"].float(), dim=-1)
-        for j, row in enumerate(rows[s:s + batch_size]):
+        for j, row in enumerate(rows[s : s + batch_size]):
             i, k = events[s + j]
             p = patients[i]
             model_p = logp[j, row[2]].exp()[token_of_code].numpy()  # over the cohort's codes
@@ -295,29 +329,35 @@ def train_and_load(cfg, minutes: float | None):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(ROOT / "experiments" / "base.yaml"))
-    parser.add_argument("--overrides", action="append", default=[], help='dotted overrides, e.g. "model.d_model=192"')
-    parser.add_argument("--epochs", type=int, default=None, help="training.num_epochs (default: the config's)")
-    parser.add_argument("--minutes", type=float, default=None,
-                        help="stop at the first validation after this many minutes (the schedule stays the config's)")
+    add_config_arguments(parser, str(ROOT / "experiments" / "base.yaml"), epochs=True)
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="stop at the first validation after this many minutes (the schedule stays the config's)",
+    )
     parser.add_argument("--checkpoint", default=None, help="score this checkpoint folder instead of training")
     parser.add_argument("--orders", type=int, default=4, help="random code orders per visit")
-    parser.add_argument("--fresh-patients", type=int, default=5000,
-                        help="also score N new patients drawn from the cohort model: the figure that counts, since "
-                             "configs are chosen on the held-out split (default 5000; 0: off)")
-    parser.add_argument("--diagnose", action="store_true",
-                        help="also score first visits (k = 0) and training patients' next visits (in-sample)")
+    parser.add_argument(
+        "--fresh-patients",
+        type=int,
+        default=5000,
+        help="also score N new patients drawn from the cohort model: the figure that counts, since "
+        "configs are chosen on the held-out split (default 5000; 0: off)",
+    )
+    parser.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="also score first visits (k = 0) and training patients' next visits (in-sample)",
+    )
     parser.add_argument("--keep", default=None, help="keep the checkpoints in this folder (default: a temp dir)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("promptehr.train", "promptehr.data"):
+    setup_logging("INFO")
+    for noisy in ("promptehr.train", "promptehr.data", "promptehr.schema"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    overrides = [o for text in args.overrides for o in shlex.split(text)]
-    overrides.insert(0, "training.quality_report=false")  # train()'s generated-cohort report: not needed here
-    if args.epochs is not None:
-        overrides.append(f"training.num_epochs={args.epochs}")
+    overrides = ["training.quality_report=false", *overrides_of(args)]  # train()'s cohort report: not needed here
     tmp = None
     wall = float("nan")
     if args.checkpoint:
@@ -340,40 +380,58 @@ def main(argv=None) -> int:
     s = score(model, tokenizer, train_patients, val_patients, args.orders, args.seed, cohort=cohort)
     m = meta.get("metrics", {})
     print(f"\nconfig {args.checkpoint or args.config} {' '.join(overrides)}")
-    print(f"training wall time {wall / 60:.1f} min; best checkpoint epoch {meta.get('epoch', -1) + 1}, "
-          f"step {meta.get('global_step')}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    print(
+        f"training wall time {wall / 60:.1f} min; best checkpoint epoch {meta.get('epoch', -1) + 1}, "
+        f"step {meta.get('global_step')}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
+    )
     get = lambda key: m.get(key, float("nan"))  # noqa: E731
-    print(f"validation (held-out {cfg.data.val_fraction:.0%}, protocol {meta.get('protocol_id')}): next-visit NLL "
-          f"{get('next_visit_nll'):.3f} (frequency {get('next_visit_nll_frequency'):.3f}, repeat "
-          f"{get('next_visit_nll_repeat'):.3f}), TPL {get('tpl'):.2f} (frequency {get('tpl_frequency_baseline'):.2f}, "
-          f"repeat {get('tpl_repeat_baseline'):.2f}), perplexity of unseen codes {get('perplexity'):.2f}, "
-          f"reconstruction rows {get('perplexity_reconstruction'):.2f}, loss {get('loss'):.4f}")
+    print(
+        f"validation (held-out {cfg.data.val_fraction:.0%}, protocol {meta.get('protocol_id')}): next-visit NLL "
+        f"{get('next_visit_nll'):.3f} (frequency {get('next_visit_nll_frequency'):.3f}, repeat "
+        f"{get('next_visit_nll_repeat'):.3f}), TPL {get('tpl'):.2f} (frequency {get('tpl_frequency_baseline'):.2f}, "
+        f"repeat {get('tpl_repeat_baseline'):.2f}), perplexity of unseen codes {get('perplexity'):.2f}, "
+        f"reconstruction rows {get('perplexity_reconstruction'):.2f}, loss {get('loss'):.4f}"
+    )
     report("held-out patients of the training split, next visits k >= 1", s, args.orders)
     if args.diagnose:
-        report("held-out patients, FIRST visits k = 0 given demographics (repeat = prior)",
-               score(model, tokenizer, train_patients, val_patients, args.orders, args.seed, first=True, cohort=cohort),
-               args.orders)
-        report("TRAINING patients (in-sample), next visits k >= 1",
-               score(model, tokenizer, train_patients, train_patients, args.orders, args.seed, cohort=cohort), args.orders)
+        report(
+            "held-out patients, FIRST visits k = 0 given demographics (repeat = prior)",
+            score(model, tokenizer, train_patients, val_patients, args.orders, args.seed, first=True, cohort=cohort),
+            args.orders,
+        )
+        report(
+            "TRAINING patients (in-sample), next visits k >= 1",
+            score(model, tokenizer, train_patients, train_patients, args.orders, args.seed, cohort=cohort),
+            args.orders,
+        )
         events, _ = next_visit_events(val_patients, tokenizer)
         events = events[:300]
         if not isinstance(cohort, CohortModel):
-            print(f"\nfirst code of held-out next visits: not available for data.synthetic.generator="
-                  f"{cfg.data.synthetic.generator} (it needs the hidden states of an HMM cohort: hmm or small)")
+            print(
+                f"\nfirst code of held-out next visits: not available for data.synthetic.generator="
+                f"{cfg.data.synthetic.generator} (it needs the hidden states of an HMM cohort: hmm or small)"
+            )
         else:
             d = first_code_persistence(model, tokenizer, cohort, val_patients, events, seed=args.seed)
-            print(f"\nfirst code of {len(events)} held-out next visits (random order), model vs optimum (400 posterior "
-                  f"draws each):\n  mass on the previous visit's chronic codes {d['model_chronic']:.3f} vs "
-                  f"{d['optimum_chronic']:.3f}; on its acute codes {d['model_acute']:.3f} vs {d['optimum_acute']:.3f}; "
-                  f"KL(optimum || model) {d['kl']:.3f} nats")
+            print(
+                f"\nfirst code of {len(events)} held-out next visits (random order), model vs optimum (400 posterior "
+                f"draws each):\n  mass on the previous visit's chronic codes {d['model_chronic']:.3f} vs "
+                f"{d['optimum_chronic']:.3f}; on its acute codes {d['model_acute']:.3f} vs {d['optimum_acute']:.3f}; "
+                f"KL(optimum || model) {d['kl']:.3f} nats"
+            )
     if args.fresh_patients:
         fresh = cohort.sample(args.fresh_patients, seed=cfg.data.synthetic.seed + 10_007)
-        h = report(f"{args.fresh_patients} FRESH patients from the cohort model, next visits k >= 1 (the figure "
-                   "that counts: the config was not chosen on them)",
-                   score(model, tokenizer, train_patients, fresh, args.orders, args.seed, cohort=cohort), args.orders)
-        print(f"\nheadline (fresh patients): model - optimum {h['model_minus_optimum']:.3f} nats/visit "
-              f"(95% CI {h['ci'][0]:.3f} .. {h['ci'][1]:.3f}), gap closed against the next-visit prior "
-              f"{h['gap_share']:.1%} ({h['gap_share_ci'][0]:.1%} .. {h['gap_share_ci'][1]:.1%}), {h['visits']} visits")
+        h = report(
+            f"{args.fresh_patients} FRESH patients from the cohort model, next visits k >= 1 (the figure "
+            "that counts: the config was not chosen on them)",
+            score(model, tokenizer, train_patients, fresh, args.orders, args.seed, cohort=cohort),
+            args.orders,
+        )
+        print(
+            f"\nheadline (fresh patients): model - optimum {h['model_minus_optimum']:.3f} nats/visit "
+            f"(95% CI {h['ci'][0]:.3f} .. {h['ci'][1]:.3f}), gap closed against the next-visit prior "
+            f"{h['gap_share']:.1%} ({h['gap_share_ci'][0]:.1%} .. {h['gap_share_ci'][1]:.1%}), {h['visits']} visits"
+        )
     print(f"\nscoring took {time.perf_counter() - t:.1f}s")
     if tmp is not None:
         tmp.cleanup()

@@ -14,6 +14,7 @@ warm-up request each.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import sys
@@ -21,15 +22,25 @@ import tempfile
 import time
 from pathlib import Path
 
+from generation import build_checkpoint  # bench/generation.py, beside this script
+
+from promptehr.checkpoint import read_metadata
+from promptehr.cli import setup_logging
+from promptehr.generate import sample_demographics
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
-from generation import build_checkpoint  # noqa: E402
-from servers import clean_env, free_port, post_json, running  # noqa: E402
 
-from promptehr.checkpoint import read_metadata  # noqa: E402
-from promptehr.generate import sample_demographics  # noqa: E402
+def _load_test_helpers():
+    """tests/servers.py, the test suite's helpers that start a server and stop its whole process group."""
+    spec = importlib.util.spec_from_file_location("servers", ROOT / "tests" / "servers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+servers = _load_test_helpers()
+clean_env, free_port, post_json, running = servers.clean_env, servers.free_port, servers.post_json, servers.running
 
 logger = logging.getLogger("bench.serving")
 
@@ -40,12 +51,12 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--rows", type=int, default=2000)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging("INFO")
 
     import mlflow
     import pandas as pd
 
-    from promptehr.tracking import log_pyfunc_model
+    from promptehr.registry import log_pyfunc_model
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -64,19 +75,40 @@ def main() -> None:
         visits = out["n_visits"].mean()
 
         port = free_port()
-        cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-               "-p", str(port), "-h", "127.0.0.1", "-t", "600"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            model_uri,
+            "--env-manager",
+            "local",
+            "-p",
+            str(port),
+            "-h",
+            "127.0.0.1",
+            "-t",
+            "600",
+        ]
         url = f"http://127.0.0.1:{port}/invocations"
         body = json.dumps({"dataframe_split": json.loads(df.to_json(orient="split", index=False)), "params": {"seed": 1}})
-        with running(cmd, f"http://127.0.0.1:{port}/ping", tmp / "serve.log", cwd=tmp, env=clean_env(MLFLOW_TRACKING_URI=uri)):
-            post_json(url, json.dumps({"dataframe_split": json.loads(df.head(64).to_json(orient="split", index=False))}).encode())
+        with running(
+            cmd, f"http://127.0.0.1:{port}/ping", tmp / "serve.log", cwd=tmp, env=clean_env(MLFLOW_TRACKING_URI=uri)
+        ):
+            post_json(
+                url, json.dumps({"dataframe_split": json.loads(df.head(64).to_json(orient="split", index=False))}).encode()
+            )
             start = time.perf_counter()
             status, answer = post_json(url, body.encode(), timeout=3600)
             rest = time.perf_counter() - start
         if status != 200:
             raise SystemExit(f"REST request failed with HTTP {status}: {answer[:1000]!r}")
-        print(f"{args.rows} rows, {visits:.2f} visits per patient: in process {args.rows / in_process:.0f} patients/s "
-              f"({in_process:.1f} s), over REST {args.rows / rest:.0f} patients/s ({rest:.1f} s)")
+        print(
+            f"{args.rows} rows, {visits:.2f} visits per patient: in process {args.rows / in_process:.0f} patients/s "
+            f"({in_process:.1f} s), over REST {args.rows / rest:.0f} patients/s ({rest:.1f} s)"
+        )
 
 
 if __name__ == "__main__":

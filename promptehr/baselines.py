@@ -25,15 +25,15 @@ class VisitPairs:
     indices), flattened with their event number; and each event's stratum."""
 
     n_events: int
-    y_event: np.ndarray     # (nnz_y,) event of each code of visit k
-    y_code: np.ndarray      # (nnz_y,) its code index
-    y_in_prev: np.ndarray   # (nnz_y,) bool: the code was in visit k-1
+    y_event: np.ndarray  # (nnz_y,) event of each code of visit k
+    y_code: np.ndarray  # (nnz_y,) its code index
+    y_in_prev: np.ndarray  # (nnz_y,) bool: the code was in visit k-1
     prev_event: np.ndarray  # (nnz_prev,)
-    prev_code: np.ndarray   # (nnz_prev,)
-    stratum: np.ndarray     # (n_events,)
+    prev_code: np.ndarray  # (nnz_prev,)
+    stratum: np.ndarray  # (n_events,)
 
     @classmethod
-    def from_visits(cls, pairs, index: dict[str, int]) -> "VisitPairs":
+    def from_visits(cls, pairs, index: dict[str, int]) -> VisitPairs:
         """`pairs`: (visit k codes, visit k-1 codes, age, sex) per event; unknown codes are dropped."""
         ye, yc, yp, pe, pc, st = [], [], [], [], [], []
         pairs = list(pairs)
@@ -64,7 +64,7 @@ def next_visit_pairs(patients, first: bool = False):
     """(visit k, visit k-1, age, sex) for every next visit k >= 1 of `patients` (with `first`: every
     first visit, with an empty visit k-1)."""
     for p in patients:
-        for k in (range(1) if first else range(1, len(p.visits))):
+        for k in range(1) if first else range(1, len(p.visits)):
             yield p.visits[k], (p.visits[k - 1] if k else []), p.age, p.sex
 
 
@@ -88,8 +88,8 @@ def set_nll(prior: np.ndarray, pairs: VisitPairs, a: float = 0.0) -> np.ndarray:
     cost is O(C * strata + codes of the visits)."""
     q = np.atleast_2d(prior)
     st = pairs.stratum if q.shape[0] > 1 else np.zeros(pairs.n_events, dtype=np.int64)
-    base = (1 - a) * q                                      # p of a code not in visit k-1
-    total = _log1m(base).sum(1)[st]                         # sum_c log(1 - p_c), before visit k-1's codes
+    base = (1 - a) * q  # p of a code not in visit k-1
+    total = _log1m(base).sum(1)[st]  # sum_c log(1 - p_c), before visit k-1's codes
     pb = base[st[pairs.prev_event], pairs.prev_code]
     np.add.at(total, pairs.prev_event, _log1m(a + pb) - _log1m(pb))
     p_y = base[st[pairs.y_event], pairs.y_code] + a * pairs.y_in_prev
@@ -113,6 +113,7 @@ def visit_prior(pairs: VisitPairs, n_codes: int, alpha: float = 0.5, strength: f
 
 def fit_repeat_weight(prior: np.ndarray, pairs: VisitPairs) -> float:
     """The `a` in [0, 1) of the repeat baseline with the least mean NLL on `pairs` (convex in a)."""
+
     def loss(a):
         return set_nll(prior, pairs, a).mean()
 
@@ -143,14 +144,14 @@ class NextVisitBaselines:
     """Every baseline, fitted once on training next visits; `score(pairs)` gives per-event set NLLs
     and per-code NLLs of held-out next visits."""
 
-    prior: np.ndarray             # (C,) Bernoulli per code
-    stratified: np.ndarray        # (N_STRATA, C)
+    prior: np.ndarray  # (C,) Bernoulli per code
+    stratified: np.ndarray  # (N_STRATA, C)
     repeat_weight: float
-    code_prior: np.ndarray        # (C,) categorical over codes
+    code_prior: np.ndarray  # (C,) categorical over codes
     code_repeat_weight: float
 
     @classmethod
-    def fit(cls, train_patients, codes: list[str], first: bool = False) -> "NextVisitBaselines":
+    def fit(cls, train_patients, codes: list[str], first: bool = False) -> NextVisitBaselines:
         """Fitted on the training patients' next visits (with `first`, or when no training patient
         comes back: on their first visits)."""
         index = {c: i for i, c in enumerate(codes)}
@@ -160,8 +161,13 @@ class NextVisitBaselines:
         prior = visit_prior(pairs, len(codes))
         counts = np.bincount(pairs.y_code, minlength=len(codes)) + 1.0
         code_prior = counts / counts.sum()
-        return cls(prior, visit_prior(pairs, len(codes), strength=20.0), fit_repeat_weight(prior, pairs),
-                   code_prior, fit_code_repeat_weight(code_prior, pairs))
+        return cls(
+            prior,
+            visit_prior(pairs, len(codes), strength=20.0),
+            fit_repeat_weight(prior, pairs),
+            code_prior,
+            fit_code_repeat_weight(code_prior, pairs),
+        )
 
     def score(self, pairs: VisitPairs) -> dict[str, np.ndarray]:
         return {

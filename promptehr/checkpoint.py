@@ -34,8 +34,9 @@ FILES = ("model.safetensors", "training_state.pt", "config.yaml", "vocab.json", 
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -47,8 +48,13 @@ def package_versions() -> dict[str, str]:
 
     import promptehr
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "numpy": numpy.__version__, "promptehr": promptehr.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": numpy.__version__,
+        "promptehr": promptehr.__version__,
+    }
 
 
 def rng_state() -> dict:
@@ -64,8 +70,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder, model, optimizer, scheduler, cfg: Config, tokenizer: DiagnosisCodeTokenizer,
-                    metadata: dict, loop_state: dict | None = None) -> Path:
+def save_checkpoint(
+    folder,
+    model,
+    optimizer,
+    scheduler,
+    cfg: Config,
+    tokenizer: DiagnosisCodeTokenizer,
+    metadata: dict,
+    loop_state: dict | None = None,
+) -> Path:
     """Write a checkpoint folder crash-safely: into `<folder>.tmp`, then `folder` -> `<folder>.old`,
     `<folder>.tmp` -> `folder`, and `<folder>.old` removed. A crash at any point leaves `folder` or
     `<folder>.old` complete (`newest_complete` finds it). `loop_state`: the loop's place in its epoch."""
@@ -85,8 +99,12 @@ def save_checkpoint(folder, model, optimizer, scheduler, cfg: Config, tokenizer:
     torch.save(state, tmp / "training_state.pt")
     (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     tokenizer.save(tmp / "vocab.json")
-    meta = {"saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": package_versions(),
-            "git_commit": git_commit(), **metadata}
+    meta = {
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        **metadata,
+    }
     (tmp / "metadata.json").write_text(json.dumps(meta, indent=1, default=float))
     _sync(tmp)  # on disk before the renames point at it (a lost node, not only a killed process)
     if folder.exists():
@@ -139,8 +157,11 @@ def newest_complete(run_folder) -> Path | None:
     else the newest `epoch_NNN`); None when there is no complete one."""
     run_folder = Path(run_folder)
     candidates = [run_folder / n for n in ("last", "last.old")] + sorted(run_folder.glob("epoch_[0-9]*"))
-    complete = [(position(read_metadata(c)), i, c) for i, c in enumerate(candidates)
-                if not c.name.endswith(".tmp") and is_complete(c)]
+    complete = [
+        (position(read_metadata(c)), i, c)
+        for i, c in enumerate(candidates)
+        if not c.name.endswith(".tmp") and is_complete(c)
+    ]
     return max(complete, key=lambda t: (t[0], -t[1]))[2] if complete else None
 
 

@@ -1,16 +1,16 @@
-"""Dataset and collator: patients -> padded denoising batches (PROMPTEHR.md section 3).
+"""Dataset and collator: patients -> padded denoising batches (docs/PROMPTEHR.md section 3).
 
 `EHRPatientDataset` encodes each patient once (codes -> ids, long patients trimmed to `max_length`);
-`EHRDataCollator` expands every patient into rows and pads them to the longest row of the batch:
+`EHRDataCollator` plans each patient's rows, corrupts what the encoder sees and pads the batch (the
+row layout, padding and grammar live in `promptehr.patient_format`):
   - reconstruction / denoising: the encoder sees the patient, corrupted with `corruption_prob`
     (span infilling with Poisson(lambda_poisson) spans, deletion, replacement by random codes);
   - next_visit_prediction (2+ visits): the encoder sees visits[:k] and a `<v> <mask> </v>` placeholder;
   - first_visit (share `first_visit_prob`): the encoder sees only the placeholder.
 Labels are always the CLEAN patient (pad = -100); a next-visit row's labels stop after visit k plus
 the token that follows it (`<v>` if more visits come, `</s>` if not), so the model learns when to stop.
-Batches: input_ids, attention_mask, labels, target_mask, x_num (age), x_cat (sex), task_type.
 Training batches come from `RowBucketSampler` (rows planned per epoch, batched by length: little
-padding); `LengthBucketSampler` batches whole patients (validation, or `bucket_by_length: false`).
+padding); `LengthBucketSampler` batches whole patients (`bucket_by_length: false`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from promptehr.data import SEXES, Patient
+from promptehr.patient_format import hidden_visit_row, pad_batch, row_lengths, whole_patient_row
+from promptehr.schema import SEXES, Patient
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 
 logger = logging.getLogger(__name__)
@@ -99,9 +100,13 @@ class EHRDataCollator:
         shuffle_codes: bool = True,
         seed: int = 0,
     ):
-        for name, value in (("mask_probability", mask_probability), ("del_probability", del_probability),
-                            ("rep_probability", rep_probability), ("corruption_prob", corruption_prob),
-                            ("first_visit_prob", first_visit_prob)):
+        for name, value in (
+            ("mask_probability", mask_probability),
+            ("del_probability", del_probability),
+            ("rep_probability", rep_probability),
+            ("corruption_prob", corruption_prob),
+            ("first_visit_prob", first_visit_prob),
+        ):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"collator.{name} must lie in [0, 1], got {value}")
         if lambda_poisson < 0:
@@ -119,7 +124,7 @@ class EHRDataCollator:
         self.epoch = 0
 
     @classmethod
-    def from_config(cls, tokenizer, cfg, seed: int = 0) -> "EHRDataCollator":
+    def from_config(cls, tokenizer, cfg, seed: int = 0) -> EHRDataCollator:
         from dataclasses import asdict
 
         kwargs = asdict(cfg)
@@ -148,7 +153,7 @@ class EHRDataCollator:
                 codes[replace] = rng.integers(self.tok.n_special, len(self.tok), size=int(replace.sum()))
             if span is not None:
                 start, length = span
-                keep[start:start + length] = False
+                keep[start : start + length] = False
                 pieces = [codes[:start][keep[:start]], [self.tok.mask_token_id], codes[start:][keep[start:]]]
                 new = np.concatenate(pieces).astype(np.int64)
             else:
@@ -160,18 +165,10 @@ class EHRDataCollator:
             n = len(out[j])
             length = max(1, min(int(rng.poisson(self.lambda_poisson)), n))
             start = int(rng.integers(0, n - length + 1))
-            out[j] = np.concatenate([out[j][:start], [self.tok.mask_token_id], out[j][start + length:]]).astype(np.int64)
+            out[j] = np.concatenate([out[j][:start], [self.tok.mask_token_id], out[j][start + length :]]).astype(np.int64)
         return out
 
     # ------------------------------------------------------------------ encoding
-
-    def _sequence(self, visits: list[np.ndarray], bos: bool, tail: list[int]) -> np.ndarray:
-        tok = self.tok
-        parts = [[tok.bos_token_id]] if bos else []
-        for v in visits:
-            parts += [[tok.visit_open_id], v, [tok.visit_close_id]]
-        parts.append(tail)
-        return np.concatenate(parts).astype(np.int64)
 
     def plan_rows(self, n_visits: int, rng: np.random.Generator) -> list[tuple[int, int]]:
         """The rows a patient with `n_visits` visits expands into this time, as (task id, k): its
@@ -185,15 +182,6 @@ class EHRDataCollator:
             rows.append((TASK_ID["first_visit"], 0))
         return rows
 
-    @staticmethod
-    def row_lengths(visit_lengths: np.ndarray, task: int, k: int) -> tuple[int, int]:
-        """(encoder, label) length of a planned row before corruption, from its visits' code counts."""
-        tokens = visit_lengths + 2  # <v> codes </v>
-        if k < 0:  # the whole patient: <s> visits </s> / visits </s>
-            total = int(tokens.sum())
-            return total + 2, total + 1
-        return int(tokens[:k].sum()) + 5, int(tokens[: k + 1].sum()) + 1
-
     def build_row(self, visits: list[np.ndarray], task: int, k: int, rng: np.random.Generator, shuffle: bool = True):
         """One planned row: (encoder ids, label ids, first target label position or -1, task name)."""
         tok = self.tok
@@ -201,10 +189,9 @@ class EHRDataCollator:
             visits = [rng.permutation(v) for v in visits]
         name = TASK_TYPES[task]
         if k >= 0:
-            return (*self.cut_row(visits, k), name)
-        labels = self._sequence(visits, bos=False, tail=[tok.eos_token_id])
-        enc_visits = self._corrupt(visits, rng) if name == "denoising" else visits
-        return self._sequence(enc_visits, bos=True, tail=[tok.eos_token_id]), labels, -1, name
+            return (*hidden_visit_row(tok, visits, k), name)
+        shown = self._corrupt(visits, rng) if name == "denoising" else None
+        return (*whole_patient_row(tok, visits, shown), -1, name)
 
     def rows_for_patient(self, visits: list[np.ndarray], rng: np.random.Generator):
         """Yield (encoder ids, label ids, first target label position or -1, task name) for every row
@@ -213,41 +200,6 @@ class EHRDataCollator:
             visits = [rng.permutation(v) for v in visits]
         for task, k in self.plan_rows(len(visits), rng):
             yield self.build_row(visits, task, k, rng, shuffle=False)
-
-    def cut_row(self, visits: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """The row that hides visit k: (encoder ids: visits[:k] and a `<v> <mask> </v>` placeholder;
-        label ids: visits[:k + 1] and the token after visit k; label position of visit k's first code).
-        k >= 1: a next-visit row; k = 0: a first-visit row."""
-        tok = self.tok
-        placeholder = [np.array([tok.mask_token_id], dtype=np.int64)]
-        enc = self._sequence(list(visits[:k]) + placeholder, bos=True, tail=[tok.eos_token_id])
-        after = tok.visit_open_id if k + 1 < len(visits) else tok.eos_token_id
-        target = self._sequence(visits[: k + 1], bos=False, tail=[after])
-        start = sum(len(v) + 2 for v in visits[:k]) + 1
-        return enc, target, start
-
-    def unseen_labels(self, enc: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """Per label position: True for a code that the encoder's version of the same visit does not
-        hold (infilled, deleted or replaced, or a hidden visit behind its `<mask>` placeholder);
-        False for codes the encoder shows and for every special token."""
-        tok = self.tok
-        enc_visits, current = [], None
-        for t in enc.tolist():
-            if t == tok.visit_open_id:
-                current = set()
-            elif t == tok.visit_close_id and current is not None:
-                enc_visits.append(current)
-                current = None
-            elif current is not None:
-                current.add(t)
-        out = np.zeros(len(labels), dtype=bool)
-        j = -1
-        for pos, t in enumerate(labels.tolist()):
-            if t == tok.visit_open_id:
-                j += 1
-            elif t >= tok.n_special:
-                out[pos] = j >= len(enc_visits) or t not in enc_visits[j]
-        return out
 
     def __call__(self, items) -> dict[str, torch.Tensor]:
         planned = len(items[0]) == 5  # rows planned by RowBucketSampler: (task id, k, row id) each
@@ -263,41 +215,7 @@ class EHRDataCollator:
                 tasks.append(TASK_ID[task])
                 ages.append(age)
                 sexes.append(sex)
-        return self.pad(enc_rows, label_rows, starts, tasks, ages, sexes)
-
-    def pad(self, enc_rows, label_rows, starts, tasks, ages, sexes, unseen_rows=None) -> dict[str, torch.Tensor]:
-        """Pad rows to the longest of the batch; `unseen_rows` (per row a bool array over its labels,
-        see `unseen_labels`) adds an `unseen_mask` of the labels' shape."""
-        n = len(enc_rows)
-        enc_len = max(len(r) for r in enc_rows)
-        dec_len = max(len(r) for r in label_rows)
-        input_ids = np.full((n, enc_len), self.tok.pad_token_id, dtype=np.int64)
-        attention_mask = np.zeros((n, enc_len), dtype=np.int64)
-        labels = np.full((n, dec_len), -100, dtype=np.int64)
-        target_mask = np.zeros((n, dec_len), dtype=bool)
-        for i, (enc, lab, start) in enumerate(zip(enc_rows, label_rows, starts)):
-            input_ids[i, : len(enc)] = enc
-            attention_mask[i, : len(enc)] = 1
-            labels[i, : len(lab)] = lab
-            if start >= 0:
-                # codes of the hidden visit k: from its first code up to its </v>
-                stop = start + int(np.argmax(lab[start:] == self.tok.visit_close_id))
-                target_mask[i, start:stop] = True
-        batch = {
-            "input_ids": torch.from_numpy(input_ids),
-            "attention_mask": torch.from_numpy(attention_mask),
-            "labels": torch.from_numpy(labels),
-            "target_mask": torch.from_numpy(target_mask),
-            "x_num": torch.tensor(ages, dtype=torch.float32).unsqueeze(1),
-            "x_cat": torch.tensor(sexes, dtype=torch.long).unsqueeze(1),
-            "task_type": torch.tensor(tasks, dtype=torch.long),
-        }
-        if unseen_rows is not None:
-            unseen = np.zeros((n, dec_len), dtype=bool)
-            for i, row in enumerate(unseen_rows):
-                unseen[i, : len(row)] = row
-            batch["unseen_mask"] = torch.from_numpy(unseen)
-        return batch
+        return pad_batch(self.tok, enc_rows, label_rows, starts, tasks, ages, sexes)
 
 
 class LengthBucketSampler(Sampler[list[int]]):
@@ -324,9 +242,9 @@ class LengthBucketSampler(Sampler[list[int]]):
         chunk = self.batch_size * self.window
         batches = []
         for s in range(0, len(order), chunk):
-            part = order[s:s + chunk]
+            part = order[s : s + chunk]
             part = part[np.argsort(self.lengths[part], kind="stable")]
-            batches += [part[j:j + self.batch_size].tolist() for j in range(0, len(part), self.batch_size)]
+            batches += [part[j : j + self.batch_size].tolist() for j in range(0, len(part), self.batch_size)]
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         return iter(batches)
@@ -343,16 +261,21 @@ class RowBucketSampler(Sampler[list[tuple[int, int, int, int]]]):
     encoder length) and cuts it into batches holding about equal numbers of tokens (so a batch of
     long rows has fewer of them); the batches are then shuffled. Rows of equal lengths are batched
     in random order, so batches differ from epoch to epoch. `window` (batches) sorts within windows
-    instead of the whole epoch: more mixing, more padding (4+4 layers, 5,000 patients: 50 batches
-    give 90% useful FLOPs, the whole epoch 94%).
+    instead of the whole epoch: more mixing, more padding.
     An epoch has exactly ceil(patients / batch_size) batches, as with patient batches, so
     `batch_size` keeps its meaning (the rows of that many patients on average) and so do schedules
     counted in steps. Items are `(patient index, task id, k, row id)`; `EHRPatientDataset` and
     `EHRDataCollator` build exactly the planned row.
     """
 
-    def __init__(self, dataset: EHRPatientDataset, collator: EHRDataCollator, batch_size: int, seed: int = 0,
-                 window: int | None = None):
+    def __init__(
+        self,
+        dataset: EHRPatientDataset,
+        collator: EHRDataCollator,
+        batch_size: int,
+        seed: int = 0,
+        window: int | None = None,
+    ):
         self.visit_lengths = [np.array([len(v) for v in visits], dtype=np.int64) for visits in dataset.visits]
         self.collator = collator
         self.batch_size = batch_size
@@ -372,7 +295,7 @@ class RowBucketSampler(Sampler[list[tuple[int, int, int, int]]]):
         rows = []
         for i, lengths in enumerate(self.visit_lengths):
             for task, k in self.collator.plan_rows(len(lengths), rng):
-                rows.append((i, task, k, 0 if k < 0 else 1 if k > 0 else 2, *self.collator.row_lengths(lengths, task, k)))
+                rows.append((i, task, k, 0 if k < 0 else 1 if k > 0 else 2, *row_lengths(lengths, k)))
         return np.array(rows, dtype=np.int64).reshape(-1, 6)
 
     @staticmethod

@@ -23,43 +23,49 @@ class ConfigError(ValueError):
 
 @dataclass
 class SyntheticCohortConfig:
-    n_patients: int = 5000          # built-in cohort size
-    seed: int = 0                   # cohort sampling seed (independent of the split seed)
-    generator: str = "hmm"          # promptehr.cohorts.GENERATORS: hmm (MIMIC-scale, hidden states), transition
-                                    # (MIMIC-scale, code-to-code), small (389 codes, smoke tests)
+    n_patients: int = 5000  # built-in cohort size
+    seed: int = 0  # cohort sampling seed (independent of the split seed)
+    generator: str = "hmm"  # promptehr.cohorts.GENERATORS: hmm (MIMIC-scale, hidden states), transition
+    # (MIMIC-scale, code-to-code), small (389 codes, smoke tests)
 
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"       # synthetic | mimic3 | mimic4 | meds
-    path: str | None = None         # folder holding the MIMIC tables (mimic4: the folder with hosp/ or hosp/ itself; meds: the dataset root)
-    icd_versions: str = "both"      # mimic4 and meds: "9", "10" or "both" (codes are prefixed by version)
+    source: str = "synthetic"  # synthetic | mimic3 | mimic4 | meds
+    path: str | None = (
+        None  # folder holding the MIMIC tables (mimic4: the folder with hosp/ or hosp/ itself; meds: the dataset root)
+    )
+    icd_versions: str = "both"  # mimic4 and meds: "9", "10" or "both" (codes are prefixed by version)
     meds_diagnosis_prefix: str = "DIAGNOSIS//ICD//"  # meds: diagnosis events are codes <prefix><ICD version>//<code>
-    min_visits: int = 1             # patients with fewer visits are excluded (counted and reported)
-    max_visits: int | None = None   # keep only the first N visits of a patient (truncations counted)
-    max_patients: int | None = None # take the first N patients after filtering (None = all)
-    split: str = "random"           # random: seeded val_fraction split; meds: the MEDS subject_splits (train / tuning; held_out never used)
-    val_fraction: float = 0.2       # seeded patient-level split: 80/20 by default
+    min_visits: int = 1  # patients with fewer visits are excluded (counted and reported)
+    max_visits: int | None = None  # keep only the first N visits of a patient (truncations counted)
+    max_patients: int | None = None  # take the first N patients after filtering (None = all)
+    split: str = (
+        "random"  # random: seeded val_fraction split; meds: the MEDS subject_splits (train / tuning; held_out never used)
+    )
+    val_fraction: float = 0.2  # seeded patient-level split: 80/20 by default
     split_seed: int = 42
     synthetic: SyntheticCohortConfig = field(default_factory=SyntheticCohortConfig)
 
 
 @dataclass
 class CollatorConfig:
-    lambda_poisson: float = 3.0     # span length ~ Poisson(lambda_poisson) for span infilling
+    lambda_poisson: float = 3.0  # span length ~ Poisson(lambda_poisson) for span infilling
     mask_probability: float = 0.15  # per visit: chance that one span of the visit is infilled by <mask>
-    del_probability: float = 0.15   # per code: chance of deletion
-    rep_probability: float = 0.15   # per code: chance of replacement by a random code
-    corruption_prob: float = 0.5    # per patient: chance that its reconstruction row is corrupted
-    next_visit_rows: bool = True    # add one next-visit-prediction row per patient with 2+ visits
-    first_visit_prob: float = 0.3   # per patient: chance of a first-visit row (placeholder only; teaches generation from scratch)
-    shuffle_codes: bool = True      # codes inside a visit are a set: shuffle their order in training
-    max_length: int = 512           # encoder/decoder tokens per row (earliest visits dropped beyond it)
+    del_probability: float = 0.15  # per code: chance of deletion
+    rep_probability: float = 0.15  # per code: chance of replacement by a random code
+    corruption_prob: float = 0.5  # per patient: chance that its reconstruction row is corrupted
+    next_visit_rows: bool = True  # add one next-visit-prediction row per patient with 2+ visits
+    first_visit_prob: float = (
+        0.3  # per patient: chance of a first-visit row (placeholder only; teaches generation from scratch)
+    )
+    shuffle_codes: bool = True  # codes inside a visit are a set: shuffle their order in training
+    max_length: int = 512  # encoder/decoder tokens per row (earliest visits dropped beyond it)
 
 
 @dataclass
 class ModelConfig:
-    d_model: int = 768              # bart-base shape by default
+    d_model: int = 768  # bart-base shape by default
     encoder_layers: int = 6
     decoder_layers: int = 6
     encoder_attention_heads: int = 12
@@ -70,38 +76,47 @@ class ModelConfig:
     attention_dropout: float = 0.0
     activation_dropout: float = 0.0
     max_position_embeddings: int = 520  # collator.max_length plus the two prompt positions, rounded up
-    prompt_hidden_size: int = 128   # reparameterisation width of the age and sex prompts
+    prompt_hidden_size: int = 128  # reparameterisation width of the age and sex prompts
     age_loss_weight: float = 0.001
     sex_loss_weight: float = 0.001
-    target_visit_loss_weight: float = 1.0  # LM loss weight of a next-/first-visit row's hidden visit (codes and </v>) vs other label tokens
-    tie_embeddings: bool = True     # the output layer shares the code embeddings (false: its own weights)
-    scale_embedding: bool = False   # multiply token embeddings by sqrt(d_model) (BART's option)
-    output_bias: bool = False       # a learned per-token output bias, initialised at the log frequency of the training codes
+    target_visit_loss_weight: float = (
+        1.0  # LM loss weight of a next-/first-visit row's hidden visit (codes and </v>) vs other label tokens
+    )
+    tie_embeddings: bool = True  # the output layer shares the code embeddings (false: its own weights)
+    scale_embedding: bool = False  # multiply token embeddings by sqrt(d_model) (BART's option)
+    output_bias: bool = True  # a learned per-token output bias, initialised at the log frequency of the training codes
 
 
 @dataclass
 class TrainingConfig:
-    batch_size: int = 8             # patients per batch (each expands into 1-3 rows; length-bucketed batches hold that many patients' rows on average)
+    # patients per batch (each expands into 1-3 rows; length-bucketed batches hold that many patients' rows on average)
+    batch_size: int = 8
     num_epochs: int = 30
     learning_rate: float = 1e-4
     weight_decay: float = 0.01
     warmup_steps: int = 1000
     max_grad_norm: float | None = 1.0  # gradient clipping norm (null: no clipping)
-    seed: int = 42                  # model init, shuffling, corruption and dropout
+    seed: int = 42  # model init, shuffling, corruption and dropout
     checkpoint_dir: str = "checkpoints"
     save_every_n_epochs: int = 10
     log_every_n_steps: int = 50
     validate_every_n_epochs: int = 1
-    num_workers: int = 0            # DataLoader workers for collation
-    bucket_by_length: bool = True   # batch rows of similar length together (less padding); false: random patient batches
-    precision: str = "fp32"         # fp32 | bf16 (autocast)
-    device: str = "auto"            # auto | cpu | cuda | cuda:N
-    compile: bool = False           # torch.compile the model
-    resume_from: str | None = None  # checkpoint folder, or auto (newest unfinished run of this config and data): same MLflow run
-    max_steps: int | None = None    # stop after this many optimizer steps (benchmarks, smoke tests)
-    quality_report: bool = True     # at the end: generated vs held-out quality report on the best model (gen/ metrics, report/ artifacts)
+    num_workers: int = 0  # DataLoader workers for collation
+    bucket_by_length: bool = True  # batch rows of similar length together (less padding); false: random patient batches
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    compile: bool = False  # torch.compile the model
+    resume_from: str | None = (
+        None  # checkpoint folder, or auto (newest unfinished run of this config and data): same MLflow run
+    )
+    max_steps: int | None = None  # stop after this many optimizer steps (benchmarks, smoke tests)
+    quality_report: bool = (
+        True  # at the end: generated vs held-out quality report on the best model (gen/ metrics, report/ artifacts)
+    )
     quality_report_patients: int = 500  # held-out patients whose demographics the report's generated cohort gets
-    quality_report_released_patients: int = 5000  # the report's released cohort (training demographics): utility and privacy attacks
+    quality_report_released_patients: int = (
+        5000  # the report's released cohort (training demographics): utility and privacy attacks
+    )
 
 
 @dataclass
@@ -109,25 +124,28 @@ class ValidationConfig:
     """The evaluation protocol: which held-out rows are scored, how denoising rows are corrupted and
     which codes the reconstruction probe reveals. Fixed by these settings and the held-out patients,
     never by a training knob (collator.*, training.seed), so runs and trials sit the same exam."""
-    seed: int = 0                   # protocol seed: row kinds, code orders, corruptions, revealed codes
-    corruption_prob: float = 0.5    # share of whole-patient rows that are denoising rows (the rest: clean reconstruction)
-    lambda_poisson: float = 3.0     # corruption of the denoising rows, as collator.* describes
+
+    seed: int = 0  # protocol seed: row kinds, code orders, corruptions, revealed codes
+    corruption_prob: float = 0.5  # share of whole-patient rows that are denoising rows (the rest: clean reconstruction)
+    lambda_poisson: float = 3.0  # corruption of the denoising rows, as collator.* describes
     mask_probability: float = 0.15
     del_probability: float = 0.15
     rep_probability: float = 0.15
-    prompt_prob: float = 0.5        # share of each visit's codes revealed by the reconstruction probe
-    jaccard_patients: int = 100     # held-out patients of the reconstruction probe (0: no probe)
-    batch_size: int = 64            # rows per evaluation batch (does not change the numbers)
+    prompt_prob: float = 0.5  # share of each visit's codes revealed by the reconstruction probe
+    jaccard_patients: int = 100  # held-out patients of the reconstruction probe (0: no probe)
+    batch_size: int = 64  # rows per evaluation batch (does not change the numbers)
 
 
 @dataclass
 class TrackingConfig:
-    tracking_uri: str | None = None # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
-    experiment_name: str | None = None  # None: $MLFLOW_EXPERIMENT_NAME / _ID, else MLflow's Default experiment (where `mlflow run` puts its run)
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment_name: str | None = (
+        None  # None: $MLFLOW_EXPERIMENT_NAME / _ID, else MLflow's Default experiment (where `mlflow run` puts its run)
+    )
     run_name: str | None = None
-    register_model: bool = True     # log the best checkpoint as a pyfunc model and register it
+    register_model: bool = True  # log the best checkpoint as a pyfunc model and register it
     registered_model_name: str = "promptehr"
-    n_sample_patients: int = 5      # synthetic patients decoded and logged at each validation
+    n_sample_patients: int = 5  # synthetic patients decoded and logged at each validation
     log_system_metrics: bool = False
 
 
@@ -198,15 +216,16 @@ MOVED_KEYS = {
     "training.prompt_prob": "validation.prompt_prob",
     "training.jaccard_patients": "validation.jaccard_patients",
     "training.eval_batch_size": "validation.batch_size",
-    "training.compute_tpl": None,                      # TPL is computed in the validation pass itself
-    "training.compute_reconstruction_jaccard": None,   # validation.jaccard_patients=0 turns the probe off
+    "training.compute_tpl": None,  # TPL is computed in the validation pass itself
+    "training.compute_reconstruction_jaccard": None,  # validation.jaccard_patients=0 turns the probe off
 }
 
 
 # keys added with a default that differs from what earlier versions did: a saved config without the key
 # means the old behaviour
 ABSENT_MEANS = {
-    "data.synthetic.generator": "small",   # the only built-in cohort before there was a choice
+    "data.synthetic.generator": "small",  # the only built-in cohort before there was a choice
+    "model.output_bias": False,  # models before the option had no output bias
 }
 
 
@@ -242,8 +261,10 @@ def _build(cls: type, values: dict, where: str) -> Any:
         prefix = f"{where}." if where else ""
         moved = f"{prefix}{unknown[0]}"
         if moved in MOVED_KEYS:
-            raise ConfigError(f"config key {moved} " + (f"is now {MOVED_KEYS[moved]}" if MOVED_KEYS[moved]
-                                                         else "was removed (see experiments/base.yaml)"))
+            raise ConfigError(
+                f"config key {moved} "
+                + (f"is now {MOVED_KEYS[moved]}" if MOVED_KEYS[moved] else "was removed (see experiments/base.yaml)")
+            )
         raise ConfigError(
             f"unknown config key {prefix}{unknown[0]!s}; valid keys under "
             f"{where or 'the top level'}: {', '.join(sorted(types_))}"
@@ -372,36 +393,59 @@ def _value_rules() -> dict[str, tuple]:
         "data.synthetic.n_patients": _at_least(2),
         "data.synthetic.generator": _one_of(*GENERATORS),
         "collator.lambda_poisson": (lambda v: v > 0, "> 0"),
-        **{f"collator.{k}": _probability() for k in ("mask_probability", "del_probability", "rep_probability",
-                                                       "corruption_prob", "first_visit_prob")},
+        **{
+            f"collator.{k}": _probability()
+            for k in ("mask_probability", "del_probability", "rep_probability", "corruption_prob", "first_visit_prob")
+        },
         "collator.max_length": _at_least(8),
-        **{f"model.{k}": _at_least(1) for k in ("d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
-                                                 "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim",
-                                                 "prompt_hidden_size")},
-        **{f"model.{k}": (lambda v: 0.0 <= v < 1.0, "0 <= value < 1") for k in ("dropout", "attention_dropout",
-                                                                                 "activation_dropout")},
+        **{
+            f"model.{k}": _at_least(1)
+            for k in (
+                "d_model",
+                "encoder_layers",
+                "decoder_layers",
+                "encoder_attention_heads",
+                "decoder_attention_heads",
+                "encoder_ffn_dim",
+                "decoder_ffn_dim",
+                "prompt_hidden_size",
+            )
+        },
+        **{
+            f"model.{k}": (lambda v: 0.0 <= v < 1.0, "0 <= value < 1")
+            for k in ("dropout", "attention_dropout", "activation_dropout")
+        },
         **{f"model.{k}": _at_least(0) for k in ("age_loss_weight", "sex_loss_weight")},
         "model.target_visit_loss_weight": (lambda v: v > 0, "> 0"),
-        **{f"training.{k}": _at_least(1) for k in ("batch_size", "num_epochs", "save_every_n_epochs", "log_every_n_steps",
-                                                    "validate_every_n_epochs")},
+        **{
+            f"training.{k}": _at_least(1)
+            for k in ("batch_size", "num_epochs", "save_every_n_epochs", "log_every_n_steps", "validate_every_n_epochs")
+        },
         "training.learning_rate": (lambda v: 0.0 < v < float("inf"), "> 0"),
         "training.weight_decay": _at_least(0),
         "training.warmup_steps": _at_least(0),
         "training.max_grad_norm": (lambda v: v is None or 0.0 < v < float("inf"), "> 0, or null for no clipping"),
         "training.num_workers": _at_least(0),
         "training.precision": _one_of("fp32", "bf16"),
-        "training.device": (lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
-                            "auto, cpu, cuda or cuda:N"),
+        "training.device": (
+            lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
+            "auto, cpu, cuda or cuda:N",
+        ),
         "training.max_steps": _optional_at_least(1),
         "training.quality_report_patients": _at_least(0),
         "training.quality_report_released_patients": _at_least(0),
         "validation.corruption_prob": _probability(),
         "validation.lambda_poisson": (lambda v: v > 0, "> 0"),
-        **{f"validation.{k}": _probability() for k in ("mask_probability", "del_probability", "rep_probability",
-                                                         "prompt_prob")},
+        **{
+            f"validation.{k}": _probability()
+            for k in ("mask_probability", "del_probability", "rep_probability", "prompt_prob")
+        },
         "validation.jaccard_patients": _at_least(0),
         "validation.batch_size": _at_least(1),
-        "tracking.experiment_name": (lambda v: v is None or bool(v.strip()), "a non-empty name, or null for MLflow's default"),
+        "tracking.experiment_name": (
+            lambda v: v is None or bool(v.strip()),
+            "a non-empty name, or null for MLflow's default",
+        ),
         "tracking.registered_model_name": (lambda v: bool(v.strip()), "a non-empty name"),
         "tracking.n_sample_patients": _at_least(0),
     }
@@ -416,8 +460,10 @@ def _relation_errors(cfg: Config) -> list[str]:
             errors.append(f"model.{side}_attention_heads={heads}: must divide model.d_model={m.d_model}")
     needed = cfg.collator.max_length + PROMPT_POSITIONS
     if m.max_position_embeddings < needed:
-        errors.append(f"model.max_position_embeddings={m.max_position_embeddings}: must be >= collator.max_length + "
-                      f"{PROMPT_POSITIONS} prompt positions = {needed}")
+        errors.append(
+            f"model.max_position_embeddings={m.max_position_embeddings}: must be >= collator.max_length + "
+            f"{PROMPT_POSITIONS} prompt positions = {needed}"
+        )
     if cfg.data.source != "synthetic" and not cfg.data.path:
         errors.append(f"data.path=null: data.source={cfg.data.source} needs the folder of its tables")
     if cfg.data.split == "meds" and cfg.data.source != "meds":

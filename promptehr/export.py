@@ -1,7 +1,7 @@
 """Export: synthetic patients -> MIMIC-III-format tables and JSON lines.
 
 `write_mimic3(patients, folder)` writes `PATIENTS.csv`, `ADMISSIONS.csv` and `DIAGNOSES_ICD.csv` that
-`promptehr.data.load_mimic_data(folder)` reads back unchanged (ages, sexes, visits, codes in order);
+`promptehr.mimic.load_mimic_data(folder)` reads back unchanged (ages, sexes, visits, codes in order);
 `write_jsonl` writes `patients.jsonl`, one patient per line. Identifiers and dates are synthetic.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from promptehr.data import MAX_AGE, Patient
+from promptehr.schema import MAX_AGE, Patient
 
 # Dates follow MIMIC-III's de-identification: first admissions fall in 2100-2150 and a patient older
 # than 89 has a date of birth about 300 years before it (the loader caps that age at 90 again).

@@ -1,11 +1,9 @@
-"""Generation: synthetic visits, batched over patients with the KV cache (PROMPTEHR.md section 5).
+"""Generation: synthetic visits, batched over patients with the KV cache (docs/PROMPTEHR.md section 5).
 
-One step of `sample_visit_batch` writes one new visit per row: the encoder holds the row's history
-and a `<v> [revealed codes] <mask> </v>` placeholder, the decoder is fed `<s> history <v> [revealed]`
-and samples codes until `</v>`, then samples `<v>` (another visit follows) or `</s>` (the patient
-ends). The age/sex prompts are prepended on the encoder and the decoder at every step. Codes already
-in the visit are masked in the logits (delimiters are not). Rows of different prefix lengths share
-one right-padded cache: each new token's position embedding is corrected to its row's true position.
+One step of `sample_visit_batch` writes one new visit per row (rows of `patient_format.generation_rows`,
+the model's incremental decoder `start_decoding` / `decode_step`): codes until `</v>`, then `<v>`
+(another visit follows) or `</s>` (the patient ends), under the patient format's grammar
+(`patient_format.VisitGrammar`: no code twice in a visit, delimiters where they belong).
 
 Unconditional generation takes demographics, or draws them with `sample_demographics` from the
 (sex, age bin) histogram of the training patients that `train()` stores in the checkpoint's
@@ -20,8 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from promptehr.data import MAX_AGE, SEXES, Patient
 from promptehr.model import N_PROMPTS
+from promptehr.patient_format import VisitGrammar, generation_rows, pad_prefixes
+from promptehr.schema import MAX_AGE, SEXES, Patient
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 
 logger = logging.getLogger(__name__)
@@ -30,10 +29,10 @@ logger = logging.getLogger(__name__)
 @dataclass
 class SamplingConfig:
     temperature: float = 1.0
-    top_k: int = 0             # 0 = off
-    top_p: float = 1.0         # 1.0 = off
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
     max_codes_per_visit: int = 40
-    max_visits: int = 20       # a patient the model has not ended by then is ended (n_visits overrides it)
+    max_visits: int = 20  # a patient the model has not ended by then is ended (n_visits overrides it)
 
     def __post_init__(self):
         if not self.temperature > 0:
@@ -91,23 +90,6 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
-def _pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _history_tokens(tok: DiagnosisCodeTokenizer, visits: list[list[int]]) -> list[int]:
-    out = []
-    for v in visits:
-        out += [tok.visit_open_id, *v, tok.visit_close_id]
-    return out
-
-
 @torch.no_grad()
 def sample_visit_batch(
     model,
@@ -122,110 +104,43 @@ def sample_visit_batch(
 ):
     """Sample one new visit per row. Returns (new code ids per row, whether another visit follows), and
     with `return_first_logits` also the (n, vocab) logits of the first sampled position under the
-    grammar mask (banned tokens at -inf, before temperature and top-k/top-p): the model's own
+    grammar (banned tokens at -inf, before temperature and top-k/top-p): the model's own
     distribution of the visit's next code after the revealed ones."""
     device = next(model.parameters()).device
     n = len(histories)
-    enc_rows, dec_rows = [], []
-    for hist, rev in zip(histories, revealed):
-        h = _history_tokens(tok, hist)
-        enc_rows.append([tok.bos_token_id, *h, tok.visit_open_id, *rev, tok.mask_token_id, tok.visit_close_id, tok.eos_token_id])
-        dec_rows.append([tok.bos_token_id, *h, tok.visit_open_id, *rev])
-    max_pos = model.bart.config.max_position_embeddings
+    enc_rows, dec_rows = zip(*(generation_rows(tok, h, r) for h, r in zip(histories, revealed)))
     longest = max(len(r) for r in dec_rows) + N_PROMPTS + sampling.max_codes_per_visit + 2
-    if longest > max_pos or max(len(r) for r in enc_rows) + N_PROMPTS > max_pos:
+    if longest > model.max_positions or max(len(r) for r in enc_rows) + N_PROMPTS > model.max_positions:
         raise ValueError(
-            f"a history of {longest} decoder positions exceeds model.max_position_embeddings={max_pos}; "
+            f"a history of {longest} decoder positions exceeds model.max_position_embeddings={model.max_positions}; "
             "generate fewer visits (sampling.max_visits) or train with a larger max_position_embeddings"
         )
-    enc_ids, enc_mask = _pad(enc_rows, tok.pad_token_id, device)
-    dec_ids, dec_mask = _pad(dec_rows, tok.pad_token_id, device)
+    enc_ids, enc_mask = pad_prefixes(list(enc_rows), tok.pad_token_id, device)
+    dec_ids, dec_mask = pad_prefixes(list(dec_rows), tok.pad_token_id, device)
     x_num = torch.tensor(ages, dtype=torch.float32, device=device).unsqueeze(1)
     x_cat = torch.tensor(sexes, dtype=torch.long, device=device).unsqueeze(1)
-    hidden, hidden_mask = model.encode(enc_ids, enc_mask, x_num, x_cat)
-
-    decoder = model.bart.model.decoder
-    positions = decoder.embed_positions.weight  # row p + 2 holds position p (BART's offset)
-    lengths = dec_mask.sum(1) + N_PROMPTS       # true length of each row, prompts included
-    width = dec_ids.shape[1] + N_PROMPTS
-    embeds = model.decoder_prompt_embeds(dec_ids, x_num, x_cat)
-    attn = torch.cat([dec_mask.new_ones(n, N_PROMPTS), dec_mask], dim=1)
-    out = decoder(inputs_embeds=embeds, attention_mask=attn, encoder_hidden_states=hidden,
-                  encoder_attention_mask=hidden_mask, use_cache=True)
-    past = out.past_key_values
-    last = out.last_hidden_state[torch.arange(n, device=device), lengths - 1]  # (n, d)
-
-    vocab = len(tok)
-    banned = torch.zeros((n, vocab), dtype=torch.bool, device=device)
-    banned[:, : tok.n_special] = True           # while inside a visit only codes and </v> are allowed
-    for i, rev in enumerate(revealed):
-        if rev:
-            banned[i, torch.tensor(rev, device=device)] = True
-    n_in_visit = torch.tensor([len(r) for r in revealed], device=device)
-    in_visit = torch.ones(n, dtype=torch.bool, device=device)
-    done = torch.zeros(n, dtype=torch.bool, device=device)
-    more = torch.zeros(n, dtype=torch.bool, device=device)
+    logits, state = model.start_decoding(enc_ids, enc_mask, dec_ids, dec_mask, x_num, x_cat)
+    grammar = VisitGrammar.start(tok, revealed, len(tok), sampling.max_codes_per_visit, device)
     new_codes: list[list[int]] = [[] for _ in range(n)]
-    after_visit = torch.ones(vocab, dtype=torch.bool, device=device)
-    after_visit[[tok.visit_open_id, tok.eos_token_id]] = False
-
     for step in range(sampling.max_codes_per_visit + 2):
-        logits = model.lm_logits(last).float()
-        visit_ban = banned.clone()
-        allow_close = in_visit & (n_in_visit > 0)
-        visit_ban[:, tok.visit_close_id] = ~allow_close
-        force_close = in_visit & (n_in_visit >= sampling.max_codes_per_visit)
-        visit_ban[force_close] = True
-        visit_ban[force_close, tok.visit_close_id] = False
-        ban = torch.where(in_visit.unsqueeze(1), visit_ban, after_visit.unsqueeze(0).expand(n, -1))
-        logits = logits.masked_fill(ban, float("-inf"))
+        logits = logits.masked_fill(grammar.banned(), float("-inf"))
         if step == 0:
             first_logits = logits
-        logits = logits / max(sampling.temperature, 1e-6)
-        logits = _filter_logits(logits, sampling.top_k, sampling.top_p)
+        logits = _filter_logits(logits / max(sampling.temperature, 1e-6), sampling.top_k, sampling.top_p)
         token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
-        token = torch.where(done, torch.full_like(token, tok.pad_token_id), token)
-
-        for i in torch.nonzero(in_visit & ~done & (token >= tok.n_special)).flatten().tolist():
+        token = torch.where(grammar.done, torch.full_like(token, tok.pad_token_id), token)
+        for i in torch.nonzero(grammar.advance(token)).flatten().tolist():
             new_codes[i].append(int(token[i]))
-        is_code = in_visit & (token >= tok.n_special)
-        banned[is_code, token[is_code]] = True
-        n_in_visit = n_in_visit + is_code.long()
-        closing = in_visit & (token == tok.visit_close_id)
-        finishing = ~in_visit & ~done
-        more = torch.where(finishing, token == tok.visit_open_id, more)
-        done = done | finishing
-        in_visit = in_visit & ~closing
-        if bool(done.all()):
+        if bool(grammar.done.all()):
             break
-        # feed the sampled token at each row's true position (cache slot `width + step`)
-        correction = positions[lengths + step + 2] - positions[width + step + 2]
-        step_embeds = (decoder.embed_tokens(token) + correction.to(hidden.dtype)).unsqueeze(1)
-        attn = torch.cat([attn, attn.new_ones(n, 1)], dim=1)
-        out = decoder(inputs_embeds=step_embeds, attention_mask=attn, encoder_hidden_states=hidden,
-                      encoder_attention_mask=hidden_mask, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        last = out.last_hidden_state[:, -1]
+        logits = model.decode_step(token, state)
     if return_first_logits:
-        return new_codes, more.tolist(), first_logits
-    return new_codes, more.tolist()
+        return new_codes, grammar.more.tolist(), first_logits
+    return new_codes, grammar.more.tolist()
 
 
 def _encode_patient_codes(tok, visits):
     return [[tok.encode_code(c, strict=False) for c in v] for v in visits]
-
-
-def generate_patient_sequence_conditional(
-    model,
-    tokenizer: DiagnosisCodeTokenizer,
-    patient: Patient,
-    prompt_prob: float = 0.5,
-    sampling: SamplingConfig | None = None,
-    seed: int = 0,
-) -> dict:
-    """Reveal a `prompt_prob` share of each visit's codes, generate the rest of that visit given the
-    true earlier visits. Returns {"prompts", "generated", "target"} as lists of code lists per visit."""
-    return generate_conditional_batch(model, tokenizer, [patient], prompt_prob, sampling, seed)[0]
 
 
 def reveal_codes(visit: list[str], prompt_prob: float, rng: np.random.Generator) -> list[str]:
@@ -237,10 +152,11 @@ def reveal_codes(visit: list[str], prompt_prob: float, rng: np.random.Generator)
 
 
 def generate_conditional_batch(model, tokenizer, patients, prompt_prob=0.5, sampling=None, seed=0, batch_size=64):
-    """Batched `generate_patient_sequence_conditional` over patients (all visits of each). Each result
-    also holds "ranked": per visit, the codes the model finds most likely to come next after the
-    revealed ones (by the first sampled position's distribution; revealed codes excluded), as many as
-    the visit has codes, most likely first."""
+    """Reveal a `prompt_prob` share of each visit's codes and generate the rest of that visit given the
+    true earlier visits, batched over patients (all visits of each). Each result holds "prompts",
+    "generated" and "target" (lists of code lists per visit) and "ranked": per visit, the codes the model
+    finds most likely to come next after the revealed ones (by the first sampled position's distribution;
+    revealed codes excluded), as many as the visit has codes, most likely first."""
     sampling = sampling or SamplingConfig()
     rng = np.random.default_rng(seed)
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
@@ -249,18 +165,32 @@ def generate_conditional_batch(model, tokenizer, patients, prompt_prob=0.5, samp
     for pi, p in enumerate(patients):
         ids = _encode_patient_codes(tokenizer, p.visits)
         prompts = [reveal_codes(v, prompt_prob, rng) for v in p.visits]
-        results.append({"prompts": prompts, "generated": [None] * len(p.visits), "ranked": [None] * len(p.visits),
-                        "target": [list(v) for v in p.visits]})
+        results.append(
+            {
+                "prompts": prompts,
+                "generated": [None] * len(p.visits),
+                "ranked": [None] * len(p.visits),
+                "target": [list(v) for v in p.visits],
+            }
+        )
         for vi in range(len(p.visits)):
             jobs.append((pi, vi, ids[:vi], [tokenizer.encode_code(c) for c in prompts[vi]], p.age, SEXES.index(p.sex)))
     was_training = model.training
     model.eval()
     try:
         for s in range(0, len(jobs), batch_size):
-            chunk = jobs[s:s + batch_size]
-            codes, _, first = sample_visit_batch(model, tokenizer, [j[2] for j in chunk], [j[3] for j in chunk],
-                                                 [j[4] for j in chunk], [j[5] for j in chunk], sampling, gen,
-                                                 return_first_logits=True)
+            chunk = jobs[s : s + batch_size]
+            codes, _, first = sample_visit_batch(
+                model,
+                tokenizer,
+                [j[2] for j in chunk],
+                [j[3] for j in chunk],
+                [j[4] for j in chunk],
+                [j[5] for j in chunk],
+                sampling,
+                gen,
+                return_first_logits=True,
+            )
             first[:, : tokenizer.n_special] = float("-inf")  # codes only (`</v>` may be allowed there)
             order = first.argsort(dim=1, descending=True).tolist()
             n_allowed = torch.isfinite(first).sum(dim=1).tolist()
@@ -299,7 +229,7 @@ def generate_patients(model, tokenizer, ages, sexes, sampling=None, seed=0, batc
     if any(t is not None and t < 1 for t in targets):
         raise ValueError("n_visits must be >= 1")
     device = next(model.parameters()).device
-    max_pos = model.bart.config.max_position_embeddings
+    max_pos = model.max_positions
     gen = seed if isinstance(seed, torch.Generator) else torch.Generator(device=device).manual_seed(seed)
     sex_ids = [SEXES.index(s) if isinstance(s, str) else int(s) for s in sexes]
     patients: list[Patient] = []
@@ -319,18 +249,31 @@ def generate_patients(model, tokenizer, ages, sexes, sampling=None, seed=0, batc
                         if targets[i] is not None:
                             raise ValueError(
                                 f"patient {i}: {len(hist[i])} visits already fill the model's {max_pos} positions; "
-                                f"n_visits={targets[i]} cannot be generated")
+                                f"n_visits={targets[i]} cannot be generated"
+                            )
                         ended_by_length += 1
                     active = fits
                     if not active:
                         break
-                    codes, more = sample_visit_batch(model, tokenizer, [hist[i] for i in active], [[] for _ in active],
-                                                     [float(ages[i]) for i in active], [sex_ids[i] for i in active], sampling, gen)
+                    codes, more = sample_visit_batch(
+                        model,
+                        tokenizer,
+                        [hist[i] for i in active],
+                        [[] for _ in active],
+                        [float(ages[i]) for i in active],
+                        [sex_ids[i] for i in active],
+                        sampling,
+                        gen,
+                    )
                     still = []
                     for i, new, cont in zip(active, codes, more):
                         hist[i].append(new)
                         length[i] += len(new) + 2
-                        go_on = len(hist[i]) < targets[i] if targets[i] is not None else cont and len(hist[i]) < sampling.max_visits
+                        go_on = (
+                            len(hist[i]) < targets[i]
+                            if targets[i] is not None
+                            else cont and len(hist[i]) < sampling.max_visits
+                        )
                         if go_on:
                             still.append(i)
                     active = still
@@ -341,6 +284,9 @@ def generate_patients(model, tokenizer, ages, sexes, sampling=None, seed=0, batc
     finally:
         model.train(was_training)
     if ended_by_length:
-        logger.warning("%d generated patients were ended because their history reached the model's %d positions",
-                       ended_by_length, max_pos)
+        logger.warning(
+            "%d generated patients were ended because their history reached the model's %d positions",
+            ended_by_length,
+            max_pos,
+        )
     return patients

@@ -21,18 +21,18 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from promptehr import __version__
-from promptehr.data import ICD_VERSIONS, MAX_AGE, SEXES, DataError, DataReport, Patient, _warn, build_vocab, summarize
 from promptehr.export import mimic3_tables, write_jsonl
+from promptehr.schema import ICD_VERSIONS, MAX_AGE, SEXES, DataError, DataReport, Patient, build_vocab, summarize
 
 logger = logging.getLogger(__name__)
 
-BIRTH_CODE = "MEDS_BIRTH"                # the MEDS standard's birth event
-GENDER_PREFIX = "GENDER//"               # GENDER//M, GENDER//F (MIMIC-IV MEDS ETL)
-DIAGNOSIS_PREFIX = "DIAGNOSIS//ICD//"    # DIAGNOSIS//ICD//<version>//<code> (MIMIC-IV MEDS ETL)
+BIRTH_CODE = "MEDS_BIRTH"  # the MEDS standard's birth event
+GENDER_PREFIX = "GENDER//"  # GENDER//M, GENDER//F (MIMIC-IV MEDS ETL)
+DIAGNOSIS_PREFIX = "DIAGNOSIS//ICD//"  # DIAGNOSIS//ICD//<version>//<code> (MIMIC-IV MEDS ETL)
 TRAIN, TUNING, HELD_OUT = "train", "tuning", "held_out"
 SPLITS_FILE = Path("metadata") / "subject_splits.parquet"
-MEDS_VERSION = "0.4.1"                   # the MEDS schema release the writer follows (tests validate with `meds`)
-_BATCH_ROWS = 1 << 16                    # rows read at a time from a shard before the event filter
+MEDS_VERSION = "0.4.1"  # the MEDS schema release the writer follows (tests validate with `meds`)
+_BATCH_ROWS = 1 << 16  # rows read at a time from a shard before the event filter
 _MICROS_PER_DAY = 86_400_000_000
 
 
@@ -77,7 +77,9 @@ _COLUMN_TYPES = {  # column -> (check, what MEDS asks for)
 }
 
 
-_EVENTS = pa.schema([("subject_id", pa.int64()), ("time", pa.timestamp("us")), ("code", pa.string()), ("hadm_id", pa.string())])
+_EVENTS = pa.schema(
+    [("subject_id", pa.int64()), ("time", pa.timestamp("us")), ("code", pa.string()), ("hadm_id", pa.string())]
+)
 
 
 def _check_columns(path: Path, schema: pa.Schema, types: dict) -> None:
@@ -111,26 +113,35 @@ def _read_shard(path: Path, diagnosis_prefix: str) -> tuple[pd.DataFrame, bool]:
     try:
         for batch in shard.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
             code = batch.column("code").cast(pa.string())
-            wanted = pc.or_(pc.or_(pc.starts_with(code, diagnosis_prefix), pc.starts_with(code, GENDER_PREFIX)),
-                            pc.equal(code, BIRTH_CODE))
+            wanted = pc.or_(
+                pc.or_(pc.starts_with(code, diagnosis_prefix), pc.starts_with(code, GENDER_PREFIX)),
+                pc.equal(code, BIRTH_CODE),
+            )
             if pc.any(wanted).as_py():
-                kept.append(pa.table([
-                    batch.column("subject_id").cast(pa.int64()),
-                    batch.column("time").cast(pa.timestamp("us"), safe=False),  # any unit; sub-microseconds dropped
-                    code,
-                    batch.column("hadm_id").cast(pa.string()) if has_hadm else pa.nulls(len(batch), pa.string()),
-                ], schema=_EVENTS).filter(wanted))
+                kept.append(
+                    pa.table(
+                        [
+                            batch.column("subject_id").cast(pa.int64()),
+                            batch.column("time").cast(pa.timestamp("us"), safe=False),  # any unit; sub-microseconds dropped
+                            code,
+                            batch.column("hadm_id").cast(pa.string()) if has_hadm else pa.nulls(len(batch), pa.string()),
+                        ],
+                        schema=_EVENTS,
+                    ).filter(wanted)
+                )
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{path}: cannot read the parquet file: {exc}") from None
     table = pa.concat_tables(kept) if kept else _EVENTS.empty_table()
     time = table.column("time")
-    return pd.DataFrame({
-        "subject_id": table.column("subject_id").to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get),
-        "time_us": pc.cast(time, pa.int64()).fill_null(0).to_numpy(),
-        "time_missing": time.is_null().to_numpy(zero_copy_only=False),
-        "code": table.column("code").to_numpy(zero_copy_only=False),
-        "hadm_id": table.column("hadm_id").to_numpy(zero_copy_only=False),
-    }), has_hadm
+    return pd.DataFrame(
+        {
+            "subject_id": table.column("subject_id").to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get),
+            "time_us": pc.cast(time, pa.int64()).fill_null(0).to_numpy(),
+            "time_missing": time.is_null().to_numpy(zero_copy_only=False),
+            "code": table.column("code").to_numpy(zero_copy_only=False),
+            "hadm_id": table.column("hadm_id").to_numpy(zero_copy_only=False),
+        }
+    ), has_hadm
 
 
 def _shards(root: Path) -> list[Path]:
@@ -185,12 +196,18 @@ def _parse_diagnoses(diag: pd.DataFrame, prefix: str, versions: str, report: Dat
     usable = ~malformed & ~unknown_version
     keep = usable if versions == "both" else usable & (version == versions)
     no_time = keep & diag["time_missing"]
-    _warn(report, "diagnosis_events_malformed_code", int(malformed.sum()),
-          f"diagnosis events are not of the form {prefix}<version>//<code>")
-    _warn(report, "diagnosis_events_unknown_icd_version", int(unknown_version.sum()),
-          "diagnosis events have an ICD version other than 9 or 10")
+    report.left_out(
+        "diagnosis_events_malformed_code",
+        int(malformed.sum()),
+        f"diagnosis events are not of the form {prefix}<version>//<code>",
+    )
+    report.left_out(
+        "diagnosis_events_unknown_icd_version",
+        int(unknown_version.sum()),
+        "diagnosis events have an ICD version other than 9 or 10",
+    )
     report.add("diagnosis_events_excluded_icd_version", int((usable & ~keep).sum()))
-    _warn(report, "diagnosis_events_without_time", int(no_time.sum()), "diagnosis events have no time")
+    report.left_out("diagnosis_events_without_time", int(no_time.sum()), "diagnosis events have no time")
     keep &= ~no_time
     return diag[keep].assign(code="ICD" + version[keep] + ":" + icd[keep])
 
@@ -217,7 +234,9 @@ def _assemble(diag: pd.DataFrame, people: pd.DataFrame, report: DataReport) -> l
     visit_key = hadm.where(hadm.notna(), "@" + diag["time_us"].astype(str))
     d = diag.assign(visit=visit_key.to_numpy(), row=np.arange(len(diag)))
     numeric = pd.to_numeric(hadm, errors="coerce")
-    hadm_key = numeric.to_numpy(dtype=float) if (numeric.notna() | hadm.isna()).all() else hadm.fillna("").astype(str).to_numpy()
+    hadm_key = (
+        numeric.to_numpy(dtype=float) if (numeric.notna() | hadm.isna()).all() else hadm.fillna("").astype(str).to_numpy()
+    )
     d = d.assign(visit_time=d.groupby(["subject_id", "visit"])["time_us"].transform("min").to_numpy(), hadm_key=hadm_key)
     d = d.sort_values(["subject_id", "visit_time", "hadm_key", "visit", "row"], kind="stable")
     dup = d.duplicated(["subject_id", "visit", "code"], keep="first")
@@ -246,12 +265,15 @@ def _assemble(diag: pd.DataFrame, people: pd.DataFrame, report: DataReport) -> l
     ages = np.clip(ages, 0.0, MAX_AGE)
     return [
         Patient(str(int(s)), float(age), sex, visits[a:b])
-        for s, age, sex, a, b in zip(subjects.tolist(), ages.tolist(), rows["sex"].tolist(), p_start.tolist(), p_end.tolist())
+        for s, age, sex, a, b in zip(
+            subjects.tolist(), ages.tolist(), rows["sex"].tolist(), p_start.tolist(), p_end.tolist()
+        )
     ]
 
 
-def load_meds_data(root, icd_versions: str = "both", diagnosis_prefix: str = DIAGNOSIS_PREFIX,
-                   progress: bool = True) -> tuple[list[Patient], list[str], DataReport]:
+def load_meds_data(
+    root, icd_versions: str = "both", diagnosis_prefix: str = DIAGNOSIS_PREFIX, progress: bool = True
+) -> tuple[list[Patient], list[str], DataReport]:
     """Patients from the MEDS dataset at `root` (the folder holding data/ and metadata/).
 
     Diagnoses are the events whose code starts with `diagnosis_prefix` followed by `<version>//<code>`,
@@ -266,8 +288,12 @@ def load_meds_data(root, icd_versions: str = "both", diagnosis_prefix: str = DIA
     root = Path(root)
     shards = _shards(root)
     meta = read_dataset_metadata(root)
-    logger.info("MEDS dataset %s (%s): %d shard(s)", meta.get("dataset_name", root.name),
-                meta.get("etl_name", "ETL unknown"), len(shards))
+    logger.info(
+        "MEDS dataset %s (%s): %d shard(s)",
+        meta.get("dataset_name", root.name),
+        meta.get("etl_name", "ETL unknown"),
+        len(shards),
+    )
     report = DataReport("meds")
     frames, any_hadm = [], False
     for path in tqdm(shards, desc="MEDS shards", unit="shard", disable=not progress or len(shards) < 2, leave=False):
@@ -277,7 +303,7 @@ def load_meds_data(root, icd_versions: str = "both", diagnosis_prefix: str = DIA
     report.add("shards", len(shards))
     events = pd.concat(frames, ignore_index=True)
     no_subject = events["subject_id"].isna()
-    _warn(report, "events_without_subject_id", int(no_subject.sum()), "birth, sex or diagnosis events have no subject_id")
+    report.left_out("events_without_subject_id", int(no_subject.sum()), "birth, sex or diagnosis events have no subject_id")
     events = events[~no_subject].astype({"subject_id": np.int64})
     if not any_hadm:
         logger.info("data[meds]: no hadm_id column: diagnosis events at the same time form one visit")
@@ -285,8 +311,10 @@ def load_meds_data(root, icd_versions: str = "both", diagnosis_prefix: str = DIA
     is_diag = events["code"].str.startswith(diagnosis_prefix).to_numpy()
     report.add("diagnosis_events", int(is_diag.sum()))
     if not is_diag.any():
-        raise DataError(f"{root}: no diagnosis events: no value of column code in data/**/*.parquet starts with "
-                        f"{diagnosis_prefix!r} (data.meds_diagnosis_prefix)")
+        raise DataError(
+            f"{root}: no diagnosis events: no value of column code in data/**/*.parquet starts with "
+            f"{diagnosis_prefix!r} (data.meds_diagnosis_prefix)"
+        )
     diag = _parse_diagnoses(events[is_diag], diagnosis_prefix, versions, report)
     people = _demographics(events[~is_diag], np.sort(events["subject_id"].unique()), report)
 
@@ -301,8 +329,10 @@ def load_meds_data(root, icd_versions: str = "both", diagnosis_prefix: str = DIA
     report.add("diagnosis_events_of_excluded_patients", int(of_excluded.sum()))
     patients = _assemble(diag[~of_excluded], people, report)
     if not patients:
-        raise DataError(f"{root}: no patient has sex, birth and a usable diagnosis event: "
-                        + ", ".join(f"{k} {v}" for k, v in report.counts.items() if v))
+        raise DataError(
+            f"{root}: no patient has sex, birth and a usable diagnosis event: "
+            + ", ".join(f"{k} {v}" for k, v in report.counts.items() if v)
+        )
     summarize(patients, report)
     return patients, build_vocab(patients), report
 
@@ -316,18 +346,23 @@ def read_subject_splits(root) -> dict[str, str]:
     """subject_id (as the Patient's string) -> split name, from `metadata/subject_splits.parquet`."""
     path = Path(root) / SPLITS_FILE
     if not path.is_file():
-        raise DataError(f"{path} is missing: data.split=meds uses the dataset's own train/tuning/held_out subjects "
-                        "(use data.split=random for a seeded split instead)")
+        raise DataError(
+            f"{path} is missing: data.split=meds uses the dataset's own train/tuning/held_out subjects "
+            "(use data.split=random for a seeded split instead)"
+        )
     f = _open_parquet(path)
     _check_columns(path, f.schema_arrow, {"subject_id": _COLUMN_TYPES["subject_id"], "split": (_is_text, "string")})
     try:
         table = f.read(columns=["subject_id", "split"])
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{path}: cannot read the parquet file: {exc}") from None
-    df = pd.DataFrame({"subject_id": table.column("subject_id").to_pandas(),
-                       "split": table.column("split").cast(pa.string()).to_pandas()})
+    df = pd.DataFrame(
+        {"subject_id": table.column("subject_id").to_pandas(), "split": table.column("split").cast(pa.string()).to_pandas()}
+    )
     if df.isna().any().any():
-        raise DataError(f"{path}: columns subject_id and split must not be null ({int(df.isna().any(axis=1).sum())} rows are)")
+        raise DataError(
+            f"{path}: columns subject_id and split must not be null ({int(df.isna().any(axis=1).sum())} rows are)"
+        )
     if df["subject_id"].duplicated().any():
         raise DataError(f"{path}: column subject_id must be unique; {int(df['subject_id'].duplicated().sum())} repeats")
     return dict(zip(df["subject_id"].astype(np.int64).astype(str), df["split"]))
@@ -355,12 +390,15 @@ def split_by_subject_splits(patients: list[Patient], root, report: DataReport | 
     report.counts["patients_other_split"] = other
     report.counts["patients_not_in_subject_splits"] = missing
     if missing:
-        logger.warning("data[meds] %d patients are not in %s; they are used for neither training nor validation",
-                       missing, SPLITS_FILE)
+        logger.warning(
+            "data[meds] %d patients are not in %s; they are used for neither training nor validation", missing, SPLITS_FILE
+        )
     for name in (TRAIN, TUNING):
         if not groups[name]:
-            raise DataError(f"{Path(root) / SPLITS_FILE}: no loaded patient is in split {name!r} "
-                            f"({sum(v == name for v in splits.values())} subjects listed there)")
+            raise DataError(
+                f"{Path(root) / SPLITS_FILE}: no loaded patient is in split {name!r} "
+                f"({sum(v == name for v in splits.values())} subjects listed there)"
+            )
     return groups[TRAIN], groups[TUNING]
 
 
@@ -379,7 +417,7 @@ def meds_code(code: str) -> str:
     code (MIMIC-III and the built-in cohort speak ICD-9) -> DIAGNOSIS//ICD//9//<code>."""
     for version in ("9", "10"):
         if code.startswith(f"ICD{version}:"):
-            return f"{DIAGNOSIS_PREFIX}{version}//{code[len(version) + 4:]}"
+            return f"{DIAGNOSIS_PREFIX}{version}//{code[len(version) + 4 :]}"
     return f"{DIAGNOSIS_PREFIX}9//{code}"
 
 
@@ -401,35 +439,44 @@ def meds_events(patients: list[Patient], seed: int = 0) -> pa.Table:
     birth = (first_year - ages - 1970).astype("datetime64[Y]").astype("datetime64[us]")
 
     n = len(subject_ids)
-    static = pd.DataFrame({
-        "subject_id": np.repeat(subject_ids, 2),
-        "order": np.tile([0, 1], n),
-        "time": np.stack([np.full(n, np.datetime64("NaT"), dtype="datetime64[us]"), birth], axis=1).ravel(),
-        "code": np.stack([(GENDER_PREFIX + pat["GENDER"]).to_numpy(), np.full(n, BIRTH_CODE, dtype=object)], axis=1).ravel(),
-        "hadm_id": pd.array([pd.NA] * (2 * n), dtype="Int64"),
-    })
-    events = pd.DataFrame({
-        "subject_id": diag["SUBJECT_ID"].to_numpy(dtype=np.int64),
-        "order": 2,
-        "time": disch_by_hadm.loc[diag["HADM_ID"].to_numpy()].to_numpy(),
-        "code": [meds_code(c) for c in diag["ICD9_CODE"]],
-        "hadm_id": pd.array(diag["HADM_ID"].to_numpy(dtype=np.int64), dtype="Int64"),
-    })
+    static = pd.DataFrame(
+        {
+            "subject_id": np.repeat(subject_ids, 2),
+            "order": np.tile([0, 1], n),
+            "time": np.stack([np.full(n, np.datetime64("NaT"), dtype="datetime64[us]"), birth], axis=1).ravel(),
+            "code": np.stack(
+                [(GENDER_PREFIX + pat["GENDER"]).to_numpy(), np.full(n, BIRTH_CODE, dtype=object)], axis=1
+            ).ravel(),
+            "hadm_id": pd.array([pd.NA] * (2 * n), dtype="Int64"),
+        }
+    )
+    events = pd.DataFrame(
+        {
+            "subject_id": diag["SUBJECT_ID"].to_numpy(dtype=np.int64),
+            "order": 2,
+            "time": disch_by_hadm.loc[diag["HADM_ID"].to_numpy()].to_numpy(),
+            "code": [meds_code(c) for c in diag["ICD9_CODE"]],
+            "hadm_id": pd.array(diag["HADM_ID"].to_numpy(dtype=np.int64), dtype="Int64"),
+        }
+    )
     table = pd.concat([static, events], ignore_index=True).sort_values(["subject_id", "order"], kind="stable")
-    return pa.table({
-        "subject_id": pa.array(table["subject_id"].to_numpy(), pa.int64()),
-        "time": pa.array(table["time"].to_numpy(), pa.timestamp("us")),
-        "code": pa.array(table["code"].tolist(), pa.string()),
-        "numeric_value": pa.nulls(len(table), pa.float32()),
-        "hadm_id": pa.array(table["hadm_id"], pa.int64()),
-    })
+    return pa.table(
+        {
+            "subject_id": pa.array(table["subject_id"].to_numpy(), pa.int64()),
+            "time": pa.array(table["time"].to_numpy(), pa.timestamp("us")),
+            "code": pa.array(table["code"].tolist(), pa.string()),
+            "numeric_value": pa.nulls(len(table), pa.float32()),
+            "hadm_id": pa.array(table["hadm_id"], pa.int64()),
+        }
+    )
 
 
 _DESCRIPTIONS = {BIRTH_CODE: "birth", f"{GENDER_PREFIX}M": "male", f"{GENDER_PREFIX}F": "female"}
 
 
-def write_meds(patients: list[Patient], root, seed: int = 0, generating_model: dict | None = None,
-               subjects_per_shard: int = 100_000) -> dict[str, Path]:
+def write_meds(
+    patients: list[Patient], root, seed: int = 0, generating_model: dict | None = None, subjects_per_shard: int = 100_000
+) -> dict[str, Path]:
     """Write `patients` as a MEDS dataset at `root`: data/<i>.parquet (see `meds_events`),
     metadata/dataset.json (naming `generating_model`) and metadata/codes.parquet. No subject_splits:
     a generated cohort has none of its own. Returns the written paths."""
@@ -445,22 +492,32 @@ def write_meds(patients: list[Patient], root, seed: int = 0, generating_model: d
         pq.write_table(table.slice(a, b - a), paths[f"data/{i}.parquet"])
     codes = sorted(set(table.column("code").to_pylist()))
     paths["codes.parquet"] = root / "metadata" / "codes.parquet"
-    pq.write_table(pa.table({
-        "code": pa.array(codes, pa.string()),
-        "description": pa.array([_DESCRIPTIONS.get(c) for c in codes], pa.string()),
-        "parent_codes": pa.nulls(len(codes), pa.list_(pa.string())),
-    }), paths["codes.parquet"])
+    pq.write_table(
+        pa.table(
+            {
+                "code": pa.array(codes, pa.string()),
+                "description": pa.array([_DESCRIPTIONS.get(c) for c in codes], pa.string()),
+                "parent_codes": pa.nulls(len(codes), pa.list_(pa.string())),
+            }
+        ),
+        paths["codes.parquet"],
+    )
     paths["dataset.json"] = root / "metadata" / "dataset.json"
-    paths["dataset.json"].write_text(json.dumps({
-        "dataset_name": "promptehr-synthetic",
-        "dataset_version": f"seed-{seed}",
-        "etl_name": "promptehr generate",
-        "etl_version": __version__,
-        "meds_version": MEDS_VERSION,
-        "created_at": datetime.now(timezone.utc).isoformat(),
-        "raw_source_id_columns": ["hadm_id"],
-        "generating_model": generating_model or {},
-    }, indent=1))
+    paths["dataset.json"].write_text(
+        json.dumps(
+            {
+                "dataset_name": "promptehr-synthetic",
+                "dataset_version": f"seed-{seed}",
+                "etl_name": "promptehr generate",
+                "etl_version": __version__,
+                "meds_version": MEDS_VERSION,
+                "created_at": datetime.now(timezone.utc).isoformat(),
+                "raw_source_id_columns": ["hadm_id"],
+                "generating_model": generating_model or {},
+            },
+            indent=1,
+        )
+    )
     return paths
 
 

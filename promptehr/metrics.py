@@ -27,8 +27,16 @@ def jaccard(a: set, b: set) -> float | None:
     return len(a & b) / len(union) if union else None
 
 
-def compute_reconstruction_jaccard(model, tokenizer, patients, train_patients=None, prompt_prob=0.5,
-                                   n_patients=100, seed=0, sampling: SamplingConfig | None = None) -> dict[str, float]:
+def compute_reconstruction_jaccard(
+    model,
+    tokenizer,
+    patients,
+    train_patients=None,
+    prompt_prob=0.5,
+    n_patients=100,
+    seed=0,
+    sampling: SamplingConfig | None = None,
+) -> dict[str, float]:
     """Prompt-aware reconstruction Jaccard over up to `n_patients` held-out patients (revealed codes
     excluded from both sides), and the same score for the most frequent training codes when told how
     many codes are hidden (an oracle-length baseline).

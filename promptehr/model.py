@@ -4,18 +4,19 @@ Built from our `ModelConfig` (random init, never a hub download). The age (numer
 (categorical) prompts are reparameterised in a `prompt_hidden_size` space, mapped to d_model and
 prepended to the encoder and decoder input embeddings (masks extended by two positions).
 The auxiliary heads read the mean embedding of the encoder's CODE tokens only: they never see
-the prompts, so they cannot copy the answer (PROMPTEHR.md section 3).
+the prompts, so they cannot copy the answer (docs/PROMPTEHR.md section 3).
 `forward` returns loss, lm_loss, age_loss, sex_loss and logits aligned with `labels`.
 
-The model's distribution is the one generation samples from: `grammar_mask` bans, at every label
-position, the tokens the patient format rules out there (inside a visit: special tokens, `</v>`
-before the visit's first code, and codes the visit already holds, since a visit is a set; after
-`</v>`: anything but `<v>` or `</s>`). Training, validation metrics and benchmarks score these
-renormalised probabilities, and `generate.sample_visit_batch` applies the same rules, so the
-likelihood a run reports is that of the sampler it ships.
+The model's distribution is the one generation samples from: the forward bans, at every label
+position, what the patient format rules out there (`patient_format.grammar_mask`), and generation
+applies the same rules token by token, so the likelihood a run reports is that of the sampler it
+ships. `start_decoding` / `decode_step` are the incremental decoder generation uses (encoder states,
+KV cache, each row's true positions), so nothing outside this module reaches into BART.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,53 +24,11 @@ from torch import nn
 from transformers import BartConfig, BartForConditionalGeneration
 from transformers.models.bart.modeling_bart import shift_tokens_right
 
-from promptehr.data import MAX_AGE, SEXES
+from promptehr.patient_format import BANNED_LOGIT, grammar_mask, grammar_token_ids, with_closing_token
+from promptehr.schema import MAX_AGE, SEXES
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 
 N_PROMPTS = 2  # age, sex
-BANNED_LOGIT = -1e9  # finite: x * 0 stays 0 where ignored positions are multiplied out
-
-
-def grammar_token_ids(tok: DiagnosisCodeTokenizer) -> dict[str, int]:
-    """The token ids `grammar_mask` needs (a model keeps them, so its forward needs no tokenizer)."""
-    return {"pad": tok.pad_token_id, "visit_open": tok.visit_open_id, "visit_close": tok.visit_close_id,
-            "eos": tok.eos_token_id, "unk": tok.unk_token_id, "n_special": tok.n_special}
-
-
-def grammar_mask(labels: torch.Tensor, tok: DiagnosisCodeTokenizer | dict, vocab_size: int) -> torch.Tensor:
-    """(B, T, V) bool, True where the patient format forbids token v at label position t, given the
-    label tokens before t (teacher forcing). Labels are `<v> codes </v> ... (<v> | </s>)`, -100 = pad.
-
-    Inside a visit only codes and `</v>` are allowed; `</v>` only after at least one code (an `<unk>`
-    label counts as one); a code only once per visit. Outside a visit only `<v>` or `</s>`. These are
-    the sampler's rules. The label itself is never banned, so a record that breaks them (an `<unk>`
-    code of a validation patient; duplicates are removed when loading) costs a finite loss, not an
-    infinite one.
-    """
-    ids = tok if isinstance(tok, dict) else grammar_token_ids(tok)
-    b, t = labels.shape
-    dev = labels.device
-    is_open = labels == ids["visit_open"]
-    is_close = labels == ids["visit_close"]
-    is_code = labels >= ids["n_special"]
-    opens_before = torch.cumsum(is_open.long(), 1) - is_open.long()        # <v> strictly before t
-    closes_before = torch.cumsum(is_close.long(), 1) - is_close.long()
-    inside = opens_before > closes_before                                  # position t lies in a visit
-    visit_of = torch.cumsum(is_open.long(), 1)                             # visit index of a code at s
-    earlier = torch.ones(t, t, dtype=torch.bool, device=dev).tril(-1)      # s < t
-    same = (visit_of.unsqueeze(1) == opens_before.unsqueeze(2)) & earlier & inside.unsqueeze(2)  # (B, t, s)
-    emitted = same & is_code.unsqueeze(1)
-    special = torch.arange(vocab_size, device=dev) < ids["n_special"]
-    in_visit_ban = special.clone()
-    in_visit_ban[ids["visit_close"]] = False
-    out_visit_ban = torch.ones(vocab_size, dtype=torch.bool, device=dev)
-    out_visit_ban[[ids["visit_open"], ids["eos"]]] = False
-    mask = torch.where(inside.unsqueeze(-1), in_visit_ban, out_visit_ban)  # (B, T, V), a new tensor
-    mask[..., ids["visit_close"]] |= inside & ~(emitted | (same & (labels == ids["unk"]).unsqueeze(1))).any(-1)
-    # codes already in the visit: scatter labels[s] into row t; where s was no code, scatter <pad>, which
-    # is banned at every position anyway
-    mask.scatter_(2, torch.where(emitted, labels.clamp(min=0).unsqueeze(1), ids["pad"]), True)
-    return mask.scatter_(2, labels.clamp(min=0).unsqueeze(-1), False)  # (ignored positions: unbans pad)
 
 
 def bart_config(cfg, tokenizer: DiagnosisCodeTokenizer) -> BartConfig:
@@ -104,7 +63,7 @@ class DemographicPrompt(nn.Module):
     def __init__(self, d_model: int, hidden: int):
         super().__init__()
         # unit-scale init: the projections' biases are ~1/sqrt(hidden), so prompts initialised at 0.02
-        # start out almost identical for every patient (men and women moved the logits by ~1e-5)
+        # would start out almost identical for every patient
         self.age_weight = nn.Parameter(torch.randn(hidden))
         self.age_bias = nn.Parameter(torch.zeros(hidden))
         self.sex_embedding = nn.Embedding(len(SEXES), hidden)
@@ -113,9 +72,9 @@ class DemographicPrompt(nn.Module):
         self.sex_proj = nn.Linear(hidden, d_model)
 
     def forward(self, x_num: torch.Tensor, x_cat: torch.Tensor) -> torch.Tensor:
-        age = (x_num[:, :1].float() / MAX_AGE) * self.age_weight + self.age_bias   # (B, hidden)
-        sex = self.sex_embedding(x_cat[:, 0].long())                                # (B, hidden)
-        return torch.stack([self.age_proj(age), self.sex_proj(sex)], dim=1)         # (B, 2, d_model)
+        age = (x_num[:, :1].float() / MAX_AGE) * self.age_weight + self.age_bias  # (B, hidden)
+        sex = self.sex_embedding(x_cat[:, 0].long())  # (B, hidden)
+        return torch.stack([self.age_proj(age), self.sex_proj(sex)], dim=1)  # (B, 2, d_model)
 
 
 class PromptBartWithDemographicPrediction(nn.Module):
@@ -149,13 +108,14 @@ class PromptBartWithDemographicPrediction(nn.Module):
         counts = torch.as_tensor(code_counts, dtype=torch.float32) + 1.0
         log_q = (counts / counts.sum()).log()
         with torch.no_grad():
-            self.output_bias[self.n_special:] = log_q - log_q.mean()
+            self.output_bias[self.n_special :] = log_q - log_q.mean()
 
     # ------------------------------------------------------------------ pieces used by generation
 
     @property
-    def embed_tokens(self) -> nn.Embedding:
-        return self.bart.model.shared
+    def max_positions(self) -> int:
+        """Decoder (and encoder) positions, the two prompts included."""
+        return self.bart.config.max_position_embeddings
 
     def encode(self, input_ids, attention_mask, x_num, x_cat):
         """Encoder states with the prompts prepended: (hidden (B, 2+L, d), mask (B, 2+L))."""
@@ -173,6 +133,50 @@ class PromptBartWithDemographicPrediction(nn.Module):
         logits = self.bart.lm_head(hidden) + self.bart.final_logits_bias.to(hidden.dtype)
         return logits if self.output_bias is None else logits + self.output_bias.to(hidden.dtype)
 
+    # ------------------------------------------------------------------ incremental decoding (generation)
+
+    @torch.no_grad()
+    def start_decoding(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, x_num, x_cat):
+        """Encode, and run the decoder over right-padded prefixes (one per row) into a KV cache.
+        Returns the logits after each row's last prefix token (n, V), before any grammar, and the
+        state `decode_step` continues from."""
+        hidden, hidden_mask = self.encode(input_ids, attention_mask, x_num, x_cat)
+        n = decoder_input_ids.shape[0]
+        attn = torch.cat([decoder_attention_mask.new_ones(n, N_PROMPTS), decoder_attention_mask], dim=1)
+        out = self.bart.model.decoder(
+            inputs_embeds=self.decoder_prompt_embeds(decoder_input_ids, x_num, x_cat),
+            attention_mask=attn,
+            encoder_hidden_states=hidden,
+            encoder_attention_mask=hidden_mask,
+            use_cache=True,
+        )
+        lengths = decoder_attention_mask.sum(1) + N_PROMPTS  # each row's true length, prompts included
+        last = out.last_hidden_state[torch.arange(n, device=hidden.device), lengths - 1]
+        state = DecodeState(hidden, hidden_mask, out.past_key_values, attn, lengths, attn.shape[1])
+        return self.lm_logits(last).float(), state
+
+    @torch.no_grad()
+    def decode_step(self, token: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """Feed one token per row (n,) and return the next logits (n, V). Rows of different prefix
+        lengths share one right-padded cache: the token goes into cache slot `width + step`, with the
+        position embedding of its row's true position instead (BART's table is offset by 2)."""
+        decoder = self.bart.model.decoder
+        positions = decoder.embed_positions.weight
+        correction = positions[state.lengths + state.step + 2] - positions[state.width + state.step + 2]
+        embeds = (decoder.embed_tokens(token) + correction.to(state.hidden.dtype)).unsqueeze(1)
+        state.attn = torch.cat([state.attn, state.attn.new_ones(token.shape[0], 1)], dim=1)
+        out = decoder(
+            inputs_embeds=embeds,
+            attention_mask=state.attn,
+            encoder_hidden_states=state.hidden,
+            encoder_attention_mask=state.hidden_mask,
+            past_key_values=state.past,
+            use_cache=True,
+        )
+        state.past = out.past_key_values
+        state.step += 1
+        return self.lm_logits(out.last_hidden_state[:, -1]).float()
+
     def demographic_features(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean embedding of the code tokens of each row (B, d) and whether the row has any code."""
         code_mask = (input_ids >= self.n_special).unsqueeze(-1)
@@ -182,8 +186,9 @@ class PromptBartWithDemographicPrediction(nn.Module):
 
     # ------------------------------------------------------------------ training forward
 
-    def forward(self, input_ids, attention_mask, labels, x_num, x_cat, decoder_input_ids=None, target_mask=None,
-                **_batch_extras):
+    def forward(
+        self, input_ids, attention_mask, labels, x_num, x_cat, decoder_input_ids=None, target_mask=None, **_batch_extras
+    ):
         """Denoising loss on `labels` (clean ids, -100 = ignore) plus weighted auxiliary losses.
 
         `lm_loss` is the mean NLL over label tokens. With `target_visit_loss_weight` w != 1 and a
@@ -198,15 +203,14 @@ class PromptBartWithDemographicPrediction(nn.Module):
         dec = self.bart.model.decoder(
             inputs_embeds=dec_embeds, encoder_hidden_states=hidden, encoder_attention_mask=enc_mask, use_cache=False
         ).last_hidden_state
-        logits = self.lm_logits(dec[:, N_PROMPTS:]).float()             # (B, T, V), aligned with labels
+        logits = self.lm_logits(dec[:, N_PROMPTS:]).float()  # (B, T, V), aligned with labels
         logits = logits.masked_fill(grammar_mask(labels, self.grammar_ids, logits.shape[-1]), BANNED_LOGIT)
         token_nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, T)
         valid = (labels != -100).float()
         lm_loss = token_nll.sum() / valid.sum().clamp(min=1.0)
         lm_objective = lm_loss
         if self.target_visit_loss_weight != 1.0 and target_mask is not None:
-            hidden_visit = target_mask.clone()
-            hidden_visit[:, 1:] |= target_mask[:, :-1]  # ... and the </v> that closes it
+            hidden_visit = with_closing_token(target_mask)
             weight = valid + (self.target_visit_loss_weight - 1.0) * (hidden_visit.float() * valid)
             lm_objective = (token_nll * weight).sum() / weight.sum().clamp(min=1e-6)
 
@@ -223,3 +227,17 @@ class PromptBartWithDemographicPrediction(nn.Module):
         sex_loss = (reads * F.cross_entropy(sex_logits, x_cat[:, 0].long(), reduction="none")).sum() / n_reads
         loss = lm_objective + self.age_loss_weight * age_loss + self.sex_loss_weight * sex_loss
         return {"loss": loss, "lm_loss": lm_loss, "age_loss": age_loss, "sex_loss": sex_loss, "logits": logits}
+
+
+@dataclass
+class DecodeState:
+    """What `decode_step` continues from: the encoder's states, the decoder's KV cache and mask, each
+    row's true length and the padded width the cache started at."""
+
+    hidden: torch.Tensor  # (n, 2 + L, d) encoder states, prompts first
+    hidden_mask: torch.Tensor  # (n, 2 + L)
+    past: object  # the decoder's KV cache
+    attn: torch.Tensor  # (n, width + step) decoder attention mask
+    lengths: torch.Tensor  # (n,) each row's prefix length, prompts included
+    width: int  # padded prefix width, prompts included
+    step: int = 0  # tokens fed since

@@ -24,8 +24,8 @@ from mlflow.pyfunc import PythonModel
 
 logger = logging.getLogger(__name__)
 
-CHUNK_ROWS = 1024       # rows generated and turned into output together (a multiple of the batch size)
-BATCH_SIZE = 256        # patients per generation batch (generate_patients' batch_size)
+CHUNK_ROWS = 1024  # rows generated and turned into output together (a multiple of the batch size)
+BATCH_SIZE = 256  # patients per generation batch (generate_patients' batch_size)
 OUTPUT_COLUMNS = ("patient_id", "age", "sex", "n_visits", "visits")
 
 
@@ -97,30 +97,38 @@ def _show(value) -> str:
 class Rows:
     """Rows [start, stop) of a request, read as arrays."""
 
-    ages: np.ndarray      # float64
-    sex_ids: np.ndarray   # index into promptehr.data.SEXES (M 0, F 1)
+    ages: np.ndarray  # float64
+    sex_ids: np.ndarray  # index into promptehr.schema.SEXES (M 0, F 1)
     n_visits: np.ndarray  # float64; NaN: the model decides
-    seeds: np.ndarray     # float64; NaN: the row has no seed of its own
-    problems: list        # (row, column, value, rule) of every bad value
+    seeds: np.ndarray  # float64; NaN: the row has no seed of its own
+    problems: list  # (row, column, value, rule) of every bad value
 
 
 def read_rows(df: pd.DataFrame, start: int, stop: int, max_visits: int, max_age: float) -> Rows:
     part = df.iloc[start:stop]
     n = len(part)
     ages, bad_age = _numbers(part["age"])
-    rules = {"age": f"must be a number within 0-{max_age:g}", "sex": "must be M or F",
-             "n_visits": f"must be empty or a whole number within 1-{max_visits} (the max_visits param)",
-             "seed": f"must be empty or a whole number within 0-{SEED_LIMIT - 1}"}
+    rules = {
+        "age": f"must be a number within 0-{max_age:g}",
+        "sex": "must be M or F",
+        "n_visits": f"must be empty or a whole number within 1-{max_visits} (the max_visits param)",
+        "seed": f"must be empty or a whole number within 0-{SEED_LIMIT - 1}",
+    }
     with np.errstate(invalid="ignore"):
-        bad = {"age": bad_age | ~((ages >= 0) & (ages <= max_age)),  # NaN fails both comparisons
-               "sex": ~part["sex"].isin(["M", "F"]).to_numpy(dtype=bool)}
+        bad = {
+            "age": bad_age | ~((ages >= 0) & (ages <= max_age)),  # NaN fails both comparisons
+            "sex": ~part["sex"].isin(["M", "F"]).to_numpy(dtype=bool),
+        }
         whole = {}
         for column, low, high in (("n_visits", 1, max_visits), ("seed", 0, SEED_LIMIT - 1)):
             values, bad_number = _numbers(part[column]) if column in part.columns else (np.full(n, np.nan), False)
             ok = np.isnan(values) | ((values == np.floor(values)) & (values >= low) & (values <= high))
             bad[column], whole[column] = bad_number | ~ok, values
-    problems = sorted((start + row, column, _show(part[column].iloc[row]), rules[column])
-                      for column in rules for row in np.flatnonzero(bad[column]))
+    problems = sorted(
+        (start + row, column, _show(part[column].iloc[row]), rules[column])
+        for column in rules
+        for row in np.flatnonzero(bad[column])
+    )
     return Rows(ages, (part["sex"] == "F").to_numpy(dtype=np.int8), whole["n_visits"], whole["seed"], problems)
 
 
@@ -129,18 +137,21 @@ def check_request(df: pd.DataFrame, max_visits: int, max_age: float) -> None:
     nothing is generated for a request with a bad row. Read in chunks, as generation reads it."""
     missing = [c for c in ("age", "sex") if c not in df.columns]
     if missing:
-        raise PredictError(f"predict() input lacks column(s) {missing}; it needs age and sex (M/F), "
-                           "optionally n_visits and seed")
+        raise PredictError(
+            f"predict() input lacks column(s) {missing}; it needs age and sex (M/F), optionally n_visits and seed"
+        )
     problems = []
     for start in range(0, len(df), CHUNK_ROWS):
         problems += read_rows(df, start, start + CHUNK_ROWS, max_visits, max_age).problems
     if problems:
         order = {"age": 0, "sex": 1, "n_visits": 2, "seed": 3}
         problems.sort(key=lambda p: (p[0], order[p[1]]))
-        raise PredictError(f"predict() refused the request: {len(problems)} bad value(s) in "
-                           f"{len({p[0] for p in problems})} of {len(df)} rows (rows count from 0); "
-                           "nothing was generated:\n" + "\n".join(f"row {row}, {column}: {value} ({rule})"
-                                                                   for row, column, value, rule in problems))
+        raise PredictError(
+            f"predict() refused the request: {len(problems)} bad value(s) in "
+            f"{len({p[0] for p in problems})} of {len(df)} rows (rows count from 0); "
+            "nothing was generated:\n"
+            + "\n".join(f"row {row}, {column}: {value} ({rule})" for row, column, value, rule in problems)
+        )
 
 
 def sampling_from_params(params: dict):
@@ -150,8 +161,12 @@ def sampling_from_params(params: dict):
         return default if params.get(name) is None else kind(params[name])
 
     try:
-        return SamplingConfig(temperature=get("temperature", float, 1.0), top_k=get("top_k", int, 0),
-                              top_p=get("top_p", float, 1.0), max_visits=get("max_visits", int, 20))
+        return SamplingConfig(
+            temperature=get("temperature", float, 1.0),
+            top_k=get("top_k", int, 0),
+            top_p=get("top_p", float, 1.0),
+            max_visits=get("max_visits", int, 20),
+        )
     except (TypeError, ValueError) as exc:
         raise PredictError(f"predict() refused the request: params: {exc}") from None
 
@@ -166,7 +181,7 @@ class PromptEHRModel(PythonModel):
         self.model, self.tokenizer, self.cfg, self.metadata = load_checkpoint(context.artifacts["checkpoint"], "cpu")
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from promptehr.data import MAX_AGE
+        from promptehr.schema import MAX_AGE
 
         params = params or {}
         sampling = sampling_from_params(params)
@@ -191,12 +206,17 @@ class PromptEHRModel(PythonModel):
         import torch
         from tqdm.auto import tqdm
 
-        from promptehr.data import MAX_AGE
         from promptehr.generate import generate_patients
+        from promptehr.schema import MAX_AGE
 
         n = len(df)
-        out = {"patient_id": np.empty(n, dtype=object), "age": np.empty(n), "sex": np.empty(n, dtype=object),
-               "n_visits": np.zeros(n, dtype=np.int64), "visits": np.empty(n, dtype=object)}
+        out = {
+            "patient_id": np.empty(n, dtype=object),
+            "age": np.empty(n),
+            "sex": np.empty(n, dtype=object),
+            "n_visits": np.zeros(n, dtype=np.int64),
+            "visits": np.empty(n, dtype=object),
+        }
         stream = torch.Generator().manual_seed(seed)
         with tqdm(total=n, desc="predict", unit="patient", disable=n <= CHUNK_ROWS or None) as bar:
             for start in range(0, n, CHUNK_ROWS):
@@ -207,9 +227,15 @@ class PromptEHRModel(PythonModel):
                     if not len(idx):
                         continue
                     made = generate_patients(
-                        self.model, self.tokenizer, rows.ages[idx].tolist(), rows.sex_ids[idx].tolist(), sampling,
-                        seed=rng, batch_size=BATCH_SIZE,
-                        n_visits=[None if math.isnan(v) else int(v) for v in rows.n_visits[idx].tolist()])
+                        self.model,
+                        self.tokenizer,
+                        rows.ages[idx].tolist(),
+                        rows.sex_ids[idx].tolist(),
+                        sampling,
+                        seed=rng,
+                        batch_size=BATCH_SIZE,
+                        n_visits=[None if math.isnan(v) else int(v) for v in rows.n_visits[idx].tolist()],
+                    )
                     for i, p in zip((start + idx).tolist(), made):
                         out["age"][i], out["sex"][i], out["n_visits"][i] = p.age, p.sex, len(p.visits)
                         out["patient_id"][i], out["visits"][i] = f"SYN{i + 1:07d}", json.dumps(p.visits)

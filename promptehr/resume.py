@@ -23,8 +23,14 @@ logger = logging.getLogger(__name__)
 # any, was not ended FINISHED or FAILED by someone else.
 UNFINISHED = ("running", "interrupted")
 # keys that change neither what a run computes nor where it logs, so a resume may differ in them
-NOT_COMPARED = ("training.resume_from", "training.checkpoint_dir", "training.num_workers", "tracking.register_model",
-                "tracking.registered_model_name", "tracking.log_system_metrics")
+NOT_COMPARED = (
+    "training.resume_from",
+    "training.checkpoint_dir",
+    "training.num_workers",
+    "tracking.register_model",
+    "tracking.registered_model_name",
+    "tracking.log_system_metrics",
+)
 
 
 def config_differences(cfg, checkpoint) -> list[str]:
@@ -48,8 +54,14 @@ def resume_checkpoint(cfg, split_fingerprint: str, run_status=lambda run_id: Non
         return None
     meta = read_metadata(found)
     epoch, batch = position(meta)
-    logger.info("training.resume_from=auto: continuing run %s from %s (epoch %d, after batch %d; it was %s)",
-                meta.get("run_id") or found.parent.name, found, epoch + 1, batch, meta.get("run_state"))
+    logger.info(
+        "training.resume_from=auto: continuing run %s from %s (epoch %d, after batch %d; it was %s)",
+        meta.get("run_id") or found.parent.name,
+        found,
+        epoch + 1,
+        batch,
+        meta.get("run_state"),
+    )
     return found
 
 
@@ -95,7 +107,7 @@ class RunLock:
         self.path = Path(folder) / ".lock"
         self.fd: int | None = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -103,8 +115,9 @@ class RunLock:
         except BlockingIOError:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise ConfigError(f"{self.path.parent} is being trained by another process ({holder}); "
-                              "wait for it, or start a new run") from None
+            raise ConfigError(
+                f"{self.path.parent} is being trained by another process ({holder}); wait for it, or start a new run"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{socket.gethostname()} pid {os.getpid()}".encode())
         self.fd = fd

@@ -77,8 +77,8 @@ def _finite(x: float) -> bool:
 class Outcome:
     """How a run ended: `status` is the MLflow run status, `kind` says why."""
 
-    status: str            # FINISHED | KILLED | FAILED
-    kind: str              # finished | interrupted | pruned | diverged | failed
+    status: str  # FINISHED | KILLED | FAILED
+    kind: str  # finished | interrupted | pruned | diverged | failed
     reason: str = ""
     resumable: bool = False
     signal_number: int | None = None
@@ -110,8 +110,13 @@ def outcome_of(exc: BaseException | None) -> Outcome:
         return Outcome("KILLED", "pruned", str(exc))
     if isinstance(exc, RunInterrupted):
         number = getattr(signal, exc.signal_name, None) if exc.signal_name.startswith("SIG") else None
-        return Outcome("KILLED", "interrupted", str(exc), resumable=exc.checkpoint is not None,
-                       signal_number=int(number) if number is not None else None)
+        return Outcome(
+            "KILLED",
+            "interrupted",
+            str(exc),
+            resumable=exc.checkpoint is not None,
+            signal_number=int(number) if number is not None else None,
+        )
     if isinstance(exc, KeyboardInterrupt):
         return Outcome("KILLED", "interrupted", "interrupted (KeyboardInterrupt)", signal_number=int(signal.SIGINT))
     if isinstance(exc, TrainingDiverged):
@@ -143,7 +148,7 @@ class StopSignals:
         self._at_once = at_once
         self._previous: dict = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is not threading.main_thread():
             logger.debug("not the main thread: stop signals keep their handlers")
             return self
@@ -177,8 +182,10 @@ class StopSignals:
         if self._at_once or (repeated and signum == signal.SIGINT):
             raise RunInterrupted(signal.Signals(signum).name)
         if not repeated:
-            logger.warning("%s received: stopping at the next safe point (after this step); SIGINT again stops at once",
-                           signal.Signals(signum).name)
+            logger.warning(
+                "%s received: stopping at the next safe point (after this step); SIGINT again stops at once",
+                signal.Signals(signum).name,
+            )
 
     @contextlib.contextmanager
     def at_once(self):

@@ -1,17 +1,18 @@
-"""Tracking: the only module that imports mlflow.
+"""Tracking: a run's record in MLflow.
 
 `Tracker` is the do-nothing interface the training loop calls; `MLflowTracker` sends params, tags,
-metrics (asynchronously, flushed at checkpoints), artifacts and the registered pyfunc model to MLflow.
-Only counts, aggregates and synthetic samples are logged: never patient records or subject ids.
+metrics (asynchronously, flushed at checkpoints), artifacts, the dataset and, through `registry`, the
+registered pyfunc model to MLflow. Only counts, aggregates and synthetic samples are logged: never
+patient records or subject ids.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import warnings
-from pathlib import Path
+
+from promptehr.registry import log_pyfunc_model, promote_champion
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +33,13 @@ class Tracker:
     def log_dict(self, data, artifact_file: str) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
-    def log_dataset(self, data_cfg, train_patients, val_patients, split_fingerprint: str,
-                    context: str = "training") -> None: ...
+    def log_dataset(
+        self, data_cfg, train_patients, val_patients, split_fingerprint: str, context: str = "training"
+    ) -> None: ...
     def flush(self) -> None: ...
     def log_model(self, checkpoint_dir: str, score: float, tags: dict, rescore=None) -> dict | None:
         return None
+
     def end(self, status: str = "FINISHED") -> None: ...
     def run_status(self, run_id: str) -> str | None:
         """The status of run `run_id` (RUNNING, FINISHED, KILLED, FAILED), None if unknown."""
@@ -67,9 +70,16 @@ class MLflowTracker(Tracker):
     started (MLFLOW_RUN_ID / an active run), else starts a new run in `experiment_name` (None: the
     experiment `mlflow run` would use, see `resolve_experiment_id`)."""
 
-    def __init__(self, tracking_uri: str | None = None, experiment_name: str | None = None, run_name: str | None = None,
-                 registered_model_name: str = "promptehr", register_model: bool = True,
-                 log_system_metrics: bool = False, parent_run_id: str | None = None):
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        experiment_name: str | None = None,
+        run_name: str | None = None,
+        registered_model_name: str = "promptehr",
+        register_model: bool = True,
+        log_system_metrics: bool = False,
+        parent_run_id: str | None = None,
+    ):
         import mlflow
 
         self.mlflow = mlflow
@@ -86,9 +96,16 @@ class MLflowTracker(Tracker):
         self._existing_params: dict[str, str] = {}
 
     @classmethod
-    def from_config(cls, tcfg, **kwargs) -> "MLflowTracker":
-        return cls(tcfg.tracking_uri, tcfg.experiment_name, tcfg.run_name, tcfg.registered_model_name,
-                   tcfg.register_model, tcfg.log_system_metrics, **kwargs)
+    def from_config(cls, tcfg, **kwargs) -> MLflowTracker:
+        return cls(
+            tcfg.tracking_uri,
+            tcfg.experiment_name,
+            tcfg.run_name,
+            tcfg.registered_model_name,
+            tcfg.register_model,
+            tcfg.log_system_metrics,
+            **kwargs,
+        )
 
     def start(self, run_id: str | None = None) -> str:
         mlflow = self.mlflow
@@ -105,10 +122,16 @@ class MLflowTracker(Tracker):
             if run_id is not None and wrapper and wrapper != run_id:
                 # `mlflow run` made a new run for this command, but a resume continues the original one
                 mlflow.MlflowClient().set_tag(wrapper, "promptehr.resumed_run_id", run_id)
-                logger.warning("resuming into MLflow run %s; the run %s that `mlflow run` created stays empty",
-                               run_id, wrapper)
-            run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=None if run_id else self.run_name,
-                                   parent_run_id=self.parent_run_id, log_system_metrics=self.log_system_metrics or None)
+                logger.warning(
+                    "resuming into MLflow run %s; the run %s that `mlflow run` created stays empty", run_id, wrapper
+                )
+            run = mlflow.start_run(
+                run_id=run_id,
+                experiment_id=experiment_id,
+                run_name=None if run_id else self.run_name,
+                parent_run_id=self.parent_run_id,
+                log_system_metrics=self.log_system_metrics or None,
+            )
             self.run_id = run.info.run_id
             self._owns_run = True
         self._existing_params = dict(mlflow.get_run(self.run_id).data.params)
@@ -120,9 +143,13 @@ class MLflowTracker(Tracker):
         client = self.mlflow.MlflowClient()
         experiment = client.get_experiment(client.get_run(wrapper_run_id).info.experiment_id)
         if experiment.name != self.experiment_name:
-            logger.warning("tracking.experiment_name=%s, but `mlflow run` put this run in experiment %r: name the "
-                           "experiment with `mlflow run --experiment-name %s` or $MLFLOW_EXPERIMENT_NAME instead",
-                           self.experiment_name, experiment.name, self.experiment_name)
+            logger.warning(
+                "tracking.experiment_name=%s, but `mlflow run` put this run in experiment %r: name the "
+                "experiment with `mlflow run --experiment-name %s` or $MLFLOW_EXPERIMENT_NAME instead",
+                self.experiment_name,
+                experiment.name,
+                self.experiment_name,
+            )
 
     def log_params(self, params: dict) -> None:
         """Log params not already on the run (`mlflow run` logs its own; a resume logs again).
@@ -137,7 +164,7 @@ class MLflowTracker(Tracker):
             fresh[key] = text
         items = list(fresh.items())
         for i in range(0, len(items), 100):  # MLflow's per-call param limit
-            self.mlflow.log_params(dict(items[i:i + 100]))
+            self.mlflow.log_params(dict(items[i : i + 100]))
         self._existing_params.update(fresh)
 
     def set_tags(self, tags: dict) -> None:
@@ -156,8 +183,7 @@ class MLflowTracker(Tracker):
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self.mlflow.log_artifact(path, artifact_path)
 
-    def log_dataset(self, data_cfg, train_patients, val_patients, split_fingerprint: str,
-                    context: str = "training") -> None:
+    def log_dataset(self, data_cfg, train_patients, val_patients, split_fingerprint: str, context: str = "training") -> None:
         """The data as an MLflow dataset input (the UI's Dataset column): see `dataset_description`."""
         from mlflow.data.code_dataset_source import CodeDatasetSource
 
@@ -206,14 +232,16 @@ def dataset_description(data_cfg, train_patients, val_patients, split_fingerprin
     synthetic cohort's settings or the MIMIC folder's name (not its path), the table one row of
     aggregates per split, the digest a hash of the name, the split fingerprint and the table."""
     import hashlib
-    import json
     from dataclasses import asdict
     from pathlib import PurePath
 
     import pandas as pd
 
-    tags = {"data.source": data_cfg.source, "split_fingerprint": split_fingerprint,
-            **{f"data.{k}": v for k, v in asdict(data_cfg).items() if k not in ("source", "path", "synthetic")}}
+    tags = {
+        "data.source": data_cfg.source,
+        "split_fingerprint": split_fingerprint,
+        **{f"data.{k}": v for k, v in asdict(data_cfg).items() if k not in ("source", "path", "synthetic")},
+    }
     if data_cfg.source == "synthetic":
         settings = asdict(data_cfg.synthetic)
         tags.update({f"synthetic.{k}": v for k, v in settings.items()}, generator="promptehr.cohort.sample_cohort")
@@ -226,132 +254,19 @@ def dataset_description(data_cfg, train_patients, val_patients, split_fingerprin
     for split, patients in (("train", train_patients), ("validation", val_patients)):
         n_visits = sum(len(p.visits) for p in patients)
         n_codes = sum(p.n_codes for p in patients)
-        rows.append({"split": split, "patients": len(patients), "visits": n_visits, "codes": n_codes,
-                     "distinct_codes": len({c for p in patients for v in p.visits for c in v}),
-                     "visits_per_patient": n_visits / max(len(patients), 1), "codes_per_visit": n_codes / max(n_visits, 1),
-                     "female_share": sum(p.sex == "F" for p in patients) / max(len(patients), 1),
-                     "age_mean": sum(p.age for p in patients) / max(len(patients), 1)})
+        rows.append(
+            {
+                "split": split,
+                "patients": len(patients),
+                "visits": n_visits,
+                "codes": n_codes,
+                "distinct_codes": len({c for p in patients for v in p.visits for c in v}),
+                "visits_per_patient": n_visits / max(len(patients), 1),
+                "codes_per_visit": n_codes / max(n_visits, 1),
+                "female_share": sum(p.sex == "F" for p in patients) / max(len(patients), 1),
+                "age_mean": sum(p.age for p in patients) / max(len(patients), 1),
+            }
+        )
     table = pd.DataFrame(rows)
     digest = hashlib.sha256(f"{name}|{split_fingerprint}|{table.to_json()}".encode()).hexdigest()[:8]
     return name, {k: str(v) for k, v in tags.items()}, table, digest
-
-
-# ------------------------------------------------------------------ models and the registry
-
-PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
-
-
-def pyfunc_signature():
-    """The logged model's signature. `age`, `n_visits` and `seed` are of MLflow's type `any`: no
-    column type accepts both ints and floats (a `double` column refuses int64, a `long` column
-    refuses floats and so empty cells), and predict() checks these values itself, row by row."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-    from mlflow.types.schema import AnyType
-
-    inputs = Schema([ColSpec(AnyType(), "age"), ColSpec("string", "sex"),
-                     ColSpec(AnyType(), "n_visits", required=False), ColSpec(AnyType(), "seed", required=False)])
-    outputs = Schema([ColSpec("string", "patient_id"), ColSpec("double", "age"), ColSpec("string", "sex"),
-                      ColSpec("long", "n_visits"), ColSpec("string", "visits")])
-    params = ParamSchema([ParamSpec("temperature", "double", 1.0), ParamSpec("top_k", "long", 0),
-                          ParamSpec("top_p", "double", 1.0), ParamSpec("max_visits", "long", 20),
-                          ParamSpec("seed", "long", 0)])
-    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
-
-
-def log_pyfunc_model(checkpoint_dir: str, registered_model_name: str | None):
-    """Log `checkpoint_dir` as an `mlflow.pyfunc` model from code (`pyfunc_model.py`)."""
-    import mlflow
-
-    return mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(PYFUNC_CODE),
-        artifacts={"checkpoint": str(checkpoint_dir)},
-        signature=pyfunc_signature(),
-        registered_model_name=registered_model_name,
-        code_paths=[str(Path(__file__).parent)],
-        pip_requirements=_requirements(),
-    )
-
-
-def download_model_checkpoint(model_uri: str, dst_path: str | None = None, tracking_uri: str | None = None) -> Path:
-    """The checkpoint folder inside a logged promptehr pyfunc model (`models:/promptehr@champion`,
-    `models:/promptehr/3`, `runs:/<run id>/model`), downloaded to `dst_path` (a temp folder if None)."""
-    import mlflow
-    import yaml
-
-    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst_path))
-    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
-    try:
-        relative = mlmodel["flavors"]["python_function"]["artifacts"]["checkpoint"]["path"]
-    except (KeyError, TypeError):
-        raise FileNotFoundError(f"{model_uri} is not a promptehr model (no `checkpoint` artifact in its MLmodel)") from None
-    return local / relative
-
-
-def _requirements() -> list[str]:
-    from importlib.metadata import version
-
-    return [f"{name}=={version(name)}" for name in
-            ("torch", "transformers", "mlflow", "numpy", "pandas", "pyyaml", "safetensors", "tqdm")]
-
-
-def promote_champion(model_name: str, version: str, score: float, tags: dict, rescore=None) -> bool:
-    """Tag the version with `tags` and its score; move alias `champion` to it if there is none, or if
-    the champion was trained on the same data (`data_fingerprint`) and scores worse on the same
-    validation protocol (`protocol_id`, metric `selection_metric`, lower is better). A champion
-    measured on another protocol, or registered before protocols existed, is first re-scored on this
-    version's protocol with `rescore(checkpoint folder) -> score` (a legacy champion keeps the result as
-    its tags); without `rescore` the two are not compared and the champion stays. Returns whether the
-    version took the alias."""
-    import tempfile
-
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient()
-    metric = tags.get("selection_metric", "next_visit_nll")
-    for key, value in {**tags, metric: score}.items():
-        client.set_model_version_tag(model_name, version, key, str(value))
-    try:
-        current = client.get_model_version_by_alias(model_name, "champion")
-    except MlflowException:
-        current = None
-    if current is not None:
-        if current.tags.get("data_fingerprint") != str(tags.get("data_fingerprint")):
-            logger.info("champion v%s was trained on other data; v%s does not replace it "
-                        "(set it by hand: MlflowClient().set_registered_model_alias(%r, 'champion', %s))",
-                        current.version, version, model_name, version)
-            return False
-        same_exam = (current.tags.get("protocol_id") == str(tags.get("protocol_id"))
-                     and current.tags.get("selection_metric") == metric and metric in current.tags)
-        if same_exam:
-            champion_score = float(current.tags[metric])
-        else:
-            if rescore is None:
-                logger.info("champion v%s was measured on another validation protocol and cannot be re-scored "
-                            "here; it stays", current.version)
-                return False
-            with tempfile.TemporaryDirectory() as tmp:
-                folder = download_model_checkpoint(f"models:/{model_name}/{current.version}", tmp,
-                                                   mlflow.get_tracking_uri())
-                champion_score = float(rescore(folder))
-            logger.info("champion v%s was measured on protocol %s: re-scored on protocol %s, %s %.4f",
-                        current.version, current.tags.get("protocol_id", "(none: registered before protocols)"),
-                        tags.get("protocol_id"), metric, champion_score)
-            if "protocol_id" not in current.tags:  # a legacy champion: keep the score it now has
-                for key, value in {"protocol_id": tags.get("protocol_id"), "selection_metric": metric,
-                                   metric: champion_score, "rescored": "true"}.items():
-                    client.set_model_version_tag(model_name, current.version, key, str(value))
-        if not (math.isfinite(score) and (score < champion_score or not math.isfinite(champion_score))):
-            logger.info("champion v%s (%s %.4f) stays; v%s has %.4f", current.version, metric, champion_score,
-                        version, score)
-            return False
-    elif not math.isfinite(score):
-        logger.warning("v%s has %s %s: it does not become the champion", version, metric, score)
-        return False
-    client.set_registered_model_alias(model_name, "champion", version)
-    logger.info("registered %s v%s is the new champion (%s %.4f)", model_name, version, metric, score)
-    return True

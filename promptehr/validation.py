@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from promptehr.baselines import NextVisitBaselines, VisitPairs
 from promptehr.collator import TASK_ID, TASK_TYPES, EHRDataCollator, EHRPatientDataset
 from promptehr.metrics import compute_perplexity, compute_reconstruction_jaccard
+from promptehr.patient_format import pad_batch, unseen_labels, with_closing_token
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,12 @@ COPY_CHECK_EPOCH = 3
 COPY_RATIO_LIMIT = 0.05
 SELECTION_METRIC = "next_visit_nll"  # lower is better
 NEXT, FIRST = TASK_ID["next_visit_prediction"], TASK_ID["first_visit"]
-TASK_KEYS = {"reconstruction": "reconstruction", "denoising": "denoising", "next_visit_prediction": "next_visit",
-             "first_visit": "first_visit"}
+TASK_KEYS = {
+    "reconstruction": "reconstruction",
+    "denoising": "denoising",
+    "next_visit_prediction": "next_visit",
+    "first_visit": "first_visit",
+}
 
 
 def split_digest(train_patients, val_patients) -> str:
@@ -82,9 +87,14 @@ class ValidationProtocol:
         self.train_patients, self.val_patients = train_patients, val_patients
         self.id = protocol_id(cfg, train_patients, val_patients)
         self.collator = EHRDataCollator(
-            tokenizer, lambda_poisson=vcfg.lambda_poisson, mask_probability=vcfg.mask_probability,
-            del_probability=vcfg.del_probability, rep_probability=vcfg.rep_probability,
-            corruption_prob=vcfg.corruption_prob, seed=vcfg.seed)
+            tokenizer,
+            lambda_poisson=vcfg.lambda_poisson,
+            mask_probability=vcfg.mask_probability,
+            del_probability=vcfg.del_probability,
+            rep_probability=vcfg.rep_probability,
+            corruption_prob=vcfg.corruption_prob,
+            seed=vcfg.seed,
+        )
         dataset = EHRPatientDataset(val_patients, tokenizer, cfg.collator.max_length)
         self.rows = self._draw_rows(dataset, np.random.default_rng([vcfg.seed, PROTOCOL_VERSION]))
         self.pairs, self.n_next_visits, self.n_excluded = self._scored_visits(dataset)
@@ -105,7 +115,7 @@ class ValidationProtocol:
             plan = [(TASK_ID[whole], -1), *((NEXT, k) for k in range(1, len(visits))), (FIRST, 0)]
             for task, k in plan:
                 enc, labels, start, _ = self.collator.build_row(visits, task, k, rng, shuffle=False)
-                rows.append([enc, labels, start, task, age, sex, self.collator.unseen_labels(enc, labels), (i, k)])
+                rows.append([enc, labels, start, task, age, sex, unseen_labels(self.tok, enc, labels), (i, k)])
         rows.sort(key=lambda r: (len(r[1]), len(r[0])))  # little padding per batch
         return rows
 
@@ -148,10 +158,17 @@ class ValidationProtocol:
     def batches(self, device):
         size = self.cfg.validation.batch_size
         for s in range(0, len(self.rows), size):
-            chunk = self.rows[s:s + size]
-            batch = self.collator.pad(
-                [r[0] for r in chunk], [r[1] for r in chunk], [r[2] for r in chunk], [r[3] for r in chunk],
-                [r[4] for r in chunk], [r[5] for r in chunk], unseen_rows=[r[6] for r in chunk])
+            chunk = self.rows[s : s + size]
+            batch = pad_batch(
+                self.tok,
+                [r[0] for r in chunk],
+                [r[1] for r in chunk],
+                [r[2] for r in chunk],
+                [r[3] for r in chunk],
+                [r[4] for r in chunk],
+                [r[5] for r in chunk],
+                unseen_rows=[r[6] for r in chunk],
+            )
             batch["event"] = torch.tensor([r[7] for r in chunk], dtype=torch.long)
             yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -181,18 +198,16 @@ class ValidationProtocol:
                 seen_not = code & batch["unseen_mask"]
                 unseen_nll += float(nll[seen_not].sum())
                 unseen_n += int(seen_not.sum())
-                onehot = F.one_hot(batch["task_type"], n_tasks).float()            # (B, tasks)
+                onehot = F.one_hot(batch["task_type"], n_tasks).float()  # (B, tasks)
                 task_nll += (onehot.T @ (nll * code).sum(1)).cpu().numpy()
                 task_n += (onehot.T @ code.sum(1).float()).cpu().numpy()
                 event = batch["event"]
                 scored = event >= 0
                 if scored.any():
-                    target = batch["target_mask"] & scored.unsqueeze(1)           # visit k's codes
-                    close = torch.zeros_like(target)
-                    close[:, 1:] = target[:, :-1] & ~target[:, 1:]                  # ... and its </v>
+                    target = batch["target_mask"] & scored.unsqueeze(1)  # visit k's codes
                     tpl_nll += float(nll[target].sum())
                     tpl_n += int(target.sum())
-                    per_row = (nll * (target | close)).sum(1)
+                    per_row = (nll * with_closing_token(target)).sum(1)  # ... and its </v>
                     visit_nll[event[scored].cpu().numpy()] = per_row[scored].cpu().numpy()
         finally:
             model.train(was_training)
@@ -204,9 +219,17 @@ class ValidationProtocol:
         metrics["unk_label_share"] = unk_n / max(unk_n + label_codes, 1)
         metrics.update(self._next_visit_metrics(visit_nll, tpl_nll, tpl_n))
         if jaccard and self.cfg.validation.jaccard_patients > 0:
-            metrics.update(compute_reconstruction_jaccard(
-                model, self.tok, self.val_patients, self.train_patients, prompt_prob=self.cfg.validation.prompt_prob,
-                n_patients=self.cfg.validation.jaccard_patients, seed=self.cfg.validation.seed))
+            metrics.update(
+                compute_reconstruction_jaccard(
+                    model,
+                    self.tok,
+                    self.val_patients,
+                    self.train_patients,
+                    prompt_prob=self.cfg.validation.prompt_prob,
+                    n_patients=self.cfg.validation.jaccard_patients,
+                    seed=self.cfg.validation.seed,
+                )
+            )
         return metrics
 
     def _next_visit_metrics(self, visit_nll, tpl_nll, tpl_n) -> dict[str, float]:
@@ -232,7 +255,10 @@ def copy_warning(metrics: dict) -> str | None:
     ratio = metrics["perplexity_reconstruction"] / metrics["perplexity_reconstruction_frequency"]
     if metrics.get("epoch", 0) < COPY_CHECK_EPOCH or ratio < COPY_RATIO_LIMIT:
         return None
-    return (f"training looks stuck: after {metrics['epoch']} epochs the reconstruction rows' perplexity is "
-            f"{metrics['perplexity_reconstruction']:.1f}, {ratio:.0%} of the {metrics['perplexity_reconstruction_frequency']:.0f} "
-            f"a model that ignores the encoder scores (healthy runs: below {COPY_RATIO_LIMIT:.0%}); the model has not "
-            "learned to copy what the encoder shows. Try a lower training.learning_rate or another training.seed")
+    return (
+        f"training looks stuck: after {metrics['epoch']} epochs the reconstruction rows' perplexity is "
+        f"{metrics['perplexity_reconstruction']:.1f}, {ratio:.0%} of the "
+        f"{metrics['perplexity_reconstruction_frequency']:.0f} "
+        f"a model that ignores the encoder scores (healthy runs: below {COPY_RATIO_LIMIT:.0%}); the model has not "
+        "learned to copy what the encoder shows. Try a lower training.learning_rate or another training.seed"
+    )

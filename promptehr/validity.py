@@ -7,7 +7,7 @@ never sampled where it is not allowed) and by the quality report's validity metr
 from __future__ import annotations
 
 PREGNANCY_AGE_RANGE = (12.0, 55.0)  # inclusive: Medicare Code Editor maternity edit
-NEWBORN_AGE_LIMIT = 1.0             # newborn/perinatal codes only for age < 1 year
+NEWBORN_AGE_LIMIT = 1.0  # newborn/perinatal codes only for age < 1 year
 RESTRICTIONS = ("pregnancy", "newborn", "male", "female")
 
 _PREGNANCY_V = ("V22", "V23", "V24", "V27", "V28")

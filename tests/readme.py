@@ -16,18 +16,29 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 FENCE = re.compile(r"^```(?P<lang>[\w-]*)[ \t]*\n(?P<body>.*?)^```[ \t]*$", re.M | re.S)
 MARKER = re.compile(r"^<!--\s*readme:\s*(?:test\s+(?P<test>[\w-]+)|not run:\s*(?P<reason>\S.*?))\s*-->$")
 # an inline code span is a command when it starts with one of these and has three words or more
-COMMAND_WORDS = ("mlflow", "python", "python3", "pip", "sbatch", "curl", "optuna-dashboard", "bash", "export",
-                 "promptehr", "tuning/slurm/submit.sh")
+COMMAND_WORDS = (
+    "mlflow",
+    "python",
+    "python3",
+    "pip",
+    "sbatch",
+    "curl",
+    "optuna-dashboard",
+    "bash",
+    "export",
+    "promptehr",
+    "tuning/slurm/submit.sh",
+)
 
 
 @dataclass
 class Block:
     lang: str
     text: str
-    line: int                # 1-based line of the opening fence
-    marker: str | None       # the line before the fence
-    test: str | None         # the test that runs it
-    reason: str | None       # why it is not run
+    line: int  # 1-based line of the opening fence
+    marker: str | None  # the line before the fence
+    test: str | None  # the test that runs it
+    reason: str | None  # why it is not run
 
 
 def blocks(text: str | None = None) -> list[Block]:
@@ -35,10 +46,18 @@ def blocks(text: str | None = None) -> list[Block]:
     found = []
     for match in FENCE.finditer(text):
         line = text.count("\n", 0, match.start()) + 1
-        before = text[:match.start()].rstrip("\n").rsplit("\n", 1)[-1].strip()
+        before = text[: match.start()].rstrip("\n").rsplit("\n", 1)[-1].strip()
         marker = MARKER.match(before)
-        found.append(Block(match["lang"], match["body"], line, before if before.startswith("<!--") else None,
-                           marker["test"] if marker else None, marker["reason"] if marker else None))
+        found.append(
+            Block(
+                match["lang"],
+                match["body"],
+                line,
+                before if before.startswith("<!--") else None,
+                marker["test"] if marker else None,
+                marker["reason"] if marker else None,
+            )
+        )
     return found
 
 

@@ -32,8 +32,9 @@ def running(cmd, ready_url: str, log: Path, timeout: float = 180, **popen):
     200, yield the process, then stop the whole process group (uvicorn workers included)."""
     shell = isinstance(cmd, str)
     with open(log, "w") as log_file:
-        proc = subprocess.Popen(["bash", "-c", cmd] if shell else cmd, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True, **popen)
+        proc = subprocess.Popen(
+            ["bash", "-c", cmd] if shell else cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, **popen
+        )
     try:
         deadline = time.time() + timeout
         while True:

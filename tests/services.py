@@ -67,9 +67,19 @@ class Postgres:
             self.as_user = ["runuser", "-u", "postgres", "--"]
         self.port = free_port()
         self.run("initdb", "-D", self.base / "data", "-U", "postgres", "--auth=trust", "-E", "UTF8")
-        self.run("pg_ctl", "-D", self.base / "data", "-l", self.base / "server.log", "-w", "-t", "60", "-o",
-                 f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300",
-                 "start")
+        self.run(
+            "pg_ctl",
+            "-D",
+            self.base / "data",
+            "-l",
+            self.base / "server.log",
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300",
+            "start",
+        )
 
     def run(self, tool, *args):
         subprocess.run([*self.as_user, str(self.bin / tool), *map(str, args)], check=True, capture_output=True, timeout=120)
@@ -96,10 +106,28 @@ def start_mlflow_server(postgres):
     port = free_port()
     backend = postgres.create_database("mlflow")
     log = open(workdir / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
-                             "--artifacts-destination", str(workdir / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "2"], stdout=log, stderr=subprocess.STDOUT,
-                            env=clean_env(), cwd=workdir)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            backend,
+            "--artifacts-destination",
+            str(workdir / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=clean_env(),
+        cwd=workdir,
+    )
     uri = f"http://127.0.0.1:{port}"
 
     def healthy():
@@ -120,13 +148,14 @@ def start_mlflow_server(postgres):
     return uri, stop
 
 
-
 class Slurm:
     """A single-node Slurm cluster on loopback: munged, slurmctld and slurmd in a temporary folder."""
 
     def __init__(self):
-        tools = {name: shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
-                 for name in ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel")}
+        tools = {
+            name: shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
+            for name in ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel")
+        }
         if not all(tools.values()):
             missing(f"Slurm/munge ({', '.join(k for k, v in tools.items() if not v)})")
         self.tools = tools
@@ -137,33 +166,67 @@ class Slurm:
         (munge / "munge.key").chmod(0o600)
         for sub in ("state", "spool"):
             (self.dir / sub).mkdir()
-        self.procs = [subprocess.Popen(
-            [tools["munged"], "--foreground", "--force", f"--key-file={munge / 'munge.key'}",
-             f"--socket={munge / 'munge.socket'}", f"--pid-file={munge / 'munged.pid'}",
-             f"--log-file={munge / 'munged.log'}", f"--seed-file={munge / 'munged.seed'}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+        self.procs = [
+            subprocess.Popen(
+                [
+                    tools["munged"],
+                    "--foreground",
+                    "--force",
+                    f"--key-file={munge / 'munge.key'}",
+                    f"--socket={munge / 'munge.socket'}",
+                    f"--pid-file={munge / 'munged.pid'}",
+                    f"--log-file={munge / 'munged.log'}",
+                    f"--seed-file={munge / 'munged.seed'}",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        ]
         wait_for(lambda: (munge / "munge.socket").exists(), 30, "munged")
         user = getpass.getuser()
         memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
         self.conf = self.dir / "slurm.conf"
-        self.conf.write_text("\n".join([
-            "ClusterName=promptehr-test", "SlurmctldHost=localhost(127.0.0.1)",
-            f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
-            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={munge / 'munge.socket'}",
-            f"SlurmUser={user}", f"SlurmdUser={user}",
-            f"StateSaveLocation={self.dir / 'state'}", f"SlurmdSpoolDir={self.dir / 'spool'}",
-            f"SlurmctldPidFile={self.dir / 'slurmctld.pid'}", f"SlurmdPidFile={self.dir / 'slurmd.pid'}",
-            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
-            "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
-            "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
-            "MpiDefault=none", "ReturnToService=2", "MinJobAge=600", "MailProg=/bin/true",
-            f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={int(memory_mb * 0.9)} State=UNKNOWN",
-            "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP", ""]))
+        self.conf.write_text(
+            "\n".join(
+                [
+                    "ClusterName=promptehr-test",
+                    "SlurmctldHost=localhost(127.0.0.1)",
+                    f"SlurmctldPort={free_port()}",
+                    f"SlurmdPort={free_port()}",
+                    "AuthType=auth/munge",
+                    "CredType=cred/munge",
+                    f"AuthInfo=socket={munge / 'munge.socket'}",
+                    f"SlurmUser={user}",
+                    f"SlurmdUser={user}",
+                    f"StateSaveLocation={self.dir / 'state'}",
+                    f"SlurmdSpoolDir={self.dir / 'spool'}",
+                    f"SlurmctldPidFile={self.dir / 'slurmctld.pid'}",
+                    f"SlurmdPidFile={self.dir / 'slurmd.pid'}",
+                    "ProctrackType=proctrack/linuxproc",
+                    "TaskPlugin=task/none",
+                    "SelectType=select/cons_tres",
+                    "SelectTypeParameters=CR_CPU",
+                    "JobAcctGatherType=jobacct_gather/none",
+                    "AccountingStorageType=accounting_storage/none",
+                    "MpiDefault=none",
+                    "ReturnToService=2",
+                    "MinJobAge=600",
+                    "MailProg=/bin/true",
+                    f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={os.cpu_count()} "
+                    f"RealMemory={int(memory_mb * 0.9)} State=UNKNOWN",
+                    "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
+                    "",
+                ]
+            )
+        )
         self.env = clean_env(SLURM_CONF=str(self.conf))
         for daemon, extra in (("slurmctld", []), ("slurmd", ["-N", "localhost"])):
             log = open(self.dir / f"{daemon}.log", "w")
-            self.procs.append(subprocess.Popen([tools[daemon], "-D", "-f", str(self.conf), *extra], env=self.env,
-                                               stdout=log, stderr=subprocess.STDOUT))
+            self.procs.append(
+                subprocess.Popen(
+                    [tools[daemon], "-D", "-f", str(self.conf), *extra], env=self.env, stdout=log, stderr=subprocess.STDOUT
+                )
+            )
         wait_for(lambda: "idle" in self.scontrol("show", "node", "localhost", check=False), 60, "the Slurm node")
 
     def scontrol(self, *args, check=True) -> str:

@@ -3,9 +3,17 @@
 import numpy as np
 import pytest
 
-from promptehr.baselines import (N_STRATA, NextVisitBaselines, VisitPairs, bernoulli_set_nll, fit_repeat_weight,
-                                 set_nll, stratum, visit_prior)
-from promptehr.data import Patient
+from promptehr.baselines import (
+    N_STRATA,
+    NextVisitBaselines,
+    VisitPairs,
+    bernoulli_set_nll,
+    fit_repeat_weight,
+    set_nll,
+    stratum,
+    visit_prior,
+)
+from promptehr.schema import Patient
 
 
 def test_bernoulli_set_probabilities_sum_to_one_over_nonempty_sets():
@@ -69,8 +77,9 @@ def test_stratified_prior_follows_the_strata():
     codes = ["pregnancy", "prostate"]
     women = [Patient(f"w{i}", 30.0, "F", [["x"], ["pregnancy"]]) for i in range(50)]
     men = [Patient(f"m{i}", 70.0, "M", [["x"], ["prostate"]]) for i in range(50)]
-    pairs = VisitPairs.from_visits([(p.visits[1], p.visits[0], p.age, p.sex) for p in women + men],
-                                   {c: j for j, c in enumerate(codes)})
+    pairs = VisitPairs.from_visits(
+        [(p.visits[1], p.visits[0], p.age, p.sex) for p in women + men], {c: j for j, c in enumerate(codes)}
+    )
     strat = visit_prior(pairs, 2, strength=5.0)
     assert strat[stratum(30.0, "F"), 0] > 0.9 and strat[stratum(30.0, "F"), 1] < 0.1
     assert strat[stratum(70.0, "M"), 1] > 0.9

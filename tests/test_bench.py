@@ -14,6 +14,7 @@ from promptehr.cohorts import cohort_model, sample_cohort
 from promptehr.collator import EHRDataCollator, EHRPatientDataset
 from promptehr.config import load_config
 from promptehr.model import PromptBartWithDemographicPrediction
+from promptehr.patient_format import hidden_visit_row
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,14 +40,13 @@ def small():
 
 def test_scored_positions_are_visit_k_and_its_close_hidden_from_the_encoder(small):
     patients, tok = small
-    collator = EHRDataCollator(tok)
     ds = EHRPatientDataset(patients, tok)
     rows, cuts = [], []
     for i in range(len(patients)):
         for k in range(1, len(ds.visits[i])):
-            rows.append((*collator.cut_row(ds.visits[i], k), patients[i].age, 0))
+            rows.append((*hidden_visit_row(tok, ds.visits[i], k), patients[i].age, 0))
             cuts.append((i, k))
-    batch, scored = quality.scored_batch(collator, rows)
+    batch, scored = quality.scored_batch(tok, rows)
     assert batch["labels"].shape == scored.shape
     for j, (i, k) in enumerate(cuts):
         visits = ds.visits[i]
@@ -59,7 +59,14 @@ def test_scored_positions_are_visit_k_and_its_close_hidden_from_the_encoder(smal
         # the encoder holds visits[:k] and a masked placeholder, never visit k itself
         enc = enc[batch["attention_mask"][j].bool()].tolist()
         history = [t for v in visits[:k] for t in (tok.visit_open_id, *v.tolist(), tok.visit_close_id)]
-        assert enc == [tok.bos_token_id, *history, tok.visit_open_id, tok.mask_token_id, tok.visit_close_id, tok.eos_token_id]
+        assert enc == [
+            tok.bos_token_id,
+            *history,
+            tok.visit_open_id,
+            tok.mask_token_id,
+            tok.visit_close_id,
+            tok.eos_token_id,
+        ]
 
 
 def test_tighter_bound_is_the_mean_order_probability_not_the_best_order():
@@ -123,9 +130,10 @@ def test_first_code_persistence_compares_model_and_optimum(small):
 def test_timed_epoch_runs_every_batch_of_a_new_epoch():
     """`bench/throughput.py --epochs`: the timed epoch is the whole epoch train() would run (every
     batch of the epoch's own plan, each through the training step), not an extrapolation."""
-    from promptehr.data import load_patients, split_patients
-    from promptehr.train import autocast_context, build_loader, build_optimizer
     from transformers import get_linear_schedule_with_warmup
+
+    from promptehr.data import load_patients, split_patients
+    from promptehr.engine import autocast_context, build_loader, build_optimizer
 
     cfg = load_config(ROOT / "experiments" / "tiny.yaml", ["data.synthetic.n_patients=120"])
     patients, _, _ = load_patients(cfg.data)
@@ -137,8 +145,9 @@ def test_timed_epoch_runs_every_batch_of_a_new_epoch():
     optimizer = build_optimizer(model, cfg.training, device)
     scheduler = get_linear_schedule_with_warmup(optimizer, 1, 100)
     before = model.age_head[0].weight.detach().clone()
-    timed = throughput.time_epoch(loader, collator, 3, model, model, optimizer, scheduler, cfg.training,
-                                  autocast_context(device, "fp32"), device)
+    timed = throughput.time_epoch(
+        loader, collator, 3, model, model, optimizer, scheduler, cfg.training, autocast_context(device, "fp32"), device
+    )
     sampler.set_epoch(3)
     collator.set_epoch(3)
     plan = list(sampler)
@@ -154,8 +163,9 @@ def score_checkpoint(generator: str, tmp_path, capsys, *flags: str) -> str:
     from promptehr.checkpoint import save_checkpoint
     from promptehr.data import load_patients, split_patients
 
-    cfg = load_config(ROOT / "experiments" / "tiny.yaml", [f"data.synthetic.generator={generator}",
-                                                           "data.synthetic.n_patients=1000"])
+    cfg = load_config(
+        ROOT / "experiments" / "tiny.yaml", [f"data.synthetic.generator={generator}", "data.synthetic.n_patients=1000"]
+    )
     patients, _, _ = load_patients(cfg.data)
     train_patients, _ = split_patients(patients, cfg.data.val_fraction, cfg.data.split_seed)
     tok = DiagnosisCodeTokenizer.from_patients(train_patients)

@@ -37,15 +37,21 @@ def save(folder, parts, epoch):
 
 
 # the steps of replacing an existing checkpoint, and the content a crash there must leave findable
-STEPS = [("writing the new files", "torch.save", 0), ("moving the old folder aside", "replace:1", 0),
-         ("moving the new folder in", "replace:2", 0), ("removing the old folder", "rmtree:old", 1)]
+STEPS = [
+    ("writing the new files", "torch.save", 0),
+    ("moving the old folder aside", "replace:1", 0),
+    ("moving the new folder in", "replace:2", 0),
+    ("removing the old folder", "rmtree:old", 1),
+]
 
 
 @pytest.mark.parametrize("where,target,epoch", STEPS, ids=[s[0] for s in STEPS])
-def test_a_crash_while_replacing_last_leaves_a_complete_checkpoint(where, target, epoch, parts, tmp_path, monkeypatch, caplog):
+def test_a_crash_while_replacing_last_leaves_a_complete_checkpoint(
+    where, target, epoch, parts, tmp_path, monkeypatch, caplog
+):
     run = tmp_path / "run"
     save(run / "last", parts, epoch=0)
-    real_replace, real_rmtree, real_save, calls = os.replace, shutil.rmtree, ck.torch.save, [0]
+    real_replace, real_rmtree, calls = os.replace, shutil.rmtree, [0]
 
     def replace(src, dst):
         calls[0] += 1
@@ -83,14 +89,47 @@ def test_a_crash_while_replacing_last_leaves_a_complete_checkpoint(where, target
 def test_resume_after_a_crash_between_the_renames_falls_back_with_a_warning(tmp_path, monkeypatch, caplog):
     """A run's `last` was being replaced when the process died (only `last.old` is left): resuming from
     `<run>/last` warns, continues from `last.old` and finishes the run."""
-    common = ["data.synthetic.n_patients=150", "training.quality_report=false", "validation.jaccard_patients=0",
-              "tracking.n_sample_patients=0", f"training.checkpoint_dir={tmp_path / 'ck'}"]
+    common = [
+        "data.synthetic.n_patients=150",
+        "training.quality_report=false",
+        "validation.jaccard_patients=0",
+        "tracking.n_sample_patients=0",
+        f"training.checkpoint_dir={tmp_path / 'ck'}",
+    ]
     first = train(load_config(ROOT / "experiments" / "tiny.yaml", [*common, "training.num_epochs=1"]), Tracker())
     run = Path(first["checkpoint_dir"])
     os.replace(run / "last", run / "last.old")  # the state between the two renames
     caplog.set_level(logging.WARNING)
-    resumed = train(load_config(ROOT / "experiments" / "tiny.yaml", [*common, "training.num_epochs=2",
-                                                                     f"training.resume_from={run / 'last'}"]), Tracker())
+    resumed = train(
+        load_config(
+            ROOT / "experiments" / "tiny.yaml", [*common, "training.num_epochs=2", f"training.resume_from={run / 'last'}"]
+        ),
+        Tracker(),
+    )
     assert f"{run / 'last'} is not a complete checkpoint" in caplog.text and "last.old instead" in caplog.text
     assert resumed["checkpoint_dir"] == str(run) and resumed["global_step"] == 2 * first["global_step"]
     assert ck.read_metadata(run / "last")["epoch"] == 1 and not (run / "last.old").exists()
+
+
+def test_a_checkpoint_of_an_earlier_version_loads_as_it_was_trained(cohort, tmp_path):
+    """A checkpoint saved before some keys existed or moved loads with what the code did then: no output
+    bias (its weights have none), the 389-code cohort, validation settings found under training.*."""
+    import yaml
+
+    from promptehr.model import PromptBartWithDemographicPrediction
+    from promptehr.tokenizer import DiagnosisCodeTokenizer
+
+    cfg = load_config(ROOT / "experiments" / "tiny.yaml", ["model.output_bias=false", "validation.prompt_prob=0.3"])
+    tokenizer = DiagnosisCodeTokenizer.from_patients(cohort[:50])
+    folder = ck.save_checkpoint(
+        tmp_path / "old", PromptBartWithDemographicPrediction(tokenizer, cfg), None, None, cfg, tokenizer, {"epoch": 0}
+    )
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    del saved["model"]["output_bias"], saved["data"]["synthetic"]["generator"]
+    saved["training"]["prompt_prob"] = saved["validation"].pop("prompt_prob")
+    (folder / "config.yaml").write_text(yaml.safe_dump(saved))
+
+    model, _, loaded, _ = ck.load_checkpoint(folder)
+    assert loaded.model.output_bias is False and loaded.data.synthetic.generator == "small"
+    assert loaded.validation.prompt_prob == 0.3
+    assert load_config(None).model.output_bias is True  # what a new run gets

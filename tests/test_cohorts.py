@@ -17,7 +17,8 @@ from promptehr import cli
 from promptehr.cohorts import GENERATORS, CohortModel, TransitionModel, cohort_model, cohort_model_for, sample_cohort
 from promptehr.cohorts.icd9 import category, mimic_vocabulary
 from promptehr.config import load_config
-from promptehr.data import DataError, Patient, load_patients
+from promptehr.data import load_patients
+from promptehr.schema import DataError, Patient
 from promptehr.validity import code_allowed, code_restriction
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +48,7 @@ def shape(patients) -> dict[str, float]:
 # registry, config, loading
 # ---------------------------------------------------------------------------------------------
 
+
 def test_registry_and_config_default():
     assert set(GENERATORS) == {"hmm", "transition", "small"}
     assert load_config().data.synthetic.generator == "hmm"
@@ -57,8 +59,10 @@ def test_registry_and_config_default():
 
 @pytest.mark.parametrize("name", sorted(GENERATORS))
 def test_load_patients_draws_the_configured_generator(name):
-    cfg = load_config(ROOT / "experiments" / "tiny.yaml", ["data.synthetic.n_patients=200", "data.synthetic.seed=4",
-                                                          f"data.synthetic.generator={name}"])
+    cfg = load_config(
+        ROOT / "experiments" / "tiny.yaml",
+        ["data.synthetic.n_patients=200", "data.synthetic.seed=4", f"data.synthetic.generator={name}"],
+    )
     patients, vocab, report = load_patients(cfg.data)
     assert patients == sample_cohort(200, seed=4, generator=name) == cohort_model_for(cfg.data).sample(200, 4)
     assert report.source == f"synthetic:{name}" and report.counts["patients"] == 200
@@ -73,8 +77,16 @@ def test_unknown_generator_names_the_key_and_the_choices(tmp_path, caplog):
         load_patients(cfg.data)
     # through the command line: a clear error, exit code 2, nothing trained
     caplog.set_level(logging.ERROR)
-    rc = cli.main(["train", "--config", str(ROOT / "experiments" / "tiny.yaml"), "--no-tracking", "--overrides",
-                   f"data.synthetic.generator=mimic training.checkpoint_dir={tmp_path / 'ck'}"])
+    rc = cli.main(
+        [
+            "train",
+            "--config",
+            str(ROOT / "experiments" / "tiny.yaml"),
+            "--no-tracking",
+            "--overrides",
+            f"data.synthetic.generator=mimic training.checkpoint_dir={tmp_path / 'ck'}",
+        ]
+    )
     assert rc == 2 and "data.synthetic.generator=mimic: must be one of hmm, transition, small" in caplog.text
     assert not (tmp_path / "ck").exists()
     with pytest.raises(DataError, match="data.source=synthetic"):
@@ -84,6 +96,7 @@ def test_unknown_generator_names_the_key_and_the_choices(tmp_path, caplog):
 # ---------------------------------------------------------------------------------------------
 # the vocabulary
 # ---------------------------------------------------------------------------------------------
+
 
 def test_vocabulary_is_mimic_format_icd9_in_real_category_ranges():
     vocab = mimic_vocabulary()
@@ -118,6 +131,7 @@ def test_vocabulary_is_mimic_format_icd9_in_real_category_ranges():
 # every MIMIC-scale generator
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", MIMIC_SCALE)
 def test_same_seed_same_cohort_and_seeds_differ(name):
     a, b = sample_cohort(400, seed=7, generator=name), sample_cohort(400, seed=7, generator=name)
@@ -147,8 +161,8 @@ def test_shape_is_mimic_like(generated):
 @pytest.mark.parametrize("name", MIMIC_SCALE)
 def test_shape_at_25000_patients(name):
     s = shape(sample_cohort(25_000, seed=0, generator=name))
-    assert s["distinct"] >= 5000, s                       # MIMIC-III: 5,562 at 25,000 patients
-    assert 0.45 <= s["top100"] <= 0.50, s                 # MIMIC-like long tail
+    assert s["distinct"] >= 5000, s  # MIMIC-III: 5,562 at 25,000 patients
+    assert 0.45 <= s["top100"] <= 0.50, s  # MIMIC-like long tail
     assert 1.25 <= s["visits"] <= 1.5 and 0.14 <= s["multi"] <= 0.20, s
     assert 9.0 <= s["codes"] <= 11.0, s
 
@@ -162,7 +176,7 @@ def test_age_and_sex_rules_hold_for_every_sampled_code(generated):
                 assert code_allowed(code, p.age, p.sex), (name, code, p.age, p.sex)
                 seen[code_restriction(code)] += 1
                 if code_restriction(code) == "pregnancy":
-                    assert p.sex == "F" and 15.0 <= p.age < 46.0   # the obstetric phenotype's window
+                    assert p.sex == "F" and 15.0 <= p.age < 46.0  # the obstetric phenotype's window
                 if code_restriction(code) == "newborn":
                     assert p.age == 0.0
     assert min(seen["pregnancy"], seen["newborn"], seen["male"], seen["female"]) > 50, seen

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from promptehr.cohorts import CohortModel, cohort_model, sample_cohort
-from promptehr.data import Patient
+from promptehr.schema import Patient
 from promptehr.validity import code_allowed, code_restriction
 
 N_COHORT = 20_000
@@ -29,6 +29,7 @@ def cohort(model) -> list[Patient]:
 # ---------------------------------------------------------------------------------------------
 # determinism and shapes
 # ---------------------------------------------------------------------------------------------
+
 
 def test_same_seed_same_cohort_and_seeds_differ():
     a = sample_cohort(2000, seed=7, generator="small")
@@ -53,12 +54,12 @@ def test_cohort_shapes_are_mimic_like(cohort):
     assert 8.0 <= codes_per_visit.mean() <= 15.0
     assert 1.15 <= n_visits.mean() <= 1.6
     assert 0.65 <= (n_visits == 1).mean() <= 0.9
-    assert n_visits.max() >= 5                             # a tail of frequent flyers
+    assert n_visits.max() >= 5  # a tail of frequent flyers
     assert ages.min() >= 0.0 and ages.max() <= 90.0
-    assert 0.05 <= (ages == 0).mean() <= 0.12             # neonates
-    assert not np.any((ages > 0) & (ages < 18))           # adults start at 18
-    assert 58.0 <= ages[ages > 0].mean() <= 68.0           # adults skewed old
-    assert (ages == 90).mean() > 0.03                      # MIMIC's pile-up at the cap
+    assert 0.05 <= (ages == 0).mean() <= 0.12  # neonates
+    assert not np.any((ages > 0) & (ages < 18))  # adults start at 18
+    assert 58.0 <= ages[ages > 0].mean() <= 68.0  # adults skewed old
+    assert (ages == 90).mean() > 0.03  # MIMIC's pile-up at the cap
     assert 0.5 <= male.mean() <= 0.6
     assert {p.sex for p in cohort} == {"M", "F"}
     ids = [p.subject_id for p in cohort]
@@ -89,6 +90,7 @@ def test_vocabulary_is_real_icd9_in_mimic_format(model):
 # age / sex rules on the sampled cohort
 # ---------------------------------------------------------------------------------------------
 
+
 def test_restrictions_hold_on_every_sampled_patient(cohort, model):
     n_preg = n_neo = n_male_only = n_female_only = 0
     for p in cohort:
@@ -98,7 +100,7 @@ def test_restrictions_hold_on_every_sampled_patient(cohort, model):
                 rule = code_restriction(code)
                 if rule == "pregnancy":
                     n_preg += 1
-                    assert p.sex == "F" and 15.0 <= p.age < 46.0   # the obstetric state's window
+                    assert p.sex == "F" and 15.0 <= p.age < 46.0  # the obstetric state's window
                 elif rule == "newborn":
                     n_neo += 1
                     assert p.age == 0.0
@@ -106,7 +108,7 @@ def test_restrictions_hold_on_every_sampled_patient(cohort, model):
                     n_male_only += 1
                 elif rule == "female":
                     n_female_only += 1
-    assert min(n_preg, n_neo, n_male_only, n_female_only) > 50   # each rule is exercised
+    assert min(n_preg, n_neo, n_male_only, n_female_only) > 50  # each rule is exercised
     # the model's own probabilities are exactly 0 where a code is not allowed
     for age, sex in ((0.0, "M"), (30.0, "M"), (30.0, "F"), (70.0, "F")):
         allowed = np.array([code_allowed(c, age, sex) for c in model.codes])
@@ -154,6 +156,7 @@ def test_sampled_hidden_states_are_eligible(model):
 # persistence of chronic codes
 # ---------------------------------------------------------------------------------------------
 
+
 def test_chronic_codes_persist_acute_codes_do_not(cohort, model):
     pairs = [(set(p.visits[k]), set(p.visits[k + 1])) for p in cohort for k in range(len(p.visits) - 1)]
     all_visits = [set(v) for p in cohort for v in p.visits]
@@ -169,7 +172,7 @@ def test_chronic_codes_persist_acute_codes_do_not(cohort, model):
         marginal, persist, n = rates(code)
         assert n > 50
         assert persist >= 0.8 and persist > 2.5 * marginal, (code, marginal, persist)
-    for code in ("0389", "5990", "486"):   # acute: they recur only through a sticky state
+    for code in ("0389", "5990", "486"):  # acute: they recur only through a sticky state
         assert model.persistence[model.code_index(code)] == 0.0
         marginal, persist, n = rates(code)
         assert n > 50 and persist < 0.55, (code, marginal, persist)
@@ -179,7 +182,7 @@ def test_chronic_codes_persist_acute_codes_do_not(cohort, model):
 # exactness: a tiny model checked against brute-force enumeration
 # ---------------------------------------------------------------------------------------------
 
-TINY_CODES = ["4019", "0389", "V270", "185"]   # chronic, acute, pregnancy (F 12-55), male-only
+TINY_CODES = ["4019", "0389", "V270", "185"]  # chronic, acute, pregnancy (F 12-55), male-only
 
 
 def tiny_model(**kw) -> CohortModel:
@@ -187,7 +190,7 @@ def tiny_model(**kw) -> CohortModel:
         codes=TINY_CODES,
         state_names=["general", "obstetric"],
         init_logit=[0.0, 0.6],
-        init_logit_age=[0.0, 0.0],      # no age slope: patients can be grouped exactly in the MC test
+        init_logit_age=[0.0, 0.0],  # no age slope: patients can be grouped exactly in the MC test
         init_logit_male=[0.4, 0.0],
         state_min_age=[0.0, 15.0],
         state_max_age=[999.0, 46.0],
@@ -195,12 +198,12 @@ def tiny_model(**kw) -> CohortModel:
         transition=[[0.9, 0.1], [0.1, 0.9]],
         code_prob=[[0.6, 0.5, 0.0, 0.3], [0.1, 0.05, 0.15, 0.0]],
         persistence=[0.8, 0.0, 0.0, 0.5],
-        continue_prob=[0.1, 0.8],       # very different: the existence of a visit is informative
+        continue_prob=[0.1, 0.8],  # very different: the existence of a visit is informative
         max_visits=4,
         neonate_share=0.0,
         adult_male_share=0.3,
         age_top_share=0.0,
-        age_beta_a=1.0,                 # young: many women eligible for both states
+        age_beta_a=1.0,  # young: many women eligible for both states
         age_beta_b=3.0,
     )
     params.update(kw)
@@ -214,8 +217,9 @@ def all_subsets(codes):
 def brute_force_joint(m: CohortModel, age: float, sex: str, visits) -> float:
     """P(visits, each exists) summed over every hidden-state path, from the raw parameters."""
     S = m.n_states
-    eligible = np.array([(m.state_min_age[s] <= age < m.state_max_age[s])
-                         and m.state_sex[s] in (None, sex) for s in range(S)])
+    eligible = np.array(
+        [(m.state_min_age[s] <= age < m.state_max_age[s]) and m.state_sex[s] in (None, sex) for s in range(S)]
+    )
     logits = m.init_logit + m.init_logit_age * (age - 60) / 10 + m.init_logit_male * (sex == "M")
     pi = np.where(eligible, np.exp(logits), 0.0)
     pi /= pi.sum()
@@ -243,11 +247,14 @@ def brute_force_joint(m: CohortModel, age: float, sex: str, visits) -> float:
     return total
 
 
-@pytest.mark.parametrize("age, sex, visits", [
-    (30.0, "F", [["4019", "V270"], ["4019"], ["0389", "V270"], ["4019", "0389"]]),
-    (30.0, "M", [["4019", "185"], ["185"], ["4019", "0389", "185"]]),
-    (60.0, "F", [["0389"], ["4019"], ["4019"]]),
-])
+@pytest.mark.parametrize(
+    "age, sex, visits",
+    [
+        (30.0, "F", [["4019", "V270"], ["4019"], ["0389", "V270"], ["4019", "0389"]]),
+        (30.0, "M", [["4019", "185"], ["185"], ["4019", "0389", "185"]]),
+        (60.0, "F", [["0389"], ["4019"], ["4019"]]),
+    ],
+)
 def test_forward_matches_brute_force_enumeration(age, sex, visits):
     m = tiny_model()
     p = Patient("T1", age, sex, visits)
@@ -265,12 +272,14 @@ def test_next_visit_distribution_sums_to_one(age, sex):
     m = tiny_model()
     history = [["4019"], ["4019", "0389"]] if sex == "F" and age < 46 else [["4019"], ["0389"]]
     for k in range(3):
-        probs = [np.exp(m.next_visit_log_prob(Patient("T", age, sex, history[:k] + [v]), k))
-                 for v in all_subsets(TINY_CODES)]
+        probs = [
+            np.exp(m.next_visit_log_prob(Patient("T", age, sex, history[:k] + [v]), k)) for v in all_subsets(TINY_CODES)
+        ]
         assert sum(probs) == pytest.approx(1.0, abs=1e-12)
         for s in range(m.n_states):
-            vp = [np.exp(m.visit_log_prob(v, s, age, sex, set(history[k - 1]) if k else None))
-                  for v in all_subsets(TINY_CODES)]
+            vp = [
+                np.exp(m.visit_log_prob(v, s, age, sex, set(history[k - 1]) if k else None)) for v in all_subsets(TINY_CODES)
+            ]
             assert sum(vp) == pytest.approx(1.0, abs=1e-12) or sum(vp) == 0.0
 
 
@@ -284,7 +293,7 @@ def test_sampler_agrees_with_forward_algorithm():
     second = [p for p in patients if len(p.visits) >= 2]
     subsets = [frozenset(v) for v in all_subsets(TINY_CODES)]
     groups = defaultdict(int)
-    for p in second:   # exact predictive depends only on these facts (no age slope in the model)
+    for p in second:  # exact predictive depends only on these facts (no age slope in the model)
         groups[(p.sex, 15 <= p.age < 46, 12 <= p.age <= 55, frozenset(p.visits[0]))] += 1
     rep_age = {(True, True): 30.0, (False, True): 50.0, (False, False): 70.0}
     expected = np.zeros(len(subsets))
@@ -303,7 +312,7 @@ def test_sampler_agrees_with_forward_algorithm():
     cells = expected > 0
     chi2 = float(np.sum(n * (observed[cells] - expected[cells]) ** 2 / expected[cells]))
     dof = int(cells.sum()) - 1
-    assert chi2 < dof + 6 * np.sqrt(2 * dof), (chi2, dof)   # ~1e-4 false-alarm rate; fixed seed
+    assert chi2 < dof + 6 * np.sqrt(2 * dof), (chi2, dof)  # ~1e-4 false-alarm rate; fixed seed
     # the share of patients with a second visit follows the state posterior of the first visit
     p_return = np.mean([m.next_visit_exists_prob(p, 1) for p in patients[:20_000]])
     assert abs(n / len(patients) - p_return) < 5 * np.sqrt(p_return * (1 - p_return) / len(patients)) + 0.01
@@ -341,6 +350,7 @@ def test_default_model_marginals_match_samples(cohort, model):
 # next_visit_log_prob on real cohort patients
 # ---------------------------------------------------------------------------------------------
 
+
 def test_next_visit_log_prob_on_sampled_patients(cohort, model):
     multi = [p for p in cohort if len(p.visits) >= 3][:30]
     assert multi
@@ -356,8 +366,14 @@ def test_next_visit_log_prob_on_sampled_patients(cohort, model):
 def test_impossible_visits_get_minus_infinity(cohort, model):
     man = next(p for p in cohort if p.sex == "M" and p.age > 18 and len(p.visits) >= 2)
     adult_woman = next(p for p in cohort if p.sex == "F" and p.age > 60 and len(p.visits) >= 2)
-    for patient, bad in ((man, "V270"), (man, "1749"), (man, "V3000"), (adult_woman, "185"),
-                         (adult_woman, "64413"), (man, "NOT_A_CODE")):
+    for patient, bad in (
+        (man, "V270"),
+        (man, "1749"),
+        (man, "V3000"),
+        (adult_woman, "185"),
+        (adult_woman, "64413"),
+        (man, "NOT_A_CODE"),
+    ):
         visits = [list(v) for v in patient.visits]
         visits[1] = visits[1] + [bad]
         lp = model.next_visit_log_prob(Patient(patient.subject_id, patient.age, patient.sex, visits), 1)

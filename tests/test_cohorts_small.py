@@ -16,11 +16,14 @@ def digest(patients) -> str:
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
-@pytest.mark.parametrize("n, seed, expected", [
-    (600, 3, "3665743172361dcfacfad86b4bc2e08be3ffd71c075b69aa9fe58c810f1a5807"),
-    (2000, 7, "b2ce5fb6395325cda927b2aa8efcd55f1ac79bf3546148fab5399662eac3f7b2"),
-    (5000, 123, "4ced26cf337249cb8122c2c506b683fb5eae36ed6fb699d3fe9238dafe4f8377"),
-])
+@pytest.mark.parametrize(
+    "n, seed, expected",
+    [
+        (600, 3, "3665743172361dcfacfad86b4bc2e08be3ffd71c075b69aa9fe58c810f1a5807"),
+        (2000, 7, "b2ce5fb6395325cda927b2aa8efcd55f1ac79bf3546148fab5399662eac3f7b2"),
+        (5000, 123, "4ced26cf337249cb8122c2c506b683fb5eae36ed6fb699d3fe9238dafe4f8377"),
+    ],
+)
 def test_small_cohort_is_byte_identical_to_the_pinned_one(n, seed, expected):
     assert digest(sample_cohort(n, seed=seed, generator="small")) == expected
 
@@ -33,7 +36,11 @@ def test_small_cohort_pinned_patients_states_and_likelihood():
     model = cohort_model("small")
     assert len(model.codes) == 389
     patients, states = model.sample_with_states(1000, seed=11)
-    assert hashlib.sha256(json.dumps(states).encode()).hexdigest() == \
-        "8b51fb0bc527c2ff525cdc232851edbc83cf991b5aa785e01666206986ab6f21"
+    assert (
+        hashlib.sha256(json.dumps(states).encode()).hexdigest()
+        == "8b51fb0bc527c2ff525cdc232851edbc83cf991b5aa785e01666206986ab6f21"
+    )
     assert digest(patients) == "0e4196fb413b3746d7d342429a587431ff481f4dc964f754256cad9254343c1d"
-    assert model.next_visit_log_probs(sample_cohort(50, seed=1, generator="small")[3])[0] == pytest.approx(-23.39727897, abs=1e-7)
+    assert model.next_visit_log_probs(sample_cohort(50, seed=1, generator="small")[3])[0] == pytest.approx(
+        -23.39727897, abs=1e-7
+    )

@@ -10,16 +10,18 @@ import numpy as np
 import pytest
 
 from promptehr.cohorts import TransitionModel, cohort_model
-from promptehr.data import Patient
+from promptehr.schema import Patient
 from promptehr.validity import code_allowed, code_restriction
 
-TINY_CODES = ["4019", "0389", "V270", "185"]   # chronic, acute, pregnancy (F 12-55), male-only
-TINY_T = np.array([                              # rows: previous code, columns: next code
-    [0.8, 0.1, 0.0, 0.0],
-    [0.0, 0.05, 0.0, 0.3],
-    [0.2, 0.0, 0.6, 0.0],
-    [0.3, 0.0, 0.0, 0.7],
-])
+TINY_CODES = ["4019", "0389", "V270", "185"]  # chronic, acute, pregnancy (F 12-55), male-only
+TINY_T = np.array(
+    [  # rows: previous code, columns: next code
+        [0.8, 0.1, 0.0, 0.0],
+        [0.0, 0.05, 0.0, 0.3],
+        [0.2, 0.0, 0.6, 0.0],
+        [0.3, 0.0, 0.0, 0.7],
+    ]
+)
 
 
 def csr(dense: np.ndarray):
@@ -33,7 +35,7 @@ def tiny_model(**kw) -> TransitionModel:
         codes=TINY_CODES,
         profile_names=["general", "obstetric"],
         profile_logit=[0.0, 0.8],
-        profile_logit_age=[0.0, 0.0],     # no age slope: patients can be grouped exactly in the MC test
+        profile_logit_age=[0.0, 0.0],  # no age slope: patients can be grouped exactly in the MC test
         profile_logit_male=[0.3, 0.0],
         profile_min_age=[0.0, 15.0],
         profile_max_age=[999.0, 46.0],
@@ -49,7 +51,7 @@ def tiny_model(**kw) -> TransitionModel:
         neonate_share=0.0,
         adult_male_share=0.3,
         age_top_share=0.0,
-        age_beta_a=1.0,                   # young: many women eligible for both profiles
+        age_beta_a=1.0,  # young: many women eligible for both profiles
         age_beta_b=2.0,
     )
     params.update(kw)
@@ -64,14 +66,18 @@ def brute_force_joint(m: TransitionModel, age: float, sex: str, visits) -> float
     """P(visits, each exists) from the raw parameters: sum over the first visit's profile, then the
     noisy-OR of background and T, each visit conditioned on being non-empty, times P(continue)."""
     allowed = np.array([code_allowed(c, age, sex) for c in m.codes])
-    eligible = np.array([(m.profile_min_age[k] <= age < m.profile_max_age[k]) and m.profile_sex[k] in (None, sex)
-                         for k in range(m.n_profiles)])
+    eligible = np.array(
+        [
+            (m.profile_min_age[k] <= age < m.profile_max_age[k]) and m.profile_sex[k] in (None, sex)
+            for k in range(m.n_profiles)
+        ]
+    )
     pi = np.where(eligible, np.exp(m.profile_logit + m.profile_logit_male * (sex == "M")), 0.0)
     pi /= pi.sum()
     dense_t = np.zeros((m.n_codes, m.n_codes))
     indptr, indices, data = m.transition
     for j in range(m.n_codes):
-        dense_t[j, indices[indptr[j]:indptr[j + 1]]] = data[indptr[j]:indptr[j + 1]]
+        dense_t[j, indices[indptr[j] : indptr[j + 1]]] = data[indptr[j] : indptr[j + 1]]
     band = int(age >= m.age_band_edges[0])
 
     def set_prob(p, visit):
@@ -79,7 +85,11 @@ def brute_force_joint(m: TransitionModel, age: float, sex: str, visits) -> float
         return np.prod(np.where(inside, p, 1 - p)) / (1 - np.prod(1 - p))
 
     def cont(visit, k):
-        logit = m.continue_logit + m.continue_logit_later * (k >= 1) + sum(m.continue_code_logit[m.codes.index(c)] for c in visit)
+        logit = (
+            m.continue_logit
+            + m.continue_logit_later * (k >= 1)
+            + sum(m.continue_code_logit[m.codes.index(c)] for c in visit)
+        )
         return 1 / (1 + np.exp(-logit))
 
     total = sum(pi[z] * set_prob(m.profile_prob[z] * allowed, visits[0]) for z in range(m.n_profiles))
@@ -90,13 +100,16 @@ def brute_force_joint(m: TransitionModel, age: float, sex: str, visits) -> float
     return total
 
 
-@pytest.mark.parametrize("age, sex, visits", [
-    (30.0, "F", [["4019", "V270"], ["V270"], ["0389", "4019"], ["4019", "V270", "0389"]]),
-    (30.0, "M", [["4019", "185"], ["185"], ["0389"]]),
-    (70.0, "F", [["0389"], ["4019"], ["4019", "0389"]]),
-    (52.0, "F", [["0389", "4019"], ["4019"]]),       # older band, pregnancy codes allowed but never drawn
-    (52.0, "F", [["V270"], ["4019"]]),               # impossible first visit: -inf, then nan
-])
+@pytest.mark.parametrize(
+    "age, sex, visits",
+    [
+        (30.0, "F", [["4019", "V270"], ["V270"], ["0389", "4019"], ["4019", "V270", "0389"]]),
+        (30.0, "M", [["4019", "185"], ["185"], ["0389"]]),
+        (70.0, "F", [["0389"], ["4019"], ["4019", "0389"]]),
+        (52.0, "F", [["0389", "4019"], ["4019"]]),  # older band, pregnancy codes allowed but never drawn
+        (52.0, "F", [["V270"], ["4019"]]),  # impossible first visit: -inf, then nan
+    ],
+)
 def test_exact_probabilities_match_brute_force_enumeration(age, sex, visits):
     m = tiny_model()
     patient = Patient("T", age, sex, visits)
@@ -114,8 +127,9 @@ def test_next_visit_distribution_sums_to_one(age, sex):
     m = tiny_model()
     history = [["4019", "V270"], ["4019", "0389"]] if sex == "F" and age < 46 else [["4019"], ["0389"]]
     for k in range(3):
-        probs = np.exp([m.next_visit_log_prob(Patient("T", age, sex, history[:k] + [v]), k)
-                        for v in all_subsets(TINY_CODES)])
+        probs = np.exp(
+            [m.next_visit_log_prob(Patient("T", age, sex, history[:k] + [v]), k) for v in all_subsets(TINY_CODES)]
+        )
         assert probs.sum() == pytest.approx(1.0, abs=1e-12)
         marginals = m.next_visit_code_marginals(Patient("T", age, sex, history[:k]), k)
         by_enumeration = sum(p * np.array([c in v for c in TINY_CODES]) for p, v in zip(probs, all_subsets(TINY_CODES)))
@@ -146,15 +160,14 @@ def test_sampler_agrees_with_the_exact_probabilities():
         cells = expected > 0
         chi2 = float(np.sum(n * (observed[cells] - expected[cells]) ** 2 / expected[cells]))
         dof = int(cells.sum()) - 1
-        assert chi2 < dof + 6 * np.sqrt(2 * dof), (k, chi2, dof)   # ~1e-4 false-alarm rate; fixed seed
+        assert chi2 < dof + 6 * np.sqrt(2 * dof), (k, chi2, dof)  # ~1e-4 false-alarm rate; fixed seed
 
     # first visits depend on sex, the obstetric profile's window (15-46) and the pregnancy rule (12-55)
     agree(lambda p: (p.sex, 30.0 if 15 <= p.age < 46 else 50.0 if p.age <= 55 else 70.0, ()), 0, patients)
     # second visits on the age band (edge 50), the pregnancy rule and the first visit only
     second = [p for p in patients if len(p.visits) >= 2]
     assert len(second) > 8000
-    agree(lambda p: (p.sex, 30.0 if p.age < 50 else 52.0 if p.age <= 55 else 70.0, (frozenset(p.visits[0]),)),
-          1, second)
+    agree(lambda p: (p.sex, 30.0 if p.age < 50 else 52.0 if p.age <= 55 else 70.0, (frozenset(p.visits[0]),)), 1, second)
     # the return rate follows the first visit's codes: per first visit, the share of patients with a
     # second one is the exact probability (the same for all of them)
     by_first = Counter(frozenset(p.visits[0]) for p in patients)
@@ -163,7 +176,11 @@ def test_sampler_agrees_with_the_exact_probabilities():
     for v0, n in by_first.items():
         if n >= 1000:
             p_return = m.next_visit_exists_prob(Patient("T", 30.0, "F", [sorted(v0)]), 1)
-            assert abs(came_back[v0] / n - p_return) < 5 * np.sqrt(p_return * (1 - p_return) / n), (v0, came_back[v0] / n, p_return)
+            assert abs(came_back[v0] / n - p_return) < 5 * np.sqrt(p_return * (1 - p_return) / n), (
+                v0,
+                came_back[v0] / n,
+                p_return,
+            )
             rates.add(round(p_return, 3))
     assert len(rates) >= 4
     assert m.next_visit_exists_prob(Patient("T", 30.0, "F", [["V270"]] * 4), 4) == 0.0  # max_visits
@@ -174,8 +191,8 @@ def test_visit_count_depends_on_codes_not_on_the_profile():
     """Two patients with the same visit have the same chance to come back, whatever their profiles
     could have been: existence carries no hidden information."""
     m = tiny_model()
-    a = Patient("A", 30.0, "F", [["4019"]])   # both profiles possible
-    b = Patient("B", 70.0, "M", [["4019"]])   # general profile only
+    a = Patient("A", 30.0, "F", [["4019"]])  # both profiles possible
+    b = Patient("B", 70.0, "M", [["4019"]])  # general profile only
     assert m.next_visit_exists_prob(a, 1) == pytest.approx(m.next_visit_exists_prob(b, 1))
     assert m.next_visit_exists_prob(a, 1) == pytest.approx(1 / (1 + np.exp(-(-1.0 + 0.8))))
 
@@ -195,7 +212,7 @@ def test_mimic_scale_transition_table_is_sparse_and_respects_restricted_groups()
     m = cohort_model("transition")
     indptr, indices, data = m.transition
     per_code = np.diff(indptr)
-    assert 5 <= per_code.mean() <= 15 and per_code.max() <= 30          # sparse: a handful of targets per code
+    assert 5 <= per_code.mean() <= 15 and per_code.max() <= 30  # sparse: a handful of targets per code
     assert np.all((data > 0) & (data < 1))
     groups = np.array([{"pregnancy": 1, "newborn": 2}.get(code_restriction(c), 0) for c in m.codes])
     source = np.repeat(np.arange(m.n_codes), per_code)

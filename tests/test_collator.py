@@ -2,9 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from promptehr.collator import (TASK_ID, TASK_TYPES, EHRDataCollator, EHRPatientDataset, LengthBucketSampler,
-                               RowBucketSampler)
-from promptehr.data import Patient
+from promptehr.collator import TASK_ID, TASK_TYPES, EHRDataCollator, EHRPatientDataset, LengthBucketSampler, RowBucketSampler
+from promptehr.schema import Patient
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 
 
@@ -37,7 +36,7 @@ def split_visits(tok, ids):
 
 def test_batch_keys_shapes_and_padding(setup):
     tok, ds = setup
-    for items, batch in batches(tok, ds, n_batches=5):
+    for _items, batch in batches(tok, ds, n_batches=5):
         n = batch["input_ids"].shape[0]
         assert set(batch) >= {"input_ids", "attention_mask", "labels", "x_num", "x_cat", "task_type", "target_mask"}
         assert batch["x_num"].shape == (n, 1) and batch["x_cat"].shape == (n, 1) and batch["task_type"].shape == (n,)
@@ -47,7 +46,7 @@ def test_batch_keys_shapes_and_padding(setup):
         lengths = (lab != -100).sum(1)
         assert lengths.max() == lab.shape[1]  # padded to the longest row, not a fixed size
         for r in range(n):
-            assert (lab[r, lengths[r]:] == -100).all() and (lab[r, : lengths[r]] != -100).all()
+            assert (lab[r, lengths[r] :] == -100).all() and (lab[r, : lengths[r]] != -100).all()
             k = int(att[r].sum())
             assert (ids[r, k:] == tok.pad_token_id).all() and (ids[r, :k] != tok.pad_token_id).all()
         assert att.sum(1).max() == ids.shape[1]
@@ -65,7 +64,10 @@ def test_labels_are_the_clean_patient(setup):
             assert got == [sorted(v.tolist()) for v in visits]
             assert float(batch["x_num"][r, 0]) == pytest.approx(age) and int(batch["x_cat"][r, 0]) == sex
             r += 1
-            while r < len(batch["task_type"]) and TASK_TYPES[batch["task_type"][r]] in ("next_visit_prediction", "first_visit"):
+            while r < len(batch["task_type"]) and TASK_TYPES[batch["task_type"][r]] in (
+                "next_visit_prediction",
+                "first_visit",
+            ):
                 r += 1
         assert r == len(batch["task_type"])
 
@@ -73,7 +75,7 @@ def test_labels_are_the_clean_patient(setup):
 def test_corrupted_rows_differ_and_replacements_are_codes(setup):
     tok, ds = setup
     n_denoise = n_recon = 0
-    for items, batch in batches(tok, ds):
+    for _items, batch in batches(tok, ds):
         for r, task in enumerate(batch["task_type"].tolist()):
             enc = batch["input_ids"][r][batch["attention_mask"][r].bool()].tolist()
             lab = batch["labels"][r][batch["labels"][r] != -100].tolist()
@@ -82,7 +84,13 @@ def test_corrupted_rows_differ_and_replacements_are_codes(setup):
                 assert enc[1:] != lab, "a corrupted row must not be a copy of its labels"
                 # the encoder holds only codes from the vocabulary, delimiters and <mask>: never other specials
                 specials = {t for t in enc if t < tok.n_special}
-                assert specials <= {tok.bos_token_id, tok.eos_token_id, tok.visit_open_id, tok.visit_close_id, tok.mask_token_id}
+                assert specials <= {
+                    tok.bos_token_id,
+                    tok.eos_token_id,
+                    tok.visit_open_id,
+                    tok.visit_close_id,
+                    tok.mask_token_id,
+                }
                 assert enc.count(tok.visit_open_id) == lab.count(tok.visit_open_id)
             elif task == TASK_ID["reconstruction"]:
                 n_recon += 1
@@ -94,7 +102,9 @@ def test_replacement_draws_codes_only(setup):
     tok, ds = setup
     # only replacement on: every changed position must hold a code, never a special token
     changed = 0
-    for items, batch in batches(tok, ds, corruption_prob=1.0, mask_probability=0.0, del_probability=0.0, rep_probability=0.5):
+    for _items, batch in batches(
+        tok, ds, corruption_prob=1.0, mask_probability=0.0, del_probability=0.0, rep_probability=0.5
+    ):
         for r, task in enumerate(batch["task_type"].tolist()):
             if task != TASK_ID["denoising"]:
                 continue
@@ -103,17 +113,17 @@ def test_replacement_draws_codes_only(setup):
             if tok.mask_token_id in enc:  # no code was drawn for replacement: a span was forced instead
                 continue
             assert len(enc) == len(lab)
-            for e, l in zip(enc, lab):
-                if e != l:
+            for e, label in zip(enc, lab):
+                if e != label:
                     changed += 1
-                    assert e >= tok.n_special and l >= tok.n_special
+                    assert e >= tok.n_special and label >= tok.n_special
     assert changed > 100
 
 
 def test_next_visit_rows_hide_the_target_visit(setup):
     tok, ds = setup
     seen = 0
-    for items, batch in batches(tok, ds):
+    for _items, batch in batches(tok, ds):
         for r, task in enumerate(batch["task_type"].tolist()):
             if task not in (TASK_ID["next_visit_prediction"], TASK_ID["first_visit"]):
                 assert not batch["target_mask"][r].any()
@@ -150,8 +160,17 @@ def test_batches_are_reproducible_per_seed_and_epoch(setup):
 def test_span_infilling_uses_one_mask_per_span(setup):
     tok, ds = setup
     found = 0
-    collator = EHRDataCollator(tok, seed=3, corruption_prob=1.0, mask_probability=1.0, del_probability=0.0,
-                               rep_probability=0.0, lambda_poisson=3.0, next_visit_rows=False, first_visit_prob=0.0)
+    collator = EHRDataCollator(
+        tok,
+        seed=3,
+        corruption_prob=1.0,
+        mask_probability=1.0,
+        del_probability=0.0,
+        rep_probability=0.0,
+        lambda_poisson=3.0,
+        next_visit_rows=False,
+        first_visit_prob=0.0,
+    )
     batch = collator([ds[i] for i in range(64)])
     for r in range(batch["input_ids"].shape[0]):
         enc = batch["input_ids"][r][batch["attention_mask"][r].bool()].tolist()
@@ -180,7 +199,9 @@ def test_length_buckets_cover_every_patient_once(setup):
     # within a batch lengths are close: padding waste is far below a random batching
     waste = np.mean([ds.lengths[b].max() - ds.lengths[b].mean() for b in sampler])
     rng = np.random.default_rng(0)
-    rand = np.mean([ds.lengths[b].max() - ds.lengths[b].mean() for b in np.array_split(rng.permutation(len(ds)), len(sampler))])
+    rand = np.mean(
+        [ds.lengths[b].max() - ds.lengths[b].mean() for b in np.array_split(rng.permutation(len(ds)), len(sampler))]
+    )
     assert waste < rand / 2
 
 
@@ -213,7 +234,7 @@ def test_row_buckets_build_every_planned_row_once_in_len_batches(setup):
     for b, batch in zip(plan, batches):
         assert batch["task_type"].tolist() == [task for _, task, _, _ in b]
         assert batch["x_num"][:, 0].tolist() == pytest.approx([float(ds.ages[i]) for i, *_ in b])
-        for r, (i, task, k, _) in enumerate(b):
+        for r, (i, _task, k, _) in enumerate(b):
             lab = batch["labels"][r][batch["labels"][r] != -100].tolist()
             got = [sorted(v) for v in split_visits(tok, lab)]
             want = [sorted(v.tolist()) for v in ds.visits[i]]

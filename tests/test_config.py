@@ -11,9 +11,22 @@ EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
 def test_defaults_follow_the_seed():
     cfg = load_config()
     t, c, m = cfg.training, cfg.collator, cfg.model
-    assert (t.batch_size, t.num_epochs, t.learning_rate, t.weight_decay, t.warmup_steps, t.max_grad_norm) == (8, 30, 1e-4, 0.01, 1000, 1.0)
+    assert (t.batch_size, t.num_epochs, t.learning_rate, t.weight_decay, t.warmup_steps, t.max_grad_norm) == (
+        8,
+        30,
+        1e-4,
+        0.01,
+        1000,
+        1.0,
+    )
     assert (t.save_every_n_epochs, t.log_every_n_steps, t.validate_every_n_epochs) == (10, 50, 1)
-    assert (c.lambda_poisson, c.mask_probability, c.del_probability, c.rep_probability, c.corruption_prob) == (3.0, 0.15, 0.15, 0.15, 0.5)
+    assert (c.lambda_poisson, c.mask_probability, c.del_probability, c.rep_probability, c.corruption_prob) == (
+        3.0,
+        0.15,
+        0.15,
+        0.15,
+        0.5,
+    )
     assert (m.d_model, m.encoder_layers, m.decoder_layers, m.encoder_attention_heads) == (768, 6, 6, 12)
     assert (m.age_loss_weight, m.sex_loss_weight) == (0.001, 0.001)
 
@@ -27,22 +40,27 @@ def test_every_experiment_file_loads_and_says_how_to_run_it(path):
 
 
 def test_overrides_are_typed_and_applied():
-    cfg = load_config(ROOT / "experiments" / "tiny.yaml", ["training.learning_rate=3e-4", "data.max_visits=4",
-                                                            "data.path=/x", "training.compile=true"])
+    cfg = load_config(
+        ROOT / "experiments" / "tiny.yaml",
+        ["training.learning_rate=3e-4", "data.max_visits=4", "data.path=/x", "training.compile=true"],
+    )
     assert cfg.training.learning_rate == 3e-4 and isinstance(cfg.training.learning_rate, float)
     assert cfg.data.max_visits == 4 and cfg.data.path == "/x" and cfg.training.compile is True
     assert cfg.model.d_model == 32  # the file's value survives unrelated overrides
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("training.lr=1", "training.lr"),
-    ("trainig.batch_size=1", "trainig"),
-    ("training.batch_size=abc", "training.batch_size"),
-    ("training.batch_size=1.5", "training.batch_size"),
-    ("training.compile=maybe", "training.compile"),
-    ("data.synthetic.n_patients=[1]", "data.synthetic.n_patients"),
-    ("no_equals_sign", "no_equals_sign"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("training.lr=1", "training.lr"),
+        ("trainig.batch_size=1", "trainig"),
+        ("training.batch_size=abc", "training.batch_size"),
+        ("training.batch_size=1.5", "training.batch_size"),
+        ("training.compile=maybe", "training.compile"),
+        ("data.synthetic.n_patients=[1]", "data.synthetic.n_patients"),
+        ("no_equals_sign", "no_equals_sign"),
+    ],
+)
 def test_bad_overrides_are_rejected_naming_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         load_config(None, [override])
@@ -110,8 +128,10 @@ BAD_SETTINGS = [  # (override, what the one line must say)
     ("model.decoder_attention_heads=3", "model.decoder_attention_heads=3: must divide model.d_model=32"),
     ("model.encoder_layers=0", "model.encoder_layers=0: must be >= 1"),
     ("model.dropout=1", "model.dropout=1.0: must be 0 <= value < 1"),
-    ("model.max_position_embeddings=100", "model.max_position_embeddings=100: must be >= collator.max_length + 2 "
-                                          "prompt positions = 514"),
+    (
+        "model.max_position_embeddings=100",
+        "model.max_position_embeddings=100: must be >= collator.max_length + 2 prompt positions = 514",
+    ),
     ("model.age_loss_weight=-1", "model.age_loss_weight=-1.0: must be >= 0"),
     ("validation.batch_size=0", "validation.batch_size=0: must be >= 1"),
     ("validation.prompt_prob=2", "validation.prompt_prob=2.0: must be 0 <= value <= 1"),
@@ -133,8 +153,14 @@ def test_bad_setting_stops_the_cli_before_any_work(override, message, tmp_path, 
 
     monkeypatch.setattr(data, "load_patients", no_data)
     monkeypatch.chdir(tmp_path)
-    args = ["train", "--config", str(ROOT / "experiments" / "tiny.yaml"), "--overrides",
-            f"{override} training.checkpoint_dir={tmp_path / 'ck'}", "--no-tracking"]
+    args = [
+        "train",
+        "--config",
+        str(ROOT / "experiments" / "tiny.yaml"),
+        "--overrides",
+        f"{override} training.checkpoint_dir={tmp_path / 'ck'}",
+        "--no-tracking",
+    ]
     assert main(args) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "\n" not in errors[0], errors
@@ -149,14 +175,36 @@ def test_every_rule_has_a_row_in_the_table_and_the_base_configs_pass():
 
     assert PROMPT_POSITIONS == N_PROMPTS
     tested = {o.split("=")[0] for o, _ in BAD_SETTINGS}
-    untested = set(_value_rules()) - tested - {  # same rule as a tested neighbour
-        "collator.mask_probability", "collator.del_probability", "collator.rep_probability", "collator.first_visit_prob",
-        "model.decoder_layers", "model.encoder_attention_heads", "model.decoder_attention_heads", "model.encoder_ffn_dim",
-        "model.decoder_ffn_dim", "model.prompt_hidden_size", "model.attention_dropout", "model.activation_dropout",
-        "model.sex_loss_weight", "model.target_visit_loss_weight", "model.d_model", "data.max_patients",
-        "training.quality_report_released_patients", "validation.corruption_prob", "validation.lambda_poisson",
-        "validation.mask_probability", "validation.del_probability", "validation.rep_probability",
-        "tracking.registered_model_name", "tracking.experiment_name"}  # blank names: only from a YAML file
+    untested = (
+        set(_value_rules())
+        - tested
+        - {  # same rule as a tested neighbour
+            "collator.mask_probability",
+            "collator.del_probability",
+            "collator.rep_probability",
+            "collator.first_visit_prob",
+            "model.decoder_layers",
+            "model.encoder_attention_heads",
+            "model.decoder_attention_heads",
+            "model.encoder_ffn_dim",
+            "model.decoder_ffn_dim",
+            "model.prompt_hidden_size",
+            "model.attention_dropout",
+            "model.activation_dropout",
+            "model.sex_loss_weight",
+            "model.target_visit_loss_weight",
+            "model.d_model",
+            "data.max_patients",
+            "training.quality_report_released_patients",
+            "validation.corruption_prob",
+            "validation.lambda_poisson",
+            "validation.mask_probability",
+            "validation.del_probability",
+            "validation.rep_probability",
+            "tracking.registered_model_name",
+            "tracking.experiment_name",
+        }
+    )  # blank names: only from a YAML file
     assert not untested, untested
     for path in EXPERIMENTS:
         overrides = ["data.path=/data"] if "mimic" in path.name or "meds" in path.name else []
@@ -167,24 +215,30 @@ def test_every_rule_has_a_row_in_the_table_and_the_base_configs_pass():
 def test_max_position_embeddings_rule_is_the_model_limit():
     """The model fits a max-length row with its two prompts at exactly max_length + 2 positions, and
     not at one fewer: the rule's bound is the real one."""
-    import torch
 
     from promptehr.collator import EHRDataCollator, EHRPatientDataset
-    from promptehr.data import Patient
     from promptehr.model import PromptBartWithDemographicPrediction
+    from promptehr.schema import Patient
     from promptehr.tokenizer import DiagnosisCodeTokenizer
 
     codes = [f"{i:03d}" for i in range(60)]
-    patient = Patient("1", 50.0, "F", [codes[i:i + 6] for i in range(0, 60, 6)])  # 10 visits of 6 codes
+    patient = Patient("1", 50.0, "F", [codes[i : i + 6] for i in range(0, 60, 6)])  # 10 visits of 6 codes
     tokenizer = DiagnosisCodeTokenizer.from_patients([patient])
     max_length = 2 + 10 * 8  # <s> </s> and 10 x (<v> 6 codes </v>): the row fills max_length
     batch_of = lambda cfg: EHRDataCollator.from_config(tokenizer, cfg.collator)(  # noqa: E731
-        [EHRPatientDataset([patient], tokenizer, max_length)[0]])
+        [EHRPatientDataset([patient], tokenizer, max_length)[0]]
+    )
     for positions, fits in ((max_length + 2, True), (max_length + 1, False)):
-        cfg = load_config(ROOT / "experiments" / "tiny.yaml", [f"collator.max_length={max_length}",
-                                                               f"model.max_position_embeddings={positions}",
-                                                               "collator.corruption_prob=0", "collator.next_visit_rows=false",
-                                                               "collator.first_visit_prob=0"])
+        cfg = load_config(
+            ROOT / "experiments" / "tiny.yaml",
+            [
+                f"collator.max_length={max_length}",
+                f"model.max_position_embeddings={positions}",
+                "collator.corruption_prob=0",
+                "collator.next_visit_rows=false",
+                "collator.first_visit_prob=0",
+            ],
+        )
         batch = batch_of(cfg)
         assert batch["input_ids"].shape[1] == max_length
         model = PromptBartWithDemographicPrediction(tokenizer, cfg).eval()

@@ -11,10 +11,11 @@ import torch
 from promptehr.checkpoint import save_checkpoint
 from promptehr.cli import main
 from promptehr.config import load_config
-from promptehr.data import MAX_AGE, Patient, load_mimic_data
 from promptehr.export import export_patients, read_jsonl, write_mimic3
 from promptehr.generate import AGE_BIN_EDGES, demographics_histogram
+from promptehr.mimic import load_mimic_data
 from promptehr.model import PromptBartWithDemographicPrediction
+from promptehr.schema import MAX_AGE, Patient
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,8 +41,14 @@ def test_mimic3_tables_read_back_unchanged(cohort, tmp_path):
     expected = [(min(math.floor(p.age), MAX_AGE), p.sex, p.visits) for p in patients]
     assert as_tuples(back) == expected
     assert [p.subject_id for p in back] == [str(i) for i in range(1, len(patients) + 1)]
-    skipped = {k: v for k, v in report.counts.items() if v and k.startswith(
-        ("diagnosis_rows_", "admissions_", "duplicate_", "patients_unknown", "patients_without", "patients_age_negative"))}
+    skipped = {
+        k: v
+        for k, v in report.counts.items()
+        if v
+        and k.startswith(
+            ("diagnosis_rows_", "admissions_", "duplicate_", "patients_unknown", "patients_without", "patients_age_negative")
+        )
+    }
     assert skipped == {}  # nothing was skipped or repaired on the way back
     assert report.counts["patients_age_capped"] == sum(p.age >= MAX_AGE for p in patients)  # ~300-year DOB shift
 
@@ -91,8 +98,27 @@ def checkpoint_folder(tmp_path, cohort):
 
 def test_generate_entry_point_writes_loadable_tables(checkpoint_folder, cohort, tmp_path):
     def args(out):
-        return ["generate", "--model", str(checkpoint_folder), "--n-patients", "40", "--seed", "3", "--out", str(out),
-                "--max-visits", "3", "--top-k", "20", "--temperature", "0.9", "--top-p", "0.95", "--batch-size", "16"]
+        return [
+            "generate",
+            "--model",
+            str(checkpoint_folder),
+            "--n-patients",
+            "40",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+            "--max-visits",
+            "3",
+            "--top-k",
+            "20",
+            "--temperature",
+            "0.9",
+            "--top-p",
+            "0.95",
+            "--batch-size",
+            "16",
+        ]
 
     out = tmp_path / "synthetic"
     assert main(args(out)) == 0
@@ -124,7 +150,7 @@ def test_generate_refuses_a_checkpoint_without_demographics(checkpoint_folder, t
 def test_generate_from_the_registry(checkpoint_folder, tmp_path, monkeypatch):
     import mlflow
 
-    from promptehr.tracking import log_pyfunc_model
+    from promptehr.registry import log_pyfunc_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -134,8 +160,22 @@ def test_generate_from_the_registry(checkpoint_folder, tmp_path, monkeypatch):
         info = log_pyfunc_model(str(checkpoint_folder), "promptehr")
     mlflow.MlflowClient().set_registered_model_alias("promptehr", "champion", info.registered_model_version)
     out = tmp_path / "synthetic"
-    assert main(["generate", "--model", "models:/promptehr@champion", "--n-patients", "12", "--out", str(out),
-                 "--max-visits", "2"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                "models:/promptehr@champion",
+                "--n-patients",
+                "12",
+                "--out",
+                str(out),
+                "--max-visits",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert as_tuples(load_mimic_data(out)[0]) == as_tuples(read_jsonl(out / "patients.jsonl"))
 
 
@@ -149,8 +189,27 @@ def test_mlflow_run_generate_entry_point(checkpoint_folder, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "synthetic"
-    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "generate", "--env-manager", "local",
-           "-P", f"model={checkpoint_folder}", "-P", "n_patients=15", "-P", f"out={out}", "-P", "top_k=10", "-P", "seed=4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(ROOT),
+        "-e",
+        "generate",
+        "--env-manager",
+        "local",
+        "-P",
+        f"model={checkpoint_folder}",
+        "-P",
+        "n_patients=15",
+        "-P",
+        f"out={out}",
+        "-P",
+        "top_k=10",
+        "-P",
+        "seed=4",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert as_tuples(load_mimic_data(out)[0]) == as_tuples(read_jsonl(out / "patients.jsonl"))

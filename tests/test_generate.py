@@ -20,10 +20,18 @@ from mlflow.exceptions import MlflowException
 
 from promptehr.checkpoint import load_checkpoint, save_checkpoint
 from promptehr.config import load_config
-from promptehr.data import SEXES, Patient
-from promptehr.generate import (AGE_BIN_EDGES, SamplingConfig, _history_tokens, demographics_histogram,
-                                generate_conditional_batch, generate_patients, sample_demographics, sample_visit_batch)
-from promptehr.model import BANNED_LOGIT, PromptBartWithDemographicPrediction
+from promptehr.generate import (
+    AGE_BIN_EDGES,
+    SamplingConfig,
+    demographics_histogram,
+    generate_conditional_batch,
+    generate_patients,
+    sample_demographics,
+    sample_visit_batch,
+)
+from promptehr.model import PromptBartWithDemographicPrediction
+from promptehr.patient_format import BANNED_LOGIT, visit_tokens
+from promptehr.schema import SEXES, Patient
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,25 +57,43 @@ def test_cached_batched_logits_equal_a_full_forward_per_row():
     histories = [[], [[7, 8, 9]], [[10, 11], [12, 13, 14, 15], [16]], [[17], [18, 19]]]
     revealed = [[], [20], [21, 22], []]
     ages, sexes = [50.0, 3.0, 80.0, 30.0], [0, 1, 0, 1]
-    codes, more = sample_visit_batch(model, tok, histories, revealed, ages, sexes, SamplingConfig(temperature=1.5),
-                                     torch.Generator().manual_seed(1))
+    codes, more = sample_visit_batch(
+        model, tok, histories, revealed, ages, sexes, SamplingConfig(temperature=1.5), torch.Generator().manual_seed(1)
+    )
     del model.lm_logits
     compared = 0
     for i in range(len(histories)):
-        hist = _history_tokens(tok, histories[i])
-        enc = [tok.bos_token_id, *hist, tok.visit_open_id, *revealed[i], tok.mask_token_id, tok.visit_close_id, tok.eos_token_id]
+        hist = visit_tokens(tok, histories[i])
+        enc = [
+            tok.bos_token_id,
+            *hist,
+            tok.visit_open_id,
+            *revealed[i],
+            tok.mask_token_id,
+            tok.visit_close_id,
+            tok.eos_token_id,
+        ]
         dec = [tok.bos_token_id, *hist, tok.visit_open_id, *revealed[i]]
         sampled = codes[i] + [tok.visit_close_id, tok.visit_open_id if more[i] else tok.eos_token_id]
         with torch.no_grad():
-            out = model(input_ids=torch.tensor([enc]), attention_mask=torch.ones(1, len(enc), dtype=torch.long),
-                        labels=torch.tensor([dec[1:] + sampled]), x_num=torch.tensor([[ages[i]]]), x_cat=torch.tensor([[sexes[i]]]))
+            out = model(
+                input_ids=torch.tensor([enc]),
+                attention_mask=torch.ones(1, len(enc), dtype=torch.long),
+                labels=torch.tensor([dec[1:] + sampled]),
+                x_num=torch.tensor([[ages[i]]]),
+                x_cat=torch.tensor([[sexes[i]]]),
+            )
         for t in range(len(sampled)):  # logits of step t predict sampled[t]
             logits = out["logits"][0, len(dec) - 1 + t]
             allowed = logits > BANNED_LOGIT / 2  # the forward's grammar mask: the sampler's rules
             torch.testing.assert_close(recorded[t][i][allowed], logits[allowed], atol=1e-5, rtol=1e-5)
             if t <= len(codes[i]):  # inside the visit: specials but </v>, the visit's codes, </v> if empty
                 held = revealed[i] + codes[i][:t]
-                expected = (set(range(tok.n_special)) - {tok.visit_close_id}) | set(held) | (set() if held else {tok.visit_close_id})
+                expected = (
+                    (set(range(tok.n_special)) - {tok.visit_close_id})
+                    | set(held)
+                    | (set() if held else {tok.visit_close_id})
+                )
             else:  # after </v>: only <v> or </s>
                 expected = set(range(len(tok))) - {tok.visit_open_id, tok.eos_token_id}
             assert set(torch.nonzero(~allowed).flatten().tolist()) == expected
@@ -79,8 +105,14 @@ def test_cached_batched_logits_equal_a_full_forward_per_row():
 def test_no_code_repeats_inside_a_visit_and_delimiters_still_work():
     # 12 codes, up to 40 per visit: an unmasked random model would repeat codes in most visits
     model, tok, _ = tiny_model(12)
-    patients = generate_patients(model, tok, [60.0] * 64, ["M", "F"] * 32,
-                                 SamplingConfig(temperature=2.0, max_codes_per_visit=40, max_visits=6), seed=0)
+    patients = generate_patients(
+        model,
+        tok,
+        [60.0] * 64,
+        ["M", "F"] * 32,
+        SamplingConfig(temperature=2.0, max_codes_per_visit=40, max_visits=6),
+        seed=0,
+    )
     visits = [v for p in patients for v in p.visits]
     assert all(len(v) == len(set(v)) and 1 <= len(v) <= 12 for v in visits)
     assert all(c in tok.codes for v in visits for c in v)  # never a special token
@@ -88,8 +120,14 @@ def test_no_code_repeats_inside_a_visit_and_delimiters_still_work():
     n = [len(p.visits) for p in patients]
     assert min(n) == 1 and max(n) >= 3  # the model's <v> / </s> choice decides, not a fixed count
     # revealed codes are not generated again either
-    res = generate_conditional_batch(model, tok, [Patient("x", 50.0, "F", [[f"C{i:02d}" for i in range(8)]])] * 8,
-                                     prompt_prob=0.5, sampling=SamplingConfig(temperature=2.0), seed=1)
+    res = generate_conditional_batch(
+        model,
+        tok,
+        [Patient("x", 50.0, "F", [[f"C{i:02d}" for i in range(8)]])] * 8,
+        prompt_prob=0.5,
+        sampling=SamplingConfig(temperature=2.0),
+        seed=1,
+    )
     for r in res:
         gen = r["generated"][0]
         assert len(gen) == len(set(gen)) and set(r["prompts"][0]) <= set(gen)
@@ -136,8 +174,9 @@ def test_reconstruction_jaccard_does_not_count_the_revealed_codes():
 def test_n_visits_is_honoured_exactly_and_max_visits_ends_the_rest():
     model, tok, _ = tiny_model()
     targets = [1, 3, 7, None, None, 25]
-    patients = generate_patients(model, tok, [40.0] * 6, ["F"] * 6, SamplingConfig(max_visits=2, max_codes_per_visit=4),
-                                 seed=3, n_visits=targets)
+    patients = generate_patients(
+        model, tok, [40.0] * 6, ["F"] * 6, SamplingConfig(max_visits=2, max_codes_per_visit=4), seed=3, n_visits=targets
+    )
     got = [len(p.visits) for p in patients]
     assert got[:3] == [1, 3, 7] and got[5] == 25  # n_visits overrides max_visits
     assert 1 <= got[3] <= 2 and 1 <= got[4] <= 2
@@ -154,10 +193,10 @@ def test_greedy_settings_agree_and_seeds_matter():
         return [p.visits for p in generate_patients(model, tok, ages, sexes, sampling, seed=seed)]
 
     greedy = run(0, top_k=1)
-    assert run(5, top_k=1) == greedy                 # top-k 1: nothing left to sample
-    assert run(5, top_p=1e-6) == greedy              # a tiny nucleus keeps the best token only
-    assert run(5, temperature=1e-4) == greedy        # near-zero temperature
-    assert run(1) == run(1) and run(1) != run(2)     # seeded, and the seed matters
+    assert run(5, top_k=1) == greedy  # top-k 1: nothing left to sample
+    assert run(5, top_p=1e-6) == greedy  # a tiny nucleus keeps the best token only
+    assert run(5, temperature=1e-4) == greedy  # near-zero temperature
+    assert run(1) == run(1) and run(1) != run(2)  # seeded, and the seed matters
     for bad in ({"temperature": 0.0}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5}):
         with pytest.raises(ValueError):
             SamplingConfig(**bad)
@@ -209,11 +248,21 @@ def test_prompts_reach_every_generation_step():
         model.lm_logits = lambda h: seen.append(lm_logits(h)) or seen[-1]
         # equal histories, top_k=1: rows sample the same tokens unless their logits differ; row 3 repeats
         # row 0 as a control (what "no difference" looks like in a batch)
-        sample_visit_batch(model, tok, [[[7, 8], [9]]] * 4, [[10]] * 4, [60.0, 60.0, 20.0, 60.0], [0, 1, 0, 0],
-                           SamplingConfig(top_k=1, max_codes_per_visit=6), torch.Generator())
+        sample_visit_batch(
+            model,
+            tok,
+            [[[7, 8], [9]]] * 4,
+            [[10]] * 4,
+            [60.0, 60.0, 20.0, 60.0],
+            [0, 1, 0, 0],
+            SamplingConfig(top_k=1, max_codes_per_visit=6),
+            torch.Generator(),
+        )
         del model.lm_logits
-        return [(float((s[0] - s[1]).abs().max()), float((s[0] - s[2]).abs().max()), float((s[0] - s[3]).abs().max()))
-                for s in seen]
+        return [
+            (float((s[0] - s[1]).abs().max()), float((s[0] - s[2]).abs().max()), float((s[0] - s[3]).abs().max()))
+            for s in seen
+        ]
 
     for sex_diff, age_diff, control in step_logits():
         assert control < 1e-7 and sex_diff > 1e-5 and age_diff > 1e-5
@@ -234,16 +283,32 @@ def test_sex_prompt_controls_a_sex_specific_code(cohort, tmp_path):
     from promptehr.tracking import Tracker
     from promptehr.train import train
 
-    marked = [Patient(p.subject_id, float(math.floor(p.age)), p.sex, [v + ["SEXF1"] if p.sex == "F" else list(v) for v in p.visits])
-              for p in cohort]
+    marked = [
+        Patient(
+            p.subject_id, float(math.floor(p.age)), p.sex, [v + ["SEXF1"] if p.sex == "F" else list(v) for v in p.visits]
+        )
+        for p in cohort
+    ]
     write_mimic3(marked, tmp_path / "data")
     # 60 epochs (~40 s): with the grammar mask in training, 25 epochs left men at 3.1% of visits with
     # the women-only code (women 89%); the claim is about a trained prompt, so train it
-    cfg = load_config(ROOT / "experiments" / "tiny.yaml", [
-        "data.source=mimic3", f"data.path={tmp_path / 'data'}", f"training.checkpoint_dir={tmp_path / 'ck'}",
-        "model.d_model=64", "training.num_epochs=60", "training.learning_rate=5e-3", "collator.first_visit_prob=1.0",
-        "training.validate_every_n_epochs=100", "training.save_every_n_epochs=100", "validation.jaccard_patients=0",
-        "training.quality_report=false", "tracking.n_sample_patients=0"])
+    cfg = load_config(
+        ROOT / "experiments" / "tiny.yaml",
+        [
+            "data.source=mimic3",
+            f"data.path={tmp_path / 'data'}",
+            f"training.checkpoint_dir={tmp_path / 'ck'}",
+            "model.d_model=64",
+            "training.num_epochs=60",
+            "training.learning_rate=5e-3",
+            "collator.first_visit_prob=1.0",
+            "training.validate_every_n_epochs=100",
+            "training.save_every_n_epochs=100",
+            "validation.jaccard_patients=0",
+            "training.quality_report=false",
+            "tracking.n_sample_patients=0",
+        ],
+    )
     result = train(cfg, Tracker())
     model, tok, _, _ = load_checkpoint(result["best_checkpoint"])
     ages = [p.age for p in marked[:200]]
@@ -288,7 +353,9 @@ def test_predict_honours_n_visits_row_seeds_and_params(pyfunc_model):
     assert out["patient_id"].is_unique
     # a row with its own seed gets the same patient whatever else is in the request
     alone = pyfunc_model.predict(None, pd.DataFrame({"age": [30.0], "sex": ["F"], "seed": [7]}))
-    mixed = pyfunc_model.predict(None, pd.DataFrame({"age": [80.0, 30.0, 60.0], "sex": ["M", "F", "F"], "seed": [None, 7, None]}))
+    mixed = pyfunc_model.predict(
+        None, pd.DataFrame({"age": [80.0, 30.0, 60.0], "sex": ["M", "F", "F"], "seed": [None, 7, None]})
+    )
     assert mixed["visits"][1] == alone["visits"][0]
     # greedy decoding through the params: the seed no longer matters
     g1 = pyfunc_model.predict(None, df[["age", "sex"]], params={"top_k": 1, "seed": 1, "max_visits": 2})
@@ -313,21 +380,49 @@ def test_registered_model_predicts_and_serves(tmp_path):
     from promptehr.train import train
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = load_config(ROOT / "experiments" / "tiny.yaml", [f"training.checkpoint_dir={tmp_path / 'ck'}", "data.synthetic.n_patients=200",
-                                                            "training.num_epochs=1", "training.quality_report=false"])
+    cfg = load_config(
+        ROOT / "experiments" / "tiny.yaml",
+        [
+            f"training.checkpoint_dir={tmp_path / 'ck'}",
+            "data.synthetic.n_patients=200",
+            "training.num_epochs=1",
+            "training.quality_report=false",
+        ],
+    )
     train(cfg, MLflowTracker(uri, "serve-test"))
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/promptehr@champion")
-    out = model.predict(pd.DataFrame({"age": [70.0, 30.0], "sex": ["M", "F"], "n_visits": [2, 3]}),
-                        params={"seed": 1, "temperature": 0.8, "top_p": 0.9})
+    out = model.predict(
+        pd.DataFrame({"age": [70.0, 30.0], "sex": ["M", "F"], "n_visits": [2, 3]}),
+        params={"seed": 1, "temperature": 0.8, "top_p": 0.9},
+    )
     assert list(out["n_visits"]) == [2, 3] and [len(json.loads(v)) for v in out["visits"]] == [2, 3]
 
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_TRACKING_URI"] = uri
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/promptehr@champion",
-                               "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"], cwd=tmp_path, env=env,
-                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "w"), start_new_session=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            "models:/promptehr@champion",
+            "--env-manager",
+            "local",
+            "-p",
+            str(port),
+            "-h",
+            "127.0.0.1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "serve.log", "w"),
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 150
         while True:
@@ -341,8 +436,11 @@ def test_registered_model_predicts_and_serves(tmp_path):
             assert time.time() < deadline, "server did not answer /ping in time"
             time.sleep(1)
         body = {"dataframe_split": {"columns": ["age", "sex"], "data": [[70, "M"], [30, "F"]]}, "params": {"seed": 1}}
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=120) as r:
             answer = json.loads(r.read())
         rows = answer["predictions"]

@@ -19,20 +19,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import SHARED, needs_shared
+
 from promptehr.checkpoint import read_metadata, save_checkpoint
 from promptehr.cli import main
 from promptehr.config import load_config
-from promptehr.data import (MAX_AGE, DataError, DataReport, Patient, held_out_subject_ids, load_mimic4_data, load_patients,
-                            split_for_training)
+from promptehr.data import held_out_subject_ids, load_patients, split_fingerprint, split_for_training
 from promptehr.export import read_jsonl
 from promptehr.generate import demographics_histogram
 from promptehr.meds import load_meds_data, meds_events, write_meds
+from promptehr.mimic import load_mimic4_data
 from promptehr.model import PromptBartWithDemographicPrediction
+from promptehr.schema import MAX_AGE, DataError, DataReport, Patient
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 from promptehr.tracking import Tracker
-from promptehr.train import split_fingerprint, train
+from promptehr.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSP = SHARED / "mimic4-demo" / "hosp"
@@ -74,22 +75,50 @@ def build_meds_from_mimic4(hosp: Path, root: Path, diagnosis_time: str = "discht
     pat = pd.read_csv(hosp / "patients.csv.gz")
     adm = pd.read_csv(hosp / "admissions.csv.gz")
     diag = pd.read_csv(hosp / "diagnoses_icd.csv.gz", dtype={"icd_code": str})
-    static = pd.concat([
-        pd.DataFrame({"subject_id": pat["subject_id"], "time": pd.NaT, "code": "GENDER//" + pat["gender"]}),
-        pd.DataFrame({"subject_id": pat["subject_id"], "code": "MEDS_BIRTH",
-                      "time": pd.to_datetime((pat["anchor_year"] - pat["anchor_age"]).astype(str), format="%Y")}),
-        pd.DataFrame({"subject_id": pat["subject_id"], "time": pd.to_datetime(pat["dod"]), "code": "MEDS_DEATH"}).dropna(),
-    ])
-    stays = pd.concat([
-        pd.DataFrame({"subject_id": adm["subject_id"], "hadm_id": adm["hadm_id"], "time": pd.to_datetime(adm["admittime"]),
-                      "code": "HOSPITAL_ADMISSION//" + adm["admission_type"] + "//" + adm["admission_location"].fillna("UNK")}),
-        pd.DataFrame({"subject_id": adm["subject_id"], "hadm_id": adm["hadm_id"], "time": pd.to_datetime(adm["dischtime"]),
-                      "code": "HOSPITAL_DISCHARGE//" + adm["discharge_location"].fillna("UNK")}),
-    ])
+    static = pd.concat(
+        [
+            pd.DataFrame({"subject_id": pat["subject_id"], "time": pd.NaT, "code": "GENDER//" + pat["gender"]}),
+            pd.DataFrame(
+                {
+                    "subject_id": pat["subject_id"],
+                    "code": "MEDS_BIRTH",
+                    "time": pd.to_datetime((pat["anchor_year"] - pat["anchor_age"]).astype(str), format="%Y"),
+                }
+            ),
+            pd.DataFrame(
+                {"subject_id": pat["subject_id"], "time": pd.to_datetime(pat["dod"]), "code": "MEDS_DEATH"}
+            ).dropna(),
+        ]
+    )
+    stays = pd.concat(
+        [
+            pd.DataFrame(
+                {
+                    "subject_id": adm["subject_id"],
+                    "hadm_id": adm["hadm_id"],
+                    "time": pd.to_datetime(adm["admittime"]),
+                    "code": "HOSPITAL_ADMISSION//" + adm["admission_type"] + "//" + adm["admission_location"].fillna("UNK"),
+                }
+            ),
+            pd.DataFrame(
+                {
+                    "subject_id": adm["subject_id"],
+                    "hadm_id": adm["hadm_id"],
+                    "time": pd.to_datetime(adm["dischtime"]),
+                    "code": "HOSPITAL_DISCHARGE//" + adm["discharge_location"].fillna("UNK"),
+                }
+            ),
+        ]
+    )
     diag = diag.sort_values(["subject_id", "hadm_id", "seq_num"]).merge(adm[["hadm_id", diagnosis_time]], on="hadm_id")
-    diagnoses = pd.DataFrame({"subject_id": diag["subject_id"], "hadm_id": diag["hadm_id"],
-                              "time": pd.to_datetime(diag[diagnosis_time]),
-                              "code": "DIAGNOSIS//ICD//" + diag["icd_version"].astype(str) + "//" + diag["icd_code"]})
+    diagnoses = pd.DataFrame(
+        {
+            "subject_id": diag["subject_id"],
+            "hadm_id": diag["hadm_id"],
+            "time": pd.to_datetime(diag[diagnosis_time]),
+            "code": "DIAGNOSIS//ICD//" + diag["icd_version"].astype(str) + "//" + diag["icd_code"],
+        }
+    )
     events = pd.concat([static, stays, diagnoses], ignore_index=True)
 
     subjects = sorted(pat["subject_id"].tolist())
@@ -98,20 +127,35 @@ def build_meds_from_mimic4(hosp: Path, root: Path, diagnosis_time: str = "discht
     for name, rows in events.groupby(events["subject_id"].map(shard)):
         write_events(root / "data" / f"{name}.parquet", rows)
     (root / "metadata").mkdir(parents=True, exist_ok=True)
-    (root / "metadata" / "dataset.json").write_text(json.dumps(
-        {"dataset_name": "MIMIC-IV demo", "etl_name": "test build after MIMIC_IV_MEDS", "meds_version": "0.4.1"}))
+    (root / "metadata" / "dataset.json").write_text(
+        json.dumps({"dataset_name": "MIMIC-IV demo", "etl_name": "test build after MIMIC_IV_MEDS", "meds_version": "0.4.1"})
+    )
     codes = sorted(events["code"].unique())
-    pq.write_table(pa.table({"code": pa.array(codes, pa.string()), "description": pa.nulls(len(codes), pa.string()),
-                             "parent_codes": pa.nulls(len(codes), pa.list_(pa.string()))}), root / "metadata" / "codes.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "code": pa.array(codes, pa.string()),
+                "description": pa.nulls(len(codes), pa.string()),
+                "parent_codes": pa.nulls(len(codes), pa.list_(pa.string())),
+            }
+        ),
+        root / "metadata" / "codes.parquet",
+    )
     write_splits(root, split)
     return {str(s): v for s, v in split.items()}
 
 
 def write_splits(root: Path, split: dict) -> None:
     ids = list(split)
-    pq.write_table(pa.table({"subject_id": pa.array([int(s) for s in ids], pa.int64()),
-                             "split": pa.array([split[s] for s in ids], pa.string())}),
-                   root / "metadata" / "subject_splits.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "subject_id": pa.array([int(s) for s in ids], pa.int64()),
+                "split": pa.array([split[s] for s in ids], pa.string()),
+            }
+        ),
+        root / "metadata" / "subject_splits.parquet",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -161,11 +205,21 @@ def test_mimic4_demo_through_meds_equals_the_mimic4_loader(demo_meds, versions):
     ref, ref_vocab, ref_report = load_mimic4_data(SHARED / "mimic4-demo", icd_versions=versions)
     assert [(p.subject_id, p.sex, p.visits) for p in got] == [(p.subject_id, p.sex, p.visits) for p in ref]
     assert got_vocab == ref_vocab
-    for key in ("patients", "visits", "code_occurrences", "distinct_codes", "patients_2plus_visits",
-                "patients_without_visits", "patients_age_capped"):
+    for key in (
+        "patients",
+        "visits",
+        "code_occurrences",
+        "distinct_codes",
+        "patients_2plus_visits",
+        "patients_without_visits",
+        "patients_age_capped",
+    ):
         assert got_report.counts[key] == ref_report.counts[key], key
     assert got_report.counts["diagnosis_events"] == ref_report.counts["diagnosis_rows"] == 4506
-    assert got_report.counts["diagnosis_events_excluded_icd_version"] == ref_report.counts["diagnosis_rows_excluded_icd_version"]
+    assert (
+        got_report.counts["diagnosis_events_excluded_icd_version"]
+        == ref_report.counts["diagnosis_rows_excluded_icd_version"]
+    )
 
     first = first_admissions(versions)
     assert sorted(first) == sorted(p.subject_id for p in got)
@@ -270,9 +324,18 @@ def test_train_on_meds_with_meds_split(demo_meds, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "build_loader", spy_loader)
     monkeypatch.setattr(train_module, "ValidationProtocol", spy_protocol)
-    cfg = load_config(ROOT / "experiments" / "tiny.yaml", [
-        "data.source=meds", f"data.path={root}", "data.split=meds", "training.num_epochs=1",
-        f"training.checkpoint_dir={tmp_path / 'ck'}", "training.quality_report=false", "validation.jaccard_patients=5"])
+    cfg = load_config(
+        ROOT / "experiments" / "tiny.yaml",
+        [
+            "data.source=meds",
+            f"data.path={root}",
+            "data.split=meds",
+            "training.num_epochs=1",
+            f"training.checkpoint_dir={tmp_path / 'ck'}",
+            "training.quality_report=false",
+            "validation.jaccard_patients=5",
+        ],
+    )
     result = train(cfg, Tracker())
     assert math.isfinite(result["final_metrics"]["loss"]) and seen["protocol_train"] == seen["train"]
     loaded = {p.subject_id for p in load_patients(cfg.data)[0]}
@@ -295,11 +358,19 @@ def ev(subject, time, code, hadm=None):
 
 
 def tiny_dataset(tmp_path, rows=None, hadm_id=True) -> Path:
-    rows = rows if rows is not None else [
-        ev(1, None, "GENDER//F"), ev(1, "2100-01-01", "MEDS_BIRTH"),
-        ev(1, "2140-05-01", "DIAGNOSIS//ICD//9//4019", 11), ev(1, "2140-05-01", "DIAGNOSIS//ICD//10//I10", 11),
-        ev(2, None, "GENDER//M"), ev(2, "2050-03-01", "MEDS_BIRTH"), ev(2, "2140-02-01", "DIAGNOSIS//ICD//9//0389", 21),
-    ]
+    rows = (
+        rows
+        if rows is not None
+        else [
+            ev(1, None, "GENDER//F"),
+            ev(1, "2100-01-01", "MEDS_BIRTH"),
+            ev(1, "2140-05-01", "DIAGNOSIS//ICD//9//4019", 11),
+            ev(1, "2140-05-01", "DIAGNOSIS//ICD//10//I10", 11),
+            ev(2, None, "GENDER//M"),
+            ev(2, "2050-03-01", "MEDS_BIRTH"),
+            ev(2, "2140-02-01", "DIAGNOSIS//ICD//9//0389", 21),
+        ]
+    )
     root = tmp_path / "meds"
     write_events(root / "data" / "0.parquet", pd.DataFrame(rows), hadm_id=hadm_id)
     (root / "metadata").mkdir(parents=True, exist_ok=True)
@@ -310,29 +381,46 @@ def tiny_dataset(tmp_path, rows=None, hadm_id=True) -> Path:
 def test_hand_made_visits_ages_and_every_drop_counted(tmp_path):
     rows = [
         # 1: two admissions given out of time order, a repeated code, a lab event, age before its birthday
-        ev(1, None, "GENDER//F"), ev(1, "2100-06-15", "MEDS_BIRTH"),
-        ev(1, "2150-06-14 23:00", "DIAGNOSIS//ICD//9//4019", 12), ev(1, "2150-06-14 23:00", "LAB//50912//mg/dL"),
-        ev(1, "2150-06-14 23:00", "DIAGNOSIS//ICD//9//4019", 12), ev(1, "2150-06-14 23:00", "DIAGNOSIS//ICD//10//E8809", 12),
+        ev(1, None, "GENDER//F"),
+        ev(1, "2100-06-15", "MEDS_BIRTH"),
+        ev(1, "2150-06-14 23:00", "DIAGNOSIS//ICD//9//4019", 12),
+        ev(1, "2150-06-14 23:00", "LAB//50912//mg/dL"),
+        ev(1, "2150-06-14 23:00", "DIAGNOSIS//ICD//9//4019", 12),
+        ev(1, "2150-06-14 23:00", "DIAGNOSIS//ICD//10//E8809", 12),
         ev(1, "2140-01-02", "DIAGNOSIS//ICD//9//E8809", 11),
-        ev(1, "2140-01-02", "DIAGNOSIS//ICD//11//X1", 11),        # unknown version
-        ev(1, "2140-01-02", "DIAGNOSIS//ICD//9", 11),             # malformed
+        ev(1, "2140-01-02", "DIAGNOSIS//ICD//11//X1", 11),  # unknown version
+        ev(1, "2140-01-02", "DIAGNOSIS//ICD//9", 11),  # malformed
         # 2: no hadm_id: events grouped by time; over 90 at the first visit: capped
-        ev(2, None, "GENDER//M"), ev(2, "2000-01-01", "MEDS_BIRTH"),
-        ev(2, "2101-03-01", "DIAGNOSIS//ICD//10//I10"), ev(2, "2101-03-01", "DIAGNOSIS//ICD//10//J45"),
+        ev(2, None, "GENDER//M"),
+        ev(2, "2000-01-01", "MEDS_BIRTH"),
+        ev(2, "2101-03-01", "DIAGNOSIS//ICD//10//I10"),
+        ev(2, "2101-03-01", "DIAGNOSIS//ICD//10//J45"),
         ev(2, "2102-03-01", "DIAGNOSIS//ICD//10//I10"),
-        ev(2, None, "DIAGNOSIS//ICD//10//K21"),                   # no time
-        ev(3, None, "GENDER//U"), ev(3, "2090-01-01", "MEDS_BIRTH"), ev(3, "2140-01-01", "DIAGNOSIS//ICD//9//1", 31),
-        ev(4, "2090-01-01", "MEDS_BIRTH"), ev(4, "2140-01-01", "DIAGNOSIS//ICD//9//2", 41),          # no sex
-        ev(5, None, "GENDER//F"), ev(5, None, "GENDER//M"), ev(5, "2090-01-01", "MEDS_BIRTH"),
-        ev(5, "2140-01-01", "DIAGNOSIS//ICD//9//3", 51),                                            # two sexes
-        ev(6, None, "GENDER//M"), ev(6, "2140-01-01", "DIAGNOSIS//ICD//9//4", 61),                 # no birth
-        ev(7, None, "GENDER//M"), ev(7, "2090-01-01", "MEDS_BIRTH"), ev(7, "2140-01-01", "LAB//1"),  # no diagnosis
+        ev(2, None, "DIAGNOSIS//ICD//10//K21"),  # no time
+        ev(3, None, "GENDER//U"),
+        ev(3, "2090-01-01", "MEDS_BIRTH"),
+        ev(3, "2140-01-01", "DIAGNOSIS//ICD//9//1", 31),
+        ev(4, "2090-01-01", "MEDS_BIRTH"),
+        ev(4, "2140-01-01", "DIAGNOSIS//ICD//9//2", 41),  # no sex
+        ev(5, None, "GENDER//F"),
+        ev(5, None, "GENDER//M"),
+        ev(5, "2090-01-01", "MEDS_BIRTH"),
+        ev(5, "2140-01-01", "DIAGNOSIS//ICD//9//3", 51),  # two sexes
+        ev(6, None, "GENDER//M"),
+        ev(6, "2140-01-01", "DIAGNOSIS//ICD//9//4", 61),  # no birth
+        ev(7, None, "GENDER//M"),
+        ev(7, "2090-01-01", "MEDS_BIRTH"),
+        ev(7, "2140-01-01", "LAB//1"),  # no diagnosis
         # 8: born 29 February; two birth events (the earliest counts)
-        ev(8, None, "GENDER//F"), ev(8, "2096-02-29", "MEDS_BIRTH"), ev(8, "2097-01-01", "MEDS_BIRTH"),
+        ev(8, None, "GENDER//F"),
+        ev(8, "2096-02-29", "MEDS_BIRTH"),
+        ev(8, "2097-01-01", "MEDS_BIRTH"),
         ev(8, "2141-02-28 12:00", "DIAGNOSIS//ICD//9//V3000", 81),
         # 9: one admission's codes at two times are one visit; two admissions at one time are two
-        ev(9, None, "GENDER//M"), ev(9, "2100-01-01", "MEDS_BIRTH"),
-        ev(9, "2140-01-01", "DIAGNOSIS//ICD//9//1", 92), ev(9, "2140-01-01", "DIAGNOSIS//ICD//9//2", 91),
+        ev(9, None, "GENDER//M"),
+        ev(9, "2100-01-01", "MEDS_BIRTH"),
+        ev(9, "2140-01-01", "DIAGNOSIS//ICD//9//1", 92),
+        ev(9, "2140-01-01", "DIAGNOSIS//ICD//9//2", 91),
         ev(9, "2140-01-03", "DIAGNOSIS//ICD//9//3", 91),
     ]
     root = tiny_dataset(tmp_path, rows)
@@ -345,15 +433,28 @@ def test_hand_made_visits_ages_and_every_drop_counted(tmp_path):
     ]
     c = report.counts
     expected = {
-        "diagnosis_events": 18, "diagnosis_events_unknown_icd_version": 1, "diagnosis_events_malformed_code": 1,
-        "diagnosis_events_without_time": 1, "duplicate_codes_in_visit": 1, "diagnosis_events_without_hadm_id": 3,
-        "patients_unknown_gender": 3, "patients_conflicting_gender": 1, "patients_without_birth_info": 1,
-        "patients_without_visits": 1, "diagnosis_events_of_excluded_patients": 4, "patients_age_capped": 1,
-        "patients_several_birth_times": 1, "patients": 4, "visits": 7,
+        "diagnosis_events": 18,
+        "diagnosis_events_unknown_icd_version": 1,
+        "diagnosis_events_malformed_code": 1,
+        "diagnosis_events_without_time": 1,
+        "duplicate_codes_in_visit": 1,
+        "diagnosis_events_without_hadm_id": 3,
+        "patients_unknown_gender": 3,
+        "patients_conflicting_gender": 1,
+        "patients_without_birth_info": 1,
+        "patients_without_visits": 1,
+        "diagnosis_events_of_excluded_patients": 4,
+        "patients_age_capped": 1,
+        "patients_several_birth_times": 1,
+        "patients": 4,
+        "visits": 7,
     }
     assert {k: c[k] for k in expected} == expected
     only10, _, report10 = load_meds_data(root, icd_versions="10", progress=False)
-    assert as_tuples(only10) == [("1", 49.0, "F", [["ICD10:E8809"]]), ("2", 90.0, "M", [["ICD10:I10", "ICD10:J45"], ["ICD10:I10"]])]
+    assert as_tuples(only10) == [
+        ("1", 49.0, "F", [["ICD10:E8809"]]),
+        ("2", 90.0, "M", [["ICD10:I10", "ICD10:J45"], ["ICD10:I10"]]),
+    ]
     assert report10.counts["diagnosis_events_excluded_icd_version"] == 11  # ICD-9 events of every subject
 
 
@@ -370,12 +471,17 @@ def test_other_integer_time_and_string_encodings_are_read(tmp_path):
     root = tiny_dataset(tmp_path)
     shard = root / "data" / "0.parquet"
     table = pq.read_table(shard)
-    pq.write_table(pa.table({
-        "subject_id": pa.array(table.column("subject_id").to_pylist()[:-1] + [None], pa.int32()),
-        "time": table.column("time").cast(pa.timestamp("ns", tz="UTC")),
-        "code": table.column("code").dictionary_encode(),
-        "hadm_id": table.column("hadm_id").cast(pa.string()),
-    }), shard)
+    pq.write_table(
+        pa.table(
+            {
+                "subject_id": pa.array(table.column("subject_id").to_pylist()[:-1] + [None], pa.int32()),
+                "time": table.column("time").cast(pa.timestamp("ns", tz="UTC")),
+                "code": table.column("code").dictionary_encode(),
+                "hadm_id": table.column("hadm_id").cast(pa.string()),
+            }
+        ),
+        shard,
+    )
     patients, _, report = load_meds_data(root, progress=False)
     assert as_tuples(patients) == [("1", 40.0, "F", [["ICD9:4019", "ICD10:I10"]])]
     assert report.counts["events_without_subject_id"] == 1 and report.counts["patients_without_visits"] == 1
@@ -391,7 +497,11 @@ def _rewrite(root: Path, **columns) -> Path:
     path = root / "data" / "0.parquet"
     table = pq.read_table(path)
     for name, value in columns.items():
-        table = table.drop_columns([name]) if value is None else table.set_column(table.schema.get_field_index(name), name, value)
+        table = (
+            table.drop_columns([name])
+            if value is None
+            else table.set_column(table.schema.get_field_index(name), name, value)
+        )
     pq.write_table(table, path)
     return path
 
@@ -403,12 +513,15 @@ def test_missing_column_names_file_and_column(tmp_path):
     assert str(path) in str(exc.value) and "column(s) code missing" in str(exc.value)
 
 
-@pytest.mark.parametrize("column, array, found", [
-    ("subject_id", pa.array(["1"] * 7), "string"),
-    ("time", pa.array(["2100-01-01"] * 7), "string"),
-    ("code", pa.array([1] * 7, pa.int64()), "int64"),
-    ("hadm_id", pa.array([1.5] * 7, pa.float64()), "double"),
-])
+@pytest.mark.parametrize(
+    "column, array, found",
+    [
+        ("subject_id", pa.array(["1"] * 7), "string"),
+        ("time", pa.array(["2100-01-01"] * 7), "string"),
+        ("code", pa.array([1] * 7, pa.int64()), "int64"),
+        ("hadm_id", pa.array([1.5] * 7, pa.float64()), "double"),
+    ],
+)
 def test_wrong_type_names_file_column_and_type(tmp_path, column, array, found):
     path = _rewrite(tiny_dataset(tmp_path), **{column: array})
     with pytest.raises(DataError) as exc:
@@ -451,8 +564,16 @@ def test_no_usable_patient_says_why(tmp_path):
 
 def test_train_cli_reports_a_malformed_dataset(tmp_path, caplog):
     path = _rewrite(tiny_dataset(tmp_path), time=pa.array(["2100-01-01"] * 7))
-    rc = main(["train", "--config", str(ROOT / "experiments" / "tiny.yaml"), "--no-tracking", "--overrides",
-               f"data.source=meds data.path={path.parents[1]} training.checkpoint_dir={tmp_path / 'ck'}"])
+    rc = main(
+        [
+            "train",
+            "--config",
+            str(ROOT / "experiments" / "tiny.yaml"),
+            "--no-tracking",
+            "--overrides",
+            f"data.source=meds data.path={path.parents[1]} training.checkpoint_dir={tmp_path / 'ck'}",
+        ]
+    )
     assert rc == 2
     assert f"{path}: column time has type string" in caplog.text
 
@@ -465,9 +586,15 @@ def test_train_cli_reports_a_malformed_dataset(tmp_path, caplog):
 def read_back_expected(patients):
     """What data.source=meds gives for written patients: ids 1..N, whole-year ages capped at 90, and
     unprefixed (ICD-9) codes with their ICD9: prefix."""
-    return [(str(i), float(min(math.floor(max(p.age, 0.0)), MAX_AGE)), p.sex,
-             [[c if c.startswith(("ICD9:", "ICD10:")) else f"ICD9:{c}" for c in v] for v in p.visits])
-            for i, p in enumerate(patients, start=1)]
+    return [
+        (
+            str(i),
+            float(min(math.floor(max(p.age, 0.0)), MAX_AGE)),
+            p.sex,
+            [[c if c.startswith(("ICD9:", "ICD10:")) else f"ICD9:{c}" for c in v] for v in p.visits],
+        )
+        for i, p in enumerate(patients, start=1)
+    ]
 
 
 def check_meds_layout(root: Path) -> None:
@@ -500,8 +627,21 @@ def test_write_meds_reads_back(cohort, tmp_path):
     check_meds_layout(tmp_path / "out")
     back, _, report = load_meds_data(tmp_path / "out", progress=False)
     assert as_tuples(back) == read_back_expected(patients)
-    skipped = {k: v for k, v in report.counts.items() if v and k not in (
-        "shards", "diagnosis_events", "patients", "visits", "code_occurrences", "distinct_codes", "patients_2plus_visits")}
+    skipped = {
+        k: v
+        for k, v in report.counts.items()
+        if v
+        and k
+        not in (
+            "shards",
+            "diagnosis_events",
+            "patients",
+            "visits",
+            "code_occurrences",
+            "distinct_codes",
+            "patients_2plus_visits",
+        )
+    }
     assert skipped == {}
     events = meds_events(patients, seed=5).to_pandas()
     diag = events[events["code"].str.startswith("DIAGNOSIS//")]
@@ -525,8 +665,27 @@ def checkpoint_folder(tmp_path, cohort):
 
 def test_generate_format_meds_round_trip(checkpoint_folder, tmp_path):
     def generate(out):
-        return main(["generate", "--model", str(checkpoint_folder), "--n-patients", "30", "--seed", "3",
-                     "--out", str(out), "--max-visits", "3", "--top-k", "20", "--batch-size", "16", "--format", "meds"])
+        return main(
+            [
+                "generate",
+                "--model",
+                str(checkpoint_folder),
+                "--n-patients",
+                "30",
+                "--seed",
+                "3",
+                "--out",
+                str(out),
+                "--max-visits",
+                "3",
+                "--top-k",
+                "20",
+                "--batch-size",
+                "16",
+                "--format",
+                "meds",
+            ]
+        )
 
     out = tmp_path / "synthetic"
     assert generate(out) == 0

@@ -5,12 +5,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from promptehr.config import load_config
 from promptehr.collator import EHRDataCollator, EHRPatientDataset
+from promptehr.config import load_config
 from promptehr.data import split_patients
-from promptehr.validation import ValidationProtocol
-from promptehr.model import BANNED_LOGIT, PromptBartWithDemographicPrediction
+from promptehr.model import PromptBartWithDemographicPrediction
+from promptehr.patient_format import BANNED_LOGIT
 from promptehr.tokenizer import DiagnosisCodeTokenizer
+from promptehr.validation import ValidationProtocol
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,12 @@ def test_forward_backward_and_outputs(parts):
     assert torch.allclose(out["loss"], expected)
     out["loss"].backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
-    for name in ("encoder_prompt.age_weight", "decoder_prompt.sex_embedding.weight", "age_head.0.weight", "sex_head.2.weight"):
+    for name in (
+        "encoder_prompt.age_weight",
+        "decoder_prompt.sex_embedding.weight",
+        "age_head.0.weight",
+        "sex_head.2.weight",
+    ):
         assert grads[name] is not None and grads[name].abs().sum() > 0, name
 
 
@@ -90,8 +96,10 @@ def test_aux_heads_cannot_read_the_prompts(parts):
     model = PromptBartWithDemographicPrediction(tok, cfg).eval()
     batch = next(iter(loader(tok, train)))
     seen = []
-    hooks = [model.age_head.register_forward_hook(lambda m, i, o: seen.append(i[0].clone())),
-             model.sex_head.register_forward_hook(lambda m, i, o: seen.append(i[0].clone()))]
+    hooks = [
+        model.age_head.register_forward_hook(lambda m, i, o: seen.append(i[0].clone())),
+        model.sex_head.register_forward_hook(lambda m, i, o: seen.append(i[0].clone())),
+    ]
     model(**batch)
     model(**dict(batch, x_cat=1 - batch["x_cat"], x_num=torch.rand_like(batch["x_num"]) * 90))
     for h in hooks:
@@ -197,50 +205,8 @@ def test_a_few_hundred_steps_bring_perplexity_far_down(parts):
     assert after["next_visit_nll"] < after["next_visit_nll_frequency"] < before["next_visit_nll"]
 
 
-def reference_grammar_mask(labels, tok, vocab):
-    """The patient format's rules, one position at a time (what `grammar_mask` vectorises)."""
-    out = torch.zeros((*labels.shape, vocab), dtype=torch.bool)
-    for b, row in enumerate(labels.tolist()):
-        inside, emitted = False, []
-        for t, label in enumerate(row):
-            allowed = set()
-            if inside:
-                allowed = set(range(tok.n_special, vocab)) - {c for c in emitted if c >= tok.n_special}
-                if emitted:
-                    allowed.add(tok.visit_close_id)
-            else:
-                allowed = {tok.visit_open_id, tok.eos_token_id}
-            if label >= 0:
-                allowed.add(label)
-            else:
-                allowed.add(tok.pad_token_id)
-            out[b, t] = torch.tensor([v not in allowed for v in range(vocab)])
-            if label == tok.visit_open_id:
-                inside, emitted = True, []
-            elif label == tok.visit_close_id:
-                inside = False
-            elif inside and label >= 0:
-                emitted.append(label)
-    return out
-
-
-def test_grammar_mask_is_the_patient_format(parts):
-    from promptehr.model import grammar_mask
-
-    _, tok, train, _ = parts
-    batch = next(iter(loader(tok, train, batch_size=16)))
-    labels = batch["labels"].clone()
-    labels[0, 1] = tok.unk_token_id  # an unknown code in a visit: allowed as the label, counts as a code
-    mask = grammar_mask(labels, tok, len(tok))
-    assert torch.equal(mask, reference_grammar_mask(labels, tok, len(tok)))
-    # the rules bite: repeats inside a visit and closing an empty visit are banned
-    first_code = labels[:, 1]
-    assert mask[:, 2].gather(1, first_code.unsqueeze(1)).all()
-    assert mask[:, 1, tok.visit_close_id].all()
-
-
 def test_model_distribution_follows_the_grammar(parts):
-    from promptehr.model import grammar_mask
+    from promptehr.patient_format import grammar_mask
 
     cfg, tok, train, _ = parts
     torch.manual_seed(0)
@@ -255,8 +221,13 @@ def test_model_distribution_follows_the_grammar(parts):
     assert torch.allclose(probs.sum(-1)[valid], torch.ones(int(valid.sum())))
     assert torch.isfinite(out["loss"])
     # a forbidden label costs a large but finite loss rather than an infinite one
-    assert torch.isfinite(model(**dict(batch, labels=batch["labels"].where(batch["labels"] != tok.visit_close_id,
-                                                                          torch.tensor(tok.mask_token_id))))["loss"])
+    assert torch.isfinite(
+        model(
+            **dict(
+                batch, labels=batch["labels"].where(batch["labels"] != tok.visit_close_id, torch.tensor(tok.mask_token_id))
+            )
+        )["loss"]
+    )
 
 
 def test_output_bias_starts_at_the_log_frequency_and_is_learned(parts, tmp_path):
@@ -275,11 +246,17 @@ def test_output_bias_starts_at_the_log_frequency_and_is_learned(parts, tmp_path)
     bias = model.output_bias.detach()
     assert torch.all(bias[: tok.n_special] == 0)
     frequent, rare = tok.encode_code(counts.most_common()[0][0]), tok.encode_code(counts.most_common()[-1][0])
-    assert bias[frequent] - bias[rare] == pytest.approx(math.log((counts.most_common()[0][1] + 1) / (counts.most_common()[-1][1] + 1)), rel=1e-4)
+    assert bias[frequent] - bias[rare] == pytest.approx(
+        math.log((counts.most_common()[0][1] + 1) / (counts.most_common()[-1][1] + 1)), rel=1e-4
+    )
     # the untrained model already predicts frequent codes as more likely
     batch = EHRDataCollator(tok, seed=0)([EHRPatientDataset(val, tok)[i] for i in range(8)])
     logits = model(**batch)["logits"]
-    inside = (batch["labels"] >= tok.n_special) & (logits[..., frequent] > BANNED_LOGIT / 2) & (logits[..., rare] > BANNED_LOGIT / 2)
+    inside = (
+        (batch["labels"] >= tok.n_special)
+        & (logits[..., frequent] > BANNED_LOGIT / 2)
+        & (logits[..., rare] > BANNED_LOGIT / 2)
+    )
     assert inside.sum() > 50 and torch.all(logits[inside][:, frequent] > logits[inside][:, rare])
     model(**batch)["loss"].backward()
     assert model.output_bias.grad.abs().sum() > 0

@@ -3,16 +3,13 @@
 folder of their own, with MLflow's default store (./mlflow.db) and no MLFLOW_* variable set."""
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
-
 import readme
 from servers import clean_env, free_port, post_json, running
 
@@ -27,15 +24,19 @@ PROJECT_FILES = ("MLproject", "conda.yaml", "pyproject.toml", "experiments", "pr
 def test_every_readme_block_is_run_by_a_test_or_marked_as_not_runnable():
     found = readme.blocks()
     unmarked = [f"README.md line {b.line}: {b.text.splitlines()[0][:60]!r}" for b in found if not (b.test or b.reason)]
-    assert not unmarked, ("blocks without a `<!-- readme: test NAME -->` or `<!-- readme: not run: REASON -->` "
-                          f"line right before them: {unmarked}")
+    assert not unmarked, (
+        "blocks without a `<!-- readme: test NAME -->` or `<!-- readme: not run: REASON -->` "
+        f"line right before them: {unmarked}"
+    )
     names = [b.test for b in found if b.test]
     assert len(names) == len(set(names)), f"a test name marks two blocks: {names}"
     used = set()
     for path in TESTS.glob("test_*.py"):
         used |= set(re.findall(r"readme\.(?:block|commands)\(\s*\"([\w-]+)\"", path.read_text()))
-    assert set(names) == used, (f"blocks marked for a test that no test reads: {sorted(set(names) - used)}; "
-                                f"tests reading blocks that are not there: {sorted(used - set(names))}")
+    assert set(names) == used, (
+        f"blocks marked for a test that no test reads: {sorted(set(names) - used)}; "
+        f"tests reading blocks that are not there: {sorted(used - set(names))}"
+    )
     in_blocks = "\n".join(b.text for b in found)
     loose = [c for c in readme.inline_commands() if c not in in_blocks]
     assert not loose, f"commands in the README's prose that no block holds (put them in a marked block): {loose}"
@@ -57,14 +58,15 @@ def test_the_readme_checker_catches_an_unmarked_block_and_a_loose_command():
 def champion(tmp_path, cohort):
     """A tiny model registered as `promptehr@champion` in a fresh store (returns its tracking URI)."""
     from mlflow import MlflowClient
-
     from test_serving import tiny_checkpoint
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(experiment_id=MlflowClient(uri).create_experiment("readme")):  # no set_experiment: see test_serving
-        from promptehr.tracking import log_pyfunc_model
+    with mlflow.start_run(
+        experiment_id=MlflowClient(uri).create_experiment("readme")
+    ):  # no set_experiment: see test_serving
+        from promptehr.registry import log_pyfunc_model
 
         info = log_pyfunc_model(str(tiny_checkpoint(tmp_path / "ck", cohort)), "promptehr")
     MlflowClient(uri).set_registered_model_alias("promptehr", "champion", info.registered_model_version)
@@ -77,7 +79,13 @@ def test_readme_predict_example_runs_verbatim(champion):
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     patients = namespace["patients"]
-    assert isinstance(patients, pd.DataFrame) and list(patients.columns) == ["patient_id", "age", "sex", "n_visits", "visits"]
+    assert isinstance(patients, pd.DataFrame) and list(patients.columns) == [
+        "patient_id",
+        "age",
+        "sex",
+        "n_visits",
+        "visits",
+    ]
     assert list(patients["age"]) == [70.0, 30.0, 4.0] and list(patients["sex"]) == ["M", "F", "F"]
     assert patients["n_visits"][0] == 2 and patients["n_visits"][2] == 1 and patients["n_visits"][1] >= 1
     assert [len(json.loads(v)) for v in patients["visits"]] == list(patients["n_visits"])
@@ -119,8 +127,9 @@ class Sandbox:
         self.uri = f"sqlite:///{folder / 'mlflow.db'}"
 
     def run(self, command: str, timeout: float = 900) -> str:
-        proc = subprocess.run(["bash", "-c", command], cwd=self.folder, env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            ["bash", "-c", command], cwd=self.folder, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         assert proc.returncode == 0, f"{command}\n{proc.stderr[-4000:]}"
         return proc.stdout
 
@@ -186,8 +195,13 @@ def test_readme_generate_commands(sandbox):
 def test_readme_serve_and_curl_commands(sandbox):
     serve, curl = readme.commands("serve")
     port = str(free_port())
-    with running(serve.replace("5001", port), f"http://127.0.0.1:{port}/ping", sandbox.folder / "serve.log",
-                 cwd=sandbox.folder, env=sandbox.env):
+    with running(
+        serve.replace("5001", port),
+        f"http://127.0.0.1:{port}/ping",
+        sandbox.folder / "serve.log",
+        cwd=sandbox.folder,
+        env=sandbox.env,
+    ):
         answer = json.loads(sandbox.run(curl.replace("5001", port)))
     rows = answer["predictions"]
     assert [r["sex"] for r in rows] == ["M", "F"] and [r["age"] for r in rows] == [70.0, 30.5]
@@ -210,10 +224,17 @@ def test_readme_ui_command_serves_the_experiment_the_readme_links(sandbox):
     [command] = readme.commands("ui")
     experiment = re.search(r"http://127\.0\.0\.1:5000/#/experiments/(\d+)/runs", readme.README.read_text())[1]
     port = str(free_port())
-    with running(command.replace("5000", port), f"http://127.0.0.1:{port}/health", sandbox.folder / "ui.log",
-                 cwd=sandbox.folder, env=sandbox.env):
-        status, page = post_json(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search",
-                                 json.dumps({"experiment_ids": [experiment], "max_results": 1000}).encode())
+    with running(
+        command.replace("5000", port),
+        f"http://127.0.0.1:{port}/health",
+        sandbox.folder / "ui.log",
+        cwd=sandbox.folder,
+        env=sandbox.env,
+    ):
+        status, page = post_json(
+            f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search",
+            json.dumps({"experiment_ids": [experiment], "max_results": 1000}).encode(),
+        )
     assert status == 200
     names = {r["info"]["run_id"] for r in json.loads(page)["runs"]}
     assert {r.info.run_id for r in sandbox.runs()[:4]} <= names  # the Training block's runs are where the link points
@@ -233,3 +254,20 @@ def test_readme_search_commands_put_studies_beside_the_main_job(sandbox):
     # the main job, the CLI runs and every study side by side in one experiment, and no empty run
     assert {r.info.experiment_id for r in runs} == {"0"}
     assert all(r.data.metrics or r.info.run_id in children for r in runs)
+
+
+@pytest.mark.slow
+def test_readme_command_line_block(tmp_path):
+    """The one command line as the Layout section writes it: its help, a train, a tune and a benchmark,
+    each through the installed `promptehr` command, in a user's folder of its own."""
+    import optuna
+
+    box = Sandbox(tmp_path)
+    help_command, train, tune, bench = readme.commands("command-line")
+    assert all(f"{name} " in box.run(help_command) for name in ("train", "generate", "evaluate", "tune", "bench"))
+    box.run(tiny(train))
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()][0].startswith("untracked-")
+    box.run(tiny(tune))
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(study.trials) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert "small: 389 codes in the vocabulary; 5000 patients" in box.run(tiny(bench))

@@ -5,10 +5,10 @@ intervals, and the age/sex validity rules."""
 import numpy as np
 import pytest
 
-from promptehr.data import Patient
 from promptehr.report import fidelity as fd
 from promptehr.report.stats import bootstrap_weights, count_distances
 from promptehr.report.validity import validity_metrics
+from promptehr.schema import Patient
 
 
 def P(*visits, age=50.0, sex="M"):
@@ -90,14 +90,20 @@ def test_fidelity_intervals_are_the_resampled_figures(cohort):
 
 def test_validity_flags_age_and_sex_inappropriate_codes_and_duplicates():
     patients = [
-        Patient("1", 40.0, "F", [["1850", "4019"]]),        # prostate cancer in a woman
-        Patient("2", 30.0, "M", [["65421"], ["4019"]]),     # pregnancy code in a man
+        Patient("1", 40.0, "F", [["1850", "4019"]]),  # prostate cancer in a woman
+        Patient("2", 30.0, "M", [["65421"], ["4019"]]),  # pregnancy code in a man
         Patient("3", 70.0, "F", [["V3000", "4019", "4019"]]),  # newborn code at 70, and a duplicate
-        Patient("4", 60.0, "M", [["ICD9:1742", "ICD10:O80"]]),  # MIMIC-IV prefixes: female breast code in a man; ICD-10 is not checked
-        Patient("5", 0.0, "M", [["V3000", "7742"]]),         # a newborn with newborn codes: fine
+        Patient(
+            "4", 60.0, "M", [["ICD9:1742", "ICD10:O80"]]
+        ),  # MIMIC-IV prefixes: female breast code in a man; ICD-10 is not checked
+        Patient("5", 0.0, "M", [["V3000", "7742"]]),  # a newborn with newborn codes: fine
     ]
     v = validity_metrics(patients)
     assert v["invalid_code_rate"] == pytest.approx(4 / 11)
     assert v["invalid_patient_rate"] == pytest.approx(4 / 5)
     assert v["duplicate_code_rate"] == pytest.approx(1 / 11)
-    assert validity_metrics(patients[4:]) == {"invalid_code_rate": 0.0, "invalid_patient_rate": 0.0, "duplicate_code_rate": 0.0}
+    assert validity_metrics(patients[4:]) == {
+        "invalid_code_rate": 0.0,
+        "invalid_patient_rate": 0.0,
+        "duplicate_code_rate": 0.0,
+    }

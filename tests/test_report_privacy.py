@@ -5,8 +5,8 @@ median-threshold accuracy), attribute inference by nearest neighbours."""
 import numpy as np
 import pytest
 
-from promptehr.data import Patient
 from promptehr.report import privacy as pv
+from promptehr.schema import Patient
 
 
 def P(*visits):
@@ -19,7 +19,9 @@ def rename(patients, suffix):
 
 def test_privacy_copies_and_nearest_neighbours(cohort):
     train, other = cohort[:400], cohort[400:]
-    copies = [Patient("s", p.age, p.sex, [list(reversed(v)) for v in p.visits]) for p in train[:50]]  # code order is irrelevant
+    copies = [
+        Patient("s", p.age, p.sex, [list(reversed(v)) for v in p.visits]) for p in train[:50]
+    ]  # code order is irrelevant
     assert pv.exact_copy_share(copies, train) == 1.0
     assert pv.exact_copy_share(rename(other, "x"), train) == 0.0
     assert np.all(pv.nearest_neighbour_distances(copies, train, chunk=16) == 0)

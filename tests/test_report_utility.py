@@ -7,14 +7,23 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from promptehr.data import Patient
 from promptehr.report import utility as ut
 from promptehr.report.stats import bootstrap_weights, interval, weighted_auroc
+from promptehr.schema import Patient
 
 
 def test_code_groups():
-    cases = {"4019": "401", "40190": "401", "V3000": "V30", "E8497": "E849", "ICD9:4019": "ICD9:401", "ICD9:E8497": "ICD9:E849",
-             "ICD10:E119": "ICD10:E11", "ICD10:I10": "ICD10:I10", "ICD9:V053": "ICD9:V05"}
+    cases = {
+        "4019": "401",
+        "40190": "401",
+        "V3000": "V30",
+        "E8497": "E849",
+        "ICD9:4019": "ICD9:401",
+        "ICD9:E8497": "ICD9:E849",
+        "ICD10:E119": "ICD10:E11",
+        "ICD10:I10": "ICD10:I10",
+        "ICD9:V053": "ICD9:V05",
+    }
     assert {c: ut.code_group(c) for c in cases} == cases
 
 

@@ -21,20 +21,22 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from services import clean_env
 
 from promptehr.checkpoint import read_metadata
 from promptehr.config import load_config
 from promptehr.model import PromptBartWithDemographicPrediction
-from promptehr.run_status import (EXIT_RESUMABLE, RunInterrupted, StopSignals, TrainingDiverged, TrainingPruned,
-                                  outcome_of)
+from promptehr.run_status import EXIT_RESUMABLE, RunInterrupted, StopSignals, TrainingDiverged, TrainingPruned, outcome_of
 from promptehr.tracking import MLflowTracker, Tracker
 from promptehr.train import train
 
-from services import clean_env
-
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ("data.synthetic.n_patients=150", "training.quality_report=false", "validation.jaccard_patients=0",
-        "tracking.n_sample_patients=0")
+FAST = (
+    "data.synthetic.n_patients=150",
+    "training.quality_report=false",
+    "validation.jaccard_patients=0",
+    "tracking.n_sample_patients=0",
+)
 LONG_EPOCH = ("data.synthetic.n_patients=400", "training.batch_size=4", "training.num_epochs=1")  # 80 short steps
 
 
@@ -177,9 +179,10 @@ def test_signal_mid_epoch_then_resume_is_bit_identical(where, reference, tmp_pat
         assert (meta["epoch"], meta["epoch_complete"], meta["global_step"]) == (0, True, 8)
 
     caplog.set_level("INFO", logger="promptehr.resume")
-    resumed = train(tiny(tmp_path / "ck", "training.num_epochs=3", "training.log_every_n_steps=3",
-                         "training.resume_from=auto"),
-                    RunTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "interrupted"))
+    resumed = train(
+        tiny(tmp_path / "ck", "training.num_epochs=3", "training.log_every_n_steps=3", "training.resume_from=auto"),
+        RunTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "interrupted"),
+    )
     assert f"continuing run {run.info.run_id}" in caplog.text
     assert resumed["run_id"] == run.info.run_id and mine.get_run(run.info.run_id).info.status == "FINISHED"
     assert mine.get_run(run.info.run_id).data.tags["promptehr.interrupted"] == "resumed"
@@ -204,14 +207,34 @@ def wait_for_output(proc, pattern: str, timeout: float = 300) -> str:
 
 def cli_train(tmp_path, *overrides) -> subprocess.Popen:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = [sys.executable, "-m", "promptehr.cli", "train", "--config", str(ROOT / "experiments" / "tiny.yaml"),
-           "--overrides", " ".join([f"training.checkpoint_dir={tmp_path / 'ck'}", *FAST, *overrides])]
-    return subprocess.Popen(cmd, cwd=tmp_path, env=clean_env(MLFLOW_TRACKING_URI=uri), stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, start_new_session=True)  # its own process group
+    cmd = [
+        sys.executable,
+        "-m",
+        "promptehr.cli",
+        "train",
+        "--config",
+        str(ROOT / "experiments" / "tiny.yaml"),
+        "--overrides",
+        " ".join([f"training.checkpoint_dir={tmp_path / 'ck'}", *FAST, *overrides]),
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=clean_env(MLFLOW_TRACKING_URI=uri),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # its own process group
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow),
-                                 pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "sig",
+    [
+        signal.SIGTERM,
+        pytest.param(signal.SIGINT, marks=pytest.mark.slow),
+        pytest.param(signal.SIGUSR1, marks=pytest.mark.slow),
+    ],
+)
 def test_cli_stops_on_a_signal_with_one_line_and_resumes_by_itself(sig, tmp_path, monkeypatch):
     """`promptehr.cli train` (collating in a worker process) has SIGTERM (Slurm's preemption), SIGINT
     (Ctrl-C) or SIGUSR1 sent to its whole process group mid-epoch: exit 75, one line that says where
@@ -229,8 +252,11 @@ def test_cli_stops_on_a_signal_with_one_line_and_resumes_by_itself(sig, tmp_path
     assert proc.returncode == EXIT_RESUMABLE, err[-3000:]
     assert "Traceback" not in err
     last_line = [line for line in err.splitlines() if line.strip()][-1]
-    assert re.search(rf"ERROR promptehr: stopped by {signal.Signals(sig).name} at epoch 1, batch \d+ of 80 \(step \d+\); "
-                     r"resume from .*/last \(training.resume_from=auto finds it\)$", last_line), last_line
+    assert re.search(
+        rf"ERROR promptehr: stopped by {signal.Signals(sig).name} at epoch 1, batch \d+ of 80 \(step \d+\); "
+        r"resume from .*/last \(training.resume_from=auto finds it\)$",
+        last_line,
+    ), last_line
     client = client_of(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs(["0"])
     assert run.info.status == "KILLED" and run.data.tags["promptehr.interrupted"] == "resumable"
@@ -240,9 +266,23 @@ def test_cli_stops_on_a_signal_with_one_line_and_resumes_by_itself(sig, tmp_path
     from promptehr.cli import main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    code = main(["train", "--config", str(ROOT / "experiments" / "tiny.yaml"), "--overrides", " ".join(
-        [f"training.checkpoint_dir={tmp_path / 'ck'}", *FAST, *LONG_EPOCH, "training.resume_from=auto",
-         "tracking.register_model=false"])])
+    code = main(
+        [
+            "train",
+            "--config",
+            str(ROOT / "experiments" / "tiny.yaml"),
+            "--overrides",
+            " ".join(
+                [
+                    f"training.checkpoint_dir={tmp_path / 'ck'}",
+                    *FAST,
+                    *LONG_EPOCH,
+                    "training.resume_from=auto",
+                    "tracking.register_model=false",
+                ]
+            ),
+        ]
+    )
     assert code == 0
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     assert len(client.search_runs([run.info.experiment_id])) == 1  # the same run, no new one
@@ -274,8 +314,10 @@ def test_auto_resume_continues_a_run_left_running_by_kill_9(tmp_path, caplog):
     mark_run_state(Path(other["checkpoint_dir"]) / "last", "running")  # unfinished, but another config
 
     caplog.set_level("INFO", logger="promptehr.resume")
-    resumed = train(tiny(tmp_path / "ck", "data.synthetic.n_patients=1000", "training.num_epochs=2",
-                         "training.resume_from=auto"), RunTracker(uri, "promptehr"))
+    resumed = train(
+        tiny(tmp_path / "ck", "data.synthetic.n_patients=1000", "training.num_epochs=2", "training.resume_from=auto"),
+        RunTracker(uri, "promptehr"),
+    )
     assert resumed["run_id"] == run_id and client.get_run(run_id).info.status == "FINISHED"
     assert f"continuing run {run_id}" in caplog.text
     assert "config differs (data.synthetic.n_patients" in caplog.text or "data split differs" in caplog.text
@@ -292,18 +334,24 @@ def test_auto_never_picks_a_run_another_process_holds(tmp_path, caplog):
     it is refused with one line; once the lock is gone (the process ended, even by kill -9) it is found."""
     from promptehr.checkpoint import save_checkpoint
     from promptehr.config import ConfigError
-    from promptehr.data import load_patients, split_patients
+    from promptehr.data import load_patients, split_fingerprint, split_patients
     from promptehr.resume import RunLock, resume_checkpoint
     from promptehr.tokenizer import DiagnosisCodeTokenizer
-    from promptehr.train import split_fingerprint
 
     cfg = tiny(tmp_path / "ck", "training.resume_from=auto")
     train_p, val_p = split_patients(load_patients(cfg.data)[0], cfg.data.val_fraction, cfg.data.split_seed)
     tokenizer = DiagnosisCodeTokenizer.from_patients(train_p)
     fingerprint = split_fingerprint(train_p, val_p)
     run = tmp_path / "ck" / "untracked-live"
-    save_checkpoint(run / "last", PromptBartWithDemographicPrediction(tokenizer, cfg), None, None, cfg, tokenizer,
-                    {"epoch": 0, "run_state": "running", "split_fingerprint": fingerprint, "run_id": None})
+    save_checkpoint(
+        run / "last",
+        PromptBartWithDemographicPrediction(tokenizer, cfg),
+        None,
+        None,
+        cfg,
+        tokenizer,
+        {"epoch": 0, "run_state": "running", "split_fingerprint": fingerprint, "run_id": None},
+    )
     lock = RunLock(run).acquire()
     caplog.set_level("INFO", logger="promptehr.resume")
     try:
@@ -340,8 +388,11 @@ def test_divergence_stops_at_the_first_non_finite_loss_and_keeps_last(tmp_path, 
     with pytest.raises(TrainingDiverged) as diverged:
         train(tiny(tmp_path / "ck", "training.num_epochs=3"), RunTracker(uri, "diverge"))
     message = str(diverged.value)
-    assert re.search(r"at step 12 \(epoch 2, batch 4 of 8\), learning rate \S+: non-finite loss, lm_loss, gradient norm "
-                     r"\(loss nan, lm_loss nan, age_loss \S+, sex_loss \S+, gradient norm nan\)", message), message
+    assert re.search(
+        r"at step 12 \(epoch 2, batch 4 of 8\), learning rate \S+: non-finite loss, lm_loss, gradient norm "
+        r"\(loss nan, lm_loss nan, age_loss \S+, sex_loss \S+, gradient norm nan\)",
+        message,
+    ), message
     result = diverged.value.result
     folder = Path(result["checkpoint_dir"])
     for name in ("last", "best_model"):
@@ -363,12 +414,23 @@ def test_untracked_runs_keep_to_their_own_folders(tmp_path, caplog):
 
     first = train(tiny(tmp_path / "ck", "training.num_epochs=1"), Tracker())
     before = {p: p.stat().st_mtime_ns for p in Path(first["checkpoint_dir"]).rglob("*")}
-    code = main(["train", "--no-tracking", "--config", str(ROOT / "experiments" / "tiny.yaml"), "--overrides",
-                 " ".join([f"training.checkpoint_dir={tmp_path / 'ck'}", *FAST, "training.learning_rate=1e4"])])
+    code = main(
+        [
+            "train",
+            "--no-tracking",
+            "--config",
+            str(ROOT / "experiments" / "tiny.yaml"),
+            "--overrides",
+            " ".join([f"training.checkpoint_dir={tmp_path / 'ck'}", *FAST, "training.learning_rate=1e4"]),
+        ]
+    )
     assert code == 1
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors) == 1 and re.search(r"training diverged at step \d+ \(epoch 1, batch \d+ of 8\), learning rate "
-                                          r"\S+: non-finite", errors[0]), errors
+    assert len(errors) == 1 and re.search(
+        r"training diverged at step \d+ \(epoch 1, batch \d+ of 8\), learning rate "
+        r"\S+: non-finite",
+        errors[0],
+    ), errors
     folders = sorted(p for p in (tmp_path / "ck").iterdir())
     assert len(folders) == 2 and all(p.name.startswith("untracked-") for p in folders)
     assert {p: p.stat().st_mtime_ns for p in Path(first["checkpoint_dir"]).rglob("*")} == before

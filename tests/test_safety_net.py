@@ -16,21 +16,31 @@ import math
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(__file__).resolve().parent / "data" / "safety_net.json"
 OVERRIDES = [  # every setting the numbers depend on, written out so a changed default does not move them
-    "data.synthetic.generator=small", "data.synthetic.n_patients=200", "data.synthetic.seed=0",
-    "training.num_epochs=2", "training.log_every_n_steps=1", "training.seed=42", "training.learning_rate=1e-3",
-    "training.warmup_steps=10", "training.batch_size=16", "model.output_bias=false", "model.tie_embeddings=true",
-    "model.scale_embedding=false", "model.dropout=0.1", "validation.jaccard_patients=10",
-    "training.quality_report=false", "tracking.n_sample_patients=0",
+    "data.synthetic.generator=small",
+    "data.synthetic.n_patients=200",
+    "data.synthetic.seed=0",
+    "training.num_epochs=2",
+    "training.log_every_n_steps=1",
+    "training.seed=42",
+    "training.learning_rate=1e-3",
+    "training.warmup_steps=10",
+    "training.batch_size=16",
+    "model.output_bias=false",
+    "model.tie_embeddings=true",
+    "model.scale_embedding=false",
+    "model.dropout=0.1",
+    "validation.jaccard_patients=10",
+    "training.quality_report=false",
+    "tracking.n_sample_patients=0",
 ]
 N_LOSSES, N_PATIENTS = 20, 30
-TOLERANCE = 1e-4          # relative, for losses and metrics (other CPUs sum in other orders)
-SAMPLED_DIFFERENT = 2     # sampled patients allowed to differ (a near-tie drawn the other way elsewhere)
+TOLERANCE = 1e-4  # relative, for losses and metrics (other CPUs sum in other orders)
+SAMPLED_DIFFERENT = 2  # sampled patients allowed to differ (a near-tie drawn the other way elsewhere)
 
 
 def run(tmp: Path) -> dict:
@@ -57,14 +67,22 @@ def run(tmp: Path) -> dict:
         model, tok, _, _ = load_checkpoint(result["best_checkpoint"])
         ages = [float(a) for a in range(5, 5 + 3 * N_PATIENTS, 3)]
         sexes = ["M" if i % 2 else "F" for i in range(N_PATIENTS)]
-        cohorts = {name: [p.visits for p in generate_patients(model, tok, ages, sexes, sampling, seed=7)]
-                   for name, sampling in (("greedy", SamplingConfig(top_k=1, max_visits=4)),
-                                          ("sampled", SamplingConfig(max_visits=4)))}
+        cohorts = {
+            name: [p.visits for p in generate_patients(model, tok, ages, sexes, sampling, seed=7)]
+            for name, sampling in (
+                ("greedy", SamplingConfig(top_k=1, max_visits=4)),
+                ("sampled", SamplingConfig(max_visits=4)),
+            )
+        }
     finally:
         torch.set_num_threads(threads)
     metrics = {k: v for k, v in result["final_metrics"].items() if isinstance(v, (int, float))}
-    return {"losses": recorder.losses[:N_LOSSES], "metrics": metrics, **cohorts,
-            "cohort_digest": hashlib.sha256(json.dumps(cohorts, sort_keys=True).encode()).hexdigest()}
+    return {
+        "losses": recorder.losses[:N_LOSSES],
+        "metrics": metrics,
+        **cohorts,
+        "cohort_digest": hashlib.sha256(json.dumps(cohorts, sort_keys=True).encode()).hexdigest(),
+    }
 
 
 def close(a: float, b: float) -> bool:
@@ -95,5 +113,7 @@ if __name__ == "__main__":
         values = run(Path(tmp))
     REFERENCE.parent.mkdir(exist_ok=True)
     REFERENCE.write_text(json.dumps(values, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {REFERENCE}: {len(values['losses'])} losses, {len(values['metrics'])} metrics, "
-          f"cohort digest {values['cohort_digest'][:12]}")
+    print(
+        f"wrote {REFERENCE}: {len(values['losses'])} losses, {len(values['metrics'])} metrics, "
+        f"cohort digest {values['cohort_digest'][:12]}"
+    )

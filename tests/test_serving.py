@@ -12,13 +12,13 @@ import pandas as pd
 import pytest
 import torch
 from mlflow.exceptions import MlflowException
+from servers import clean_env, free_port, post_json, running
 
 from promptehr.checkpoint import save_checkpoint
 from promptehr.config import load_config
 from promptehr.generate import SamplingConfig, demographics_histogram, generate_patients
 from promptehr.model import PromptBartWithDemographicPrediction
 from promptehr.tokenizer import DiagnosisCodeTokenizer
-from servers import clean_env, free_port, post_json, running
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,12 +40,14 @@ def tiny_checkpoint(folder: Path, cohort, n_codes: int = 30, short_patients: boo
 def log_model(checkpoint: Path, tracking_uri: str) -> str:
     import mlflow
 
-    from promptehr.tracking import log_pyfunc_model
+    from promptehr.registry import log_pyfunc_model
 
     mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)  # not mlflow.set_experiment: it exports MLFLOW_EXPERIMENT_ID to later tests
     experiment = client.get_experiment_by_name("serving-test")
-    with mlflow.start_run(experiment_id=experiment.experiment_id if experiment else client.create_experiment("serving-test")):
+    with mlflow.start_run(
+        experiment_id=experiment.experiment_id if experiment else client.create_experiment("serving-test")
+    ):
         return log_pyfunc_model(str(checkpoint), None).model_uri
 
 
@@ -70,13 +72,16 @@ def loaded(logged):
 
 def test_predict_takes_int_and_float_ages_and_empty_cells(loaded):
     model = loaded[0]
-    ints = model.predict(pd.DataFrame({"age": [70, 30, 4], "sex": ["M", "F", "F"], "n_visits": [2, None, 1]}),
-                         params={"seed": 1, "max_visits": 3})
+    ints = model.predict(
+        pd.DataFrame({"age": [70, 30, 4], "sex": ["M", "F", "F"], "n_visits": [2, None, 1]}),
+        params={"seed": 1, "max_visits": 3},
+    )
     assert list(ints["age"]) == [70.0, 30.0, 4.0] and list(ints["sex"]) == ["M", "F", "F"]
     assert ints["n_visits"][0] == 2 and ints["n_visits"][2] == 1 and 1 <= ints["n_visits"][1] <= 3
     assert [len(json.loads(v)) for v in ints["visits"]] == list(ints["n_visits"])
-    floats = model.predict(pd.DataFrame({"age": [70.0, 30.5, 4.0], "sex": ["M", "F", "F"], "n_visits": [2, 3, 1]}),
-                           params={"seed": 1})
+    floats = model.predict(
+        pd.DataFrame({"age": [70.0, 30.5, 4.0], "sex": ["M", "F", "F"], "n_visits": [2, 3, 1]}), params={"seed": 1}
+    )
     assert list(floats["n_visits"]) == [2, 3, 1]
     # a seed column with empty cells; the seeded row is the patient it is alone
     mixed = model.predict(pd.DataFrame({"age": [80, 30], "sex": ["M", "F"], "seed": [None, 7], "n_visits": [1, 2]}))
@@ -86,10 +91,14 @@ def test_predict_takes_int_and_float_ages_and_empty_cells(loaded):
     assert len(empty) == 0 and list(empty.columns) == ["patient_id", "age", "sex", "n_visits", "visits"]
 
 
-BAD = pd.DataFrame({"age": [-5, 200, float("nan"), 30, 40, 50.5],
-                    "sex": ["M", "F", "X", "F", "m", "F"],
-                    "n_visits": [1, 2.5, None, 30, 0, 2],
-                    "seed": [None, -1, 3, 1.5, None, 4]})
+BAD = pd.DataFrame(
+    {
+        "age": [-5, 200, float("nan"), 30, 40, 50.5],
+        "sex": ["M", "F", "X", "F", "m", "F"],
+        "n_visits": [1, 2.5, None, 30, 0, 2],
+        "seed": [None, -1, 3, 1.5, None, 4],
+    }
+)
 BAD_LINES = [
     "row 0, age: -5.0 (must be a number within 0-90)",
     "row 1, age: 200.0 (must be a number within 0-90)",
@@ -102,8 +111,10 @@ BAD_LINES = [
     "row 4, sex: 'm' (must be M or F)",
     "row 4, n_visits: 0.0 (must be empty or a whole number within 1-20 (the max_visits param))",
 ]
-BAD_MESSAGE = ("predict() refused the request: 10 bad value(s) in 5 of 6 rows (rows count from 0); nothing was "
-               "generated:\n" + "\n".join(BAD_LINES))
+BAD_MESSAGE = (
+    "predict() refused the request: 10 bad value(s) in 5 of 6 rows (rows count from 0); nothing was "
+    "generated:\n" + "\n".join(BAD_LINES)
+)
 
 
 def test_a_request_with_bad_rows_is_refused_with_one_message_listing_each(loaded):
@@ -114,11 +125,15 @@ def test_a_request_with_bad_rows_is_refused_with_one_message_listing_each(loaded
     assert info.value.error_code == "INVALID_PARAMETER_VALUE" and info.value.get_http_status_code() == 400
     # values that are not numbers at all (an object column, as mixed JSON rows give), bools, max_visits
     with pytest.raises(MlflowException) as info:
-        model.predict(pd.DataFrame({"age": ["70", True, 3], "sex": ["F", "F", "M"], "n_visits": [None, 1, 4]}),
-                      params={"max_visits": 3})
+        model.predict(
+            pd.DataFrame({"age": ["70", True, 3], "sex": ["F", "F", "M"], "n_visits": [None, 1, 4]}),
+            params={"max_visits": 3},
+        )
     assert info.value.message.splitlines()[1:] == [
-        "row 0, age: '70' (must be a number within 0-90)", "row 1, age: True (must be a number within 0-90)",
-        "row 2, n_visits: 4.0 (must be empty or a whole number within 1-3 (the max_visits param))"]
+        "row 0, age: '70' (must be a number within 0-90)",
+        "row 1, age: True (must be a number within 0-90)",
+        "row 2, n_visits: 4.0 (must be empty or a whole number within 1-3 (the max_visits param))",
+    ]
     with pytest.raises(MlflowException, match=r"params: temperature must be > 0"):
         model.predict(pd.DataFrame({"age": [3], "sex": ["M"]}), params={"temperature": 0.0})
 
@@ -139,7 +154,7 @@ def test_chunked_predict_gives_the_patients_of_one_uninterrupted_generation(load
     generate_patients gives for all rows at once (a chunk that restarted the stream would repeat
     the first chunk's patients)."""
     from promptehr.checkpoint import load_checkpoint
-    from promptehr.tracking import download_model_checkpoint
+    from promptehr.registry import download_model_checkpoint
 
     short = loaded[1]
     n = 2500
@@ -190,8 +205,14 @@ def test_predict_memory_beyond_the_output_does_not_grow_with_the_request(cohort,
     script.write_text(MEMORY_SCRIPT)
     beyond = {}
     for n in (10_000, 100_000):
-        proc = subprocess.run([sys.executable, str(script), uri, model_uri, str(n)], env=clean_env(), cwd=tmp_path,
-                              capture_output=True, text=True, timeout=1800)
+        proc = subprocess.run(
+            [sys.executable, str(script), uri, model_uri, str(n)],
+            env=clean_env(),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         measured = json.loads(proc.stdout.strip().splitlines()[-1])
         assert measured["rows"] == n
@@ -205,10 +226,26 @@ def test_rest_server_answers_bad_rows_with_the_message_and_a_large_request_with_
     body holds the one message and no trace; 20,000 rows -> 200 with 20,000 patients."""
     uri, _, short_uri, _ = logged
     port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", short_uri, "--env-manager", "local",
-           "-p", str(port), "-h", "127.0.0.1", "-t", "600"]
-    with running(cmd, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log", cwd=tmp_path,
-                 env=clean_env(MLFLOW_TRACKING_URI=uri)):
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        short_uri,
+        "--env-manager",
+        "local",
+        "-p",
+        str(port),
+        "-h",
+        "127.0.0.1",
+        "-t",
+        "600",
+    ]
+    with running(
+        cmd, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log", cwd=tmp_path, env=clean_env(MLFLOW_TRACKING_URI=uri)
+    ):
         url = f"http://127.0.0.1:{port}/invocations"
         rows = json.loads(BAD.to_json(orient="split", index=False))
         status, body = post_json(url, json.dumps({"dataframe_split": rows}).encode())
@@ -218,8 +255,11 @@ def test_rest_server_answers_bad_rows_with_the_message_and_a_large_request_with_
         assert "stack_trace" not in answer and b"Traceback" not in body
         n = 20_000
         data = [[int(a), s] for a, s in zip(np.resize([70, 30, 4, 55], n), np.resize(["M", "F", "F"], n))]
-        status, body = post_json(url, json.dumps({"dataframe_split": {"columns": ["age", "sex"], "data": data},
-                                                  "params": {"seed": 1}}).encode(), timeout=900)
+        status, body = post_json(
+            url,
+            json.dumps({"dataframe_split": {"columns": ["age", "sex"], "data": data}, "params": {"seed": 1}}).encode(),
+            timeout=900,
+        )
         assert status == 200, body[:2000]
         predictions = json.loads(body)["predictions"]
         assert len(predictions) == n and predictions[-1]["patient_id"] == f"SYN{n:07d}"

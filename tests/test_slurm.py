@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from services import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,14 +18,40 @@ DONE = ("completed", "failed", "cancelled", "timeout", "node_fail", "out_of_memo
 
 
 def submit(slurm, tmp_path, name: str) -> str:
-    overrides = " ".join([f"training.checkpoint_dir={tmp_path / name}", "data.synthetic.n_patients=2000",
-                          "training.num_epochs=2", "training.quality_report=false", "validation.jaccard_patients=0",
-                          "tracking.n_sample_patients=0", "tracking.register_model=false"])
-    env = {**slurm.env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / name}.db", "PYTHON": sys.executable,
-           "CONFIG": str(ROOT / "experiments" / "tiny.yaml"), "OVERRIDES": overrides}
-    proc = subprocess.run([slurm.tools["sbatch"], "--parsable", "--gres=none", "--mem=1G", "--cpus-per-task=1",
-                           f"--job-name={name}", str(ROOT / "train.slurm")], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+    overrides = " ".join(
+        [
+            f"training.checkpoint_dir={tmp_path / name}",
+            "data.synthetic.n_patients=2000",
+            "training.num_epochs=2",
+            "training.quality_report=false",
+            "validation.jaccard_patients=0",
+            "tracking.n_sample_patients=0",
+            "tracking.register_model=false",
+        ]
+    )
+    env = {
+        **slurm.env,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / name}.db",
+        "PYTHON": sys.executable,
+        "CONFIG": str(ROOT / "experiments" / "tiny.yaml"),
+        "OVERRIDES": overrides,
+    }
+    proc = subprocess.run(
+        [
+            slurm.tools["sbatch"],
+            "--parsable",
+            "--gres=none",
+            "--mem=1G",
+            "--cpus-per-task=1",
+            f"--job-name={name}",
+            str(ROOT / "train.slurm"),
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
@@ -56,12 +81,22 @@ def test_train_slurm_requeues_itself_after_its_early_signal_and_finishes(tmp_pat
     reference = submit(slurm, tmp_path, "reference")
     preempted = submit(slurm, tmp_path, "preempted")
     log = tmp_path / "logs" / f"train_{preempted}.out"
-    wait_for(lambda: log.exists() and re.search(r"epoch 1 step 10/100", log.read_text(errors="replace")) or
-             finished(slurm, preempted), 600, "the job to train", interval=0.5)
+    wait_for(
+        lambda: (
+            log.exists() and re.search(r"epoch 1 step 10/100", log.read_text(errors="replace")) or finished(slurm, preempted)
+        ),
+        600,
+        "the job to train",
+        interval=0.5,
+    )
     assert not finished(slurm, preempted), log.read_text(errors="replace")[-3000:]
     subprocess.run([slurm.tools["scancel"], "--signal=USR1", "--batch", preempted], env=slurm.env, check=True, timeout=30)
-    states = wait_for(lambda: (lambda a, b: (a, b) if a and b else None)(finished(slurm, reference), finished(slurm, preempted)),
-                      900, "both jobs", interval=2)
+    states = wait_for(
+        lambda: (lambda a, b: (a, b) if a and b else None)(finished(slurm, reference), finished(slurm, preempted)),
+        900,
+        "both jobs",
+        interval=2,
+    )
     text = log.read_text(errors="replace")
     assert states == ("completed", "completed"), text[-3000:]
     assert "restarts=1" in slurm.scontrol("show", "job", preempted)

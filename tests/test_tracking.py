@@ -5,13 +5,13 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import SHARED, needs_shared
+
 from promptehr.config import load_config
-from promptehr.data import load_patients, split_patients
+from promptehr.data import load_patients, split_fingerprint, split_patients
 from promptehr.tracking import MLflowTracker, dataset_description, resolve_experiment_id
-from promptehr.train import split_fingerprint, train
-from tuning import runs
+from promptehr.train import train
+from promptehr.tuning import runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,9 +50,17 @@ def test_runs_go_where_mlflow_run_puts_them_unless_an_experiment_is_named(tracki
 def test_training_data_is_logged_as_a_dataset_of_aggregates(tracking_uri, tmp_path):
     import mlflow
 
-    cfg = load_config(ROOT / "experiments" / "tiny.yaml", [f"training.checkpoint_dir={tmp_path / 'ck'}", "training.num_epochs=1",
-                                                            "data.synthetic.n_patients=120", "training.quality_report=false",
-                                                            "tracking.register_model=false", "tracking.n_sample_patients=0"])
+    cfg = load_config(
+        ROOT / "experiments" / "tiny.yaml",
+        [
+            f"training.checkpoint_dir={tmp_path / 'ck'}",
+            "training.num_epochs=1",
+            "data.synthetic.n_patients=120",
+            "training.quality_report=false",
+            "tracking.register_model=false",
+            "tracking.n_sample_patients=0",
+        ],
+    )
     result = train(cfg, MLflowTracker(tracking_uri))
     run = mlflow.MlflowClient(tracking_uri).get_run(result["run_id"])
     [entry] = run.inputs.dataset_inputs
@@ -62,8 +70,17 @@ def test_training_data_is_logged_as_a_dataset_of_aggregates(tracking_uri, tmp_pa
     source = json.loads(dataset.source)["tags"]
     assert source["synthetic.n_patients"] == "120" and source["split_fingerprint"] == run.data.tags["split_fingerprint"]
     columns = [c["name"] for c in json.loads(dataset.schema)["mlflow_colspec"]]
-    assert columns == ["split", "patients", "visits", "codes", "distinct_codes", "visits_per_patient",
-                       "codes_per_visit", "female_share", "age_mean"]
+    assert columns == [
+        "split",
+        "patients",
+        "visits",
+        "codes",
+        "distinct_codes",
+        "visits_per_patient",
+        "codes_per_visit",
+        "female_share",
+        "age_mean",
+    ]
     assert json.loads(dataset.profile)["num_rows"] == 2
     # the digest follows the data: another cohort seed, another digest
     patients, _, _ = load_patients(cfg.data)

@@ -23,8 +23,10 @@ class Interrupted(Exception):
 
 
 def tiny(tmp_path, *overrides):
-    return load_config(ROOT / "experiments" / "tiny.yaml",
-                       [f"training.checkpoint_dir={tmp_path / 'ck'}", "data.synthetic.n_patients=200", *overrides])
+    return load_config(
+        ROOT / "experiments" / "tiny.yaml",
+        [f"training.checkpoint_dir={tmp_path / 'ck'}", "data.synthetic.n_patients=200", *overrides],
+    )
 
 
 def test_train_returns_honest_validation_metrics(tmp_path):
@@ -33,8 +35,19 @@ def test_train_returns_honest_validation_metrics(tmp_path):
     result = train(cfg, Tracker(), on_validate=lambda epoch, m: seen.append((epoch, m)))
     assert [e for e, _ in seen] == [0, 1]
     m = result["final_metrics"]
-    for key in ("loss", "lm_loss", "age_loss", "sex_loss", "perplexity", "tpl", "reconstruction_jaccard",
-                "reconstruction_jaccard_ranked", "reconstruction_jaccard_baseline", "tpl_frequency_baseline", "tpl_repeat_baseline"):
+    for key in (
+        "loss",
+        "lm_loss",
+        "age_loss",
+        "sex_loss",
+        "perplexity",
+        "tpl",
+        "reconstruction_jaccard",
+        "reconstruction_jaccard_ranked",
+        "reconstruction_jaccard_baseline",
+        "tpl_frequency_baseline",
+        "tpl_repeat_baseline",
+    ):
         assert key in m and math.isfinite(m[key]), key
     # a 2-epoch tiny model is nowhere near a copy task: perplexity far above 1
     assert m["perplexity"] > 5 and m["tpl"] > 5
@@ -49,7 +62,9 @@ def test_train_returns_honest_validation_metrics(tmp_path):
     assert set(tok.codes) == train_codes and {c for p in val_p for v in p.visits for c in v} - train_codes
     assert cfg2 == cfg and meta["best_score"] == pytest.approx(result["best_score"])
     assert meta["selection_metric"] == "next_visit_nll" and meta["protocol_id"] == result["protocol_id"]
-    assert {"model.safetensors", "training_state.pt", "config.yaml", "vocab.json", "metadata.json"} <= {p.name for p in best.iterdir()}
+    assert {"model.safetensors", "training_state.pt", "config.yaml", "vocab.json", "metadata.json"} <= {
+        p.name for p in best.iterdir()
+    }
     assert "versions" in meta and meta["epoch"] in (0, 1)
 
 
@@ -138,18 +153,31 @@ def test_tracked_run_logs_params_metrics_artifacts_and_registers(tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.params["training.learning_rate"] == str(cfg.training.learning_rate)
     assert run.data.params["model.d_model"] == "32"
-    for key in ("train/loss", "train/lm_loss", "train/age_loss", "train/sex_loss", "train/learning_rate",
-                "val/loss", "val/perplexity", "val/tpl", "val/reconstruction_jaccard",
-                "val/tpl_frequency_baseline", "val/reconstruction_jaccard_baseline"):
+    for key in (
+        "train/loss",
+        "train/lm_loss",
+        "train/age_loss",
+        "train/sex_loss",
+        "train/learning_rate",
+        "val/loss",
+        "val/perplexity",
+        "val/tpl",
+        "val/reconstruction_jaccard",
+        "val/tpl_frequency_baseline",
+        "val/reconstruction_jaccard_baseline",
+    ):
         assert key in run.data.metrics, key
     # what was logged is what train() computed
     assert run.data.metrics["val/loss"] == pytest.approx(result["final_metrics"]["loss"])
     assert run.data.tags["data.source"] == "synthetic" and int(run.data.tags["data.patients"]) == 200
     assert run.data.tags["data.generator"] == "small" and run.data.params["data.synthetic.generator"] == "small"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
-        a.path for d in ("config", "samples") for a in client.list_artifacts(run.info.run_id, d)}
+        a.path for d in ("config", "samples") for a in client.list_artifacts(run.info.run_id, d)
+    }
     assert {"config/resolved.yaml", "config/vocab.json", "samples/epoch_001.json"} <= artifacts
-    samples = json.loads(Path(client.download_artifacts(run.info.run_id, "samples/epoch_002.json", str(tmp_path))).read_text())
+    samples = json.loads(
+        Path(client.download_artifacts(run.info.run_id, "samples/epoch_002.json", str(tmp_path))).read_text()
+    )
     assert all(p["sex"] in ("M", "F") and p["visits"] for p in samples["synthetic_patients"])
     assert "subject_id" not in json.dumps(samples)
     # registered, champion, and loadable as a pyfunc that generates patients
@@ -175,9 +203,23 @@ def test_mlflow_run_entry_point(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # in-process tests set some
     env["MLFLOW_TRACKING_URI"] = uri
-    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local", "--experiment-name", "cli",
-           "-P", "epochs=1", "-P", "config=experiments/tiny.yaml",
-           "-P", f"overrides=training.checkpoint_dir={tmp_path / 'ck'} data.synthetic.n_patients=200"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(ROOT),
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        "cli",
+        "-P",
+        "epochs=1",
+        "-P",
+        "config=experiments/tiny.yaml",
+        "-P",
+        f"overrides=training.checkpoint_dir={tmp_path / 'ck'} data.synthetic.n_patients=200",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = mlflow.MlflowClient(uri)
@@ -194,8 +236,14 @@ def test_compiled_training_matches_eager(tmp_path):
     """training.compile=true runs the recipe through torch.compile (inductor; ~1-2 min of compiling
     on 2 CPU cores) and, without dropout, trains the same model as eager mode: the compiled kernels
     only reorder floating-point sums."""
-    common = ("training.num_epochs=1", "validation.jaccard_patients=0", "training.quality_report=false",
-              "model.dropout=0.0", "model.attention_dropout=0.0", "model.activation_dropout=0.0")
+    common = (
+        "training.num_epochs=1",
+        "validation.jaccard_patients=0",
+        "training.quality_report=false",
+        "model.dropout=0.0",
+        "model.attention_dropout=0.0",
+        "model.activation_dropout=0.0",
+    )
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()

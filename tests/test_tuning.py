@@ -1,4 +1,4 @@
-"""Hyperparameter search (tuning/): space, trial budget, storages, pruning, and real studies.
+"""Hyperparameter search (promptehr/tuning/): space, trial budget, storages, pruning, and real studies.
 
 Default suite: the space and budget logic, a pruned and a failed trial in-process, and
 `python tuning/search.py` end to end on SQLite (3 tiny trials, then a resume). Marked slow+services:
@@ -20,13 +20,12 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
+from services import clean_env, wait_for
 
 from promptehr.config import load_config
-from tuning.space import default_params, load_space, suggest, trial_config
-from tuning.storage import describe, journal_path, normalize_url, open_storage
-from tuning.study import TrialBudget, init_study, run_worker, settings_from_config
-
-from services import clean_env, wait_for
+from promptehr.tuning.space import default_params, load_space, suggest, trial_config
+from promptehr.tuning.storage import describe, journal_path, normalize_url, open_storage
+from promptehr.tuning.study import TrialBudget, init_study, run_worker, settings_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH = ROOT / "tuning" / "search.py"
@@ -35,14 +34,23 @@ TINY = ROOT / "experiments" / "tiny.yaml"
 
 def tiny_overrides(tmp_path, *extra) -> str:
     """The tiny config at its fastest: 150 patients, 2 epochs, no Jaccard, no samples, no quality report."""
-    return " ".join(["data.synthetic.n_patients=150", "training.num_epochs=2", "validation.jaccard_patients=0",
-                     "tracking.n_sample_patients=0", "training.quality_report=false",
-                     f"training.checkpoint_dir={tmp_path / 'checkpoints'}", *extra])
+    return " ".join(
+        [
+            "data.synthetic.n_patients=150",
+            "training.num_epochs=2",
+            "validation.jaccard_patients=0",
+            "tracking.n_sample_patients=0",
+            "training.quality_report=false",
+            f"training.checkpoint_dir={tmp_path / 'checkpoints'}",
+            *extra,
+        ]
+    )
 
 
 def search(*args, env, cwd, timeout=600, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(SEARCH), *map(str, args)], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(SEARCH), *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -67,8 +75,12 @@ def test_space_is_the_seed_table_and_defaults_are_enqueued_when_in_range():
     }
     # base.yaml's small-model learning rate (1.5e-3) is outside the seed's range: that key is sampled
     cfg = load_config(ROOT / "experiments" / "base.yaml")
-    assert default_params(cfg, space) == {"model.age_loss_weight": 1e-3, "model.sex_loss_weight": 1e-3,
-                                          "collator.corruption_prob": 0.5, "collator.lambda_poisson": 3.0}
+    assert default_params(cfg, space) == {
+        "model.age_loss_weight": 1e-3,
+        "model.sex_loss_weight": 1e-3,
+        "collator.corruption_prob": 0.5,
+        "collator.lambda_poisson": 3.0,
+    }
     cfg = load_config(None, ["training.learning_rate=1e-4"])
     assert default_params(cfg, space)["training.learning_rate"] == 1e-4
     # a trial's values land on the config keys they name, nothing else changes
@@ -81,9 +93,11 @@ def test_space_is_the_seed_table_and_defaults_are_enqueued_when_in_range():
 def test_space_rejects_unknown_keys_and_bad_ranges(tmp_path):
     from promptehr.config import ConfigError
 
-    for text, message in (("training.lr: {low: 1.0e-5, high: 1.0e-4}", "not a config key"),
-                          ("training.learning_rate: {low: 0.0, high: 1.0e-4, log: true}", "0 < low < high"),
-                          ("training.precision: {type: categorical}", "choices")):
+    for text, message in (
+        ("training.lr: {low: 1.0e-5, high: 1.0e-4}", "not a config key"),
+        ("training.learning_rate: {low: 0.0, high: 1.0e-4, log: true}", "0 < low < high"),
+        ("training.precision: {type: categorical}", "choices"),
+    ):
         path = tmp_path / "space.yaml"
         path.write_text(text)
         with pytest.raises(ConfigError, match=message):
@@ -109,9 +123,15 @@ def test_trial_budget_holds_slots_across_workers():
     study = optuna.create_study()
     dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
     for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
-        study.add_trial(optuna.create_trial(state=state, params={"x": 0.5}, distributions=dist,
-                                            value=1.0 if state == TrialState.COMPLETE else None,
-                                            intermediate_values={1: 1.0}))
+        study.add_trial(
+            optuna.create_trial(
+                state=state,
+                params={"x": 0.5},
+                distributions=dist,
+                value=1.0 if state == TrialState.COMPLETE else None,
+                intermediate_values={1: 1.0},
+            )
+        )
     budget = TrialBudget(3)
     assert not budget.has_work(study)  # trial 2 is still running somewhere
     assert budget.admits(study, 2) and not budget.admits(study, 3)
@@ -130,7 +150,8 @@ def test_trial_budget_holds_slots_across_workers():
 def test_local_workers_are_pinned_to_gpus_round_robin(monkeypatch):
     import torch
 
-    from tuning import search as search_script
+    from promptehr.cli import build_parser
+    from promptehr.tuning import search as search_script
 
     started = []
 
@@ -143,13 +164,18 @@ def test_local_workers_are_pinned_to_gpus_round_robin(monkeypatch):
 
     monkeypatch.setattr(search_script.subprocess, "Popen", Worker)
     monkeypatch.setenv("MLFLOW_RUN_ID", "run-of-mlflow-run")  # workers must open child runs, not resume it
-    args = search_script.build_parser().parse_args(["run", "--n-workers", "3", "--storage", "journal:study.log"])
+    args = build_parser().parse_args(["tune", "run", "--n-workers", "3", "--storage", "journal:study.log"])
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")  # this job was given GPUs 4 and 6
     assert search_script.run_local_workers(args) == 0
     assert [env["CUDA_VISIBLE_DEVICES"] for _, env in started] == ["4", "6", "4"]
     assert [cmd[cmd.index("--worker-id") + 1] for cmd, _ in started] == ["0", "1", "2"]
-    assert all(cmd[2] == "worker" and "MLFLOW_RUN_ID" not in env for cmd, env in started)
+    assert all(
+        cmd[1:4] == ["-m", "promptehr.cli", "--log-level"]
+        and cmd[cmd.index("tune") + 1] == "worker"
+        and "MLFLOW_RUN_ID" not in env
+        for cmd, env in started
+    )
     started.clear()
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
@@ -175,7 +201,7 @@ def test_pruned_trial_ends_its_run_killed_and_a_failing_trial_failed(tmp_path, m
     study.enqueue_trial({"training.precision": "fp16"})
     # a pruner that prunes at the first report: trial 0 (the defaults, fp32) stops after epoch 1
     study = optuna.load_study(study_name="prune", storage=storage, pruner=optuna.pruners.ThresholdPruner(upper=0.0))
-    from tuning.objective import Objective
+    from promptehr.tuning.objective import Objective
 
     assert run_worker(study, Objective(study)) == 2
     assert run_worker(study, Objective(study)) == 0  # the budget is spent
@@ -196,8 +222,9 @@ def in_process_study(tmp_path, monkeypatch, name, space, *extra, n_trials=1):
     for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
         monkeypatch.delenv(key)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = load_config(TINY, tiny_overrides(tmp_path, f"tracking.tracking_uri={uri}", "tracking.register_model=false",
-                                           *extra).split())
+    cfg = load_config(
+        TINY, tiny_overrides(tmp_path, f"tracking.tracking_uri={uri}", "tracking.register_model=false", *extra).split()
+    )
     storage = open_storage(f"journal:{tmp_path / 'optuna_journal.log'}")  # no heartbeats on a journal
     return init_study(storage, name, settings_from_config(cfg, space, n_trials=n_trials, pruner="none")), uri
 
@@ -212,7 +239,7 @@ def test_signalled_worker_requeues_its_trial_and_the_retry_resumes_it(tmp_path, 
 
     from promptehr.model import PromptBartWithDemographicPrediction
     from promptehr.run_status import RunInterrupted
-    from tuning.objective import Objective
+    from promptehr.tuning.objective import Objective
 
     study, uri = in_process_study(tmp_path, monkeypatch, "signal", {"collator.corruption_prob": {"low": 0.3, "high": 0.7}})
     original, calls = PromptBartWithDemographicPrediction.forward, [0]
@@ -260,16 +287,21 @@ def test_diverging_trial_fails_at_once_with_the_reason(tmp_path, monkeypatch):
     the step and learning rate in `failure_reason`; its run ends FAILED, outcome diverged."""
     import mlflow
 
-    from tuning.objective import Objective
+    from promptehr.tuning.objective import Objective
 
-    study, uri = in_process_study(tmp_path, monkeypatch, "diverge",
-                                  {"training.learning_rate": {"type": "categorical", "choices": [1.0e4]}},
-                                  "training.num_epochs=4")
+    study, uri = in_process_study(
+        tmp_path,
+        monkeypatch,
+        "diverge",
+        {"training.learning_rate": {"type": "categorical", "choices": [1.0e4]}},
+        "training.num_epochs=4",
+    )
     assert run_worker(study, Objective(study)) == 1
     (trial,) = study.trials
     assert trial.state == TrialState.FAIL and not trial.intermediate_values
-    assert re.search(r"^training diverged at step \d+ \(epoch 1, batch \d+ of 8\), learning rate",
-                     trial.user_attrs["failure_reason"]), trial.user_attrs["failure_reason"]
+    assert re.search(
+        r"^training diverged at step \d+ \(epoch 1, batch \d+ of 8\), learning rate", trial.user_attrs["failure_reason"]
+    ), trial.user_attrs["failure_reason"]
     run = mlflow.MlflowClient(uri).get_run(trial.user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and run.data.tags["promptehr.outcome"] == "diverged"
     assert "val/loss" not in run.data.metrics
@@ -285,15 +317,19 @@ def test_trials_of_any_corruption_sit_the_same_exam(tmp_path, monkeypatch):
     for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
         monkeypatch.delenv(key)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = load_config(TINY, tiny_overrides(tmp_path, f"tracking.tracking_uri={uri}", "tracking.register_model=false",
-                                           "training.learning_rate=1e-4").split())
+    cfg = load_config(
+        TINY,
+        tiny_overrides(
+            tmp_path, f"tracking.tracking_uri={uri}", "tracking.register_model=false", "training.learning_rate=1e-4"
+        ).split(),
+    )
     space = load_space()
     storage = open_storage(f"journal:{tmp_path / 'optuna_journal.log'}")
     study = init_study(storage, "exam", settings_from_config(cfg, space, n_trials=4, pruner="none"))
     fixed = {k: v for k, v in default_params(cfg, space).items() if k != "collator.corruption_prob"}
     for corruption in (0.3, 0.6, 0.7):  # trial 0, the config's own values, has 0.5
         study.enqueue_trial({**fixed, "collator.corruption_prob": corruption})
-    from tuning.objective import Objective
+    from promptehr.tuning.objective import Objective
 
     assert run_worker(study, Objective(study)) == 4
     trials = study.trials
@@ -316,13 +352,30 @@ def test_search_on_sqlite_end_to_end_and_resume(tmp_path):
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["--config", TINY, "--overrides", tiny_overrides(tmp_path, "training.learning_rate=1e-4"), "--n-trials", 3,
-            "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--study-name", "tiny", "--seed", 0]
+    args = [
+        "--config",
+        TINY,
+        "--overrides",
+        tiny_overrides(tmp_path, "training.learning_rate=1e-4"),
+        "--n-trials",
+        3,
+        "--storage",
+        f"sqlite:///{tmp_path / 'optuna.db'}",
+        "--study-name",
+        "tiny",
+        "--seed",
+        0,
+    ]
     search(*args, env=clean_env(MLFLOW_TRACKING_URI=uri), cwd=tmp_path)
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
-    defaults = {"training.learning_rate": 1e-4, "model.age_loss_weight": 1e-3, "model.sex_loss_weight": 1e-3,
-                "collator.corruption_prob": 0.5, "collator.lambda_poisson": 3.0}
+    defaults = {
+        "training.learning_rate": 1e-4,
+        "model.age_loss_weight": 1e-3,
+        "model.sex_loss_weight": 1e-3,
+        "collator.corruption_prob": 0.5,
+        "collator.lambda_poisson": 3.0,
+    }
     assert study.trials[0].params == defaults  # the config's values run first
     assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 3
 
@@ -342,20 +395,32 @@ def test_search_on_sqlite_end_to_end_and_resume(tmp_path):
         assert run.data.tags["protocol_id"] == trial.user_attrs["protocol_id"] == study.trials[0].user_attrs["protocol_id"]
         checkpoint = Path(trial.user_attrs["best_checkpoint"])
         assert checkpoint.parent.parent == tmp_path / "checkpoints" / "trials" / "tiny" / str(trial.number)
-        assert not client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+        assert not client.search_logged_models(
+            [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+        )
     best = study.best_trial
     assert parent.data.metrics["best/val_next_visit_nll"] == pytest.approx(best.value)
     assert parent.data.tags["best_trial"] == str(best.number)
-    assert float(parent.data.tags["best_params.collator.corruption_prob"]) == pytest.approx(best.params["collator.corruption_prob"])
+    assert float(parent.data.tags["best_params.collator.corruption_prob"]) == pytest.approx(
+        best.params["collator.corruption_prob"]
+    )
     assert parent.data.metrics["trials/complete"] == 3
     artifacts = {a.path for d in ("plots", "study") for a in client.list_artifacts(parent_id, d)}
-    assert {"plots/optimization_history.png", "plots/param_importances.png", "plots/parallel_coordinate.png",
-            "study/best_params.json", "study/trials.csv"} <= artifacts
+    assert {
+        "plots/optimization_history.png",
+        "plots/param_importances.png",
+        "plots/parallel_coordinate.png",
+        "study/best_params.json",
+        "study/trials.csv",
+    } <= artifacts
     version = client.get_model_version_by_alias("promptehr", "champion")
     assert version.run_id == parent_id and version.tags["optuna.trial_number"] == str(best.number)
     assert len(client.search_logged_models([parent.info.experiment_id], filter_string=f"source_run_id = '{parent_id}'")) == 1
     assert version.tags["data_source"] == "synthetic" and version.tags["data_fingerprint"]
-    assert version.tags["protocol_id"] == best.user_attrs["protocol_id"] and version.tags["selection_metric"] == "next_visit_nll"
+    assert (
+        version.tags["protocol_id"] == best.user_attrs["protocol_id"]
+        and version.tags["selection_metric"] == "next_visit_nll"
+    )
 
     # resuming: the same command finds the budget spent and adds nothing; more trials extend the study
     proc = search(*args, env=clean_env(MLFLOW_TRACKING_URI=uri), cwd=tmp_path)
@@ -366,17 +431,17 @@ def test_search_on_sqlite_end_to_end_and_resume(tmp_path):
 
 
 def test_search_refuses_a_changed_study_and_parallel_sqlite(tmp_path, monkeypatch, caplog):
-    from tuning.search import main
+    from promptehr.cli import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    assert main(["init", "--config", str(TINY), "--storage", storage, "--study-name", "s", "--n-trials", "2"]) == 0
-    assert main(["init", "--storage", storage, "--study-name", "s", "--n-trials", "3"]) == 0  # resumed, extended
+    assert main(["tune", "init", "--config", str(TINY), "--storage", storage, "--study-name", "s", "--n-trials", "2"]) == 0
+    assert main(["tune", "init", "--storage", storage, "--study-name", "s", "--n-trials", "3"]) == 0  # resumed, extended
     assert optuna.load_study(study_name="s", storage=storage).user_attrs["n_trials"] == 3
-    assert main(["init", "--storage", storage, "--study-name", "s", "--objective", "val_perplexity"]) == 2
+    assert main(["tune", "init", "--storage", storage, "--study-name", "s", "--objective", "val_perplexity"]) == 2
     assert "was created with another objective" in caplog.text
-    assert main(["--n-workers", "2", "--storage", storage, "--study-name", "s"]) == 2
+    assert main(["tune", "--n-workers", "2", "--storage", storage, "--study-name", "s"]) == 2
     assert "not SQLite" in caplog.text
 
 
@@ -389,11 +454,32 @@ def test_mlflow_run_search_entry_point(tmp_path):
     client = mlflow.MlflowClient(uri)
     client.create_experiment("search-cli", artifact_location=(tmp_path / "artifacts").as_uri())  # not ./mlruns in the repo
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "search", "--env-manager", "local",
-           "--experiment-name", "search-cli", "-P", f"config={TINY}", "-P", "n_trials=2", "-P", f"storage={storage}",
-           "-P", "study_name=cli", "-P", f"overrides={tiny_overrides(tmp_path, 'tracking.register_model=false')}"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=clean_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
-                          timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(ROOT),
+        "-e",
+        "search",
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        "search-cli",
+        "-P",
+        f"config={TINY}",
+        "-P",
+        "n_trials=2",
+        "-P",
+        f"storage={storage}",
+        "-P",
+        "study_name=cli",
+        "-P",
+        f"overrides={tiny_overrides(tmp_path, 'tracking.register_model=false')}",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=clean_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = optuna.load_study(study_name="cli", storage=storage)
     parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
@@ -436,9 +522,24 @@ def check_finished_study(study: optuna.Study, uri: str, n_trials: int):
 def test_local_workers_share_a_postgresql_study(tmp_path, postgres, mlflow_server):
     """`--n-workers 3` on one machine: 3 processes, one study on PostgreSQL, exactly 5 trials."""
     storage = postgres.create_database("local_workers")
-    search("--config", TINY, "--overrides", tiny_overrides(tmp_path, "tracking.registered_model_name=local-workers"),
-           "--n-trials", 5, "--n-workers", 3, "--storage", storage, "--study-name", "local", "--seed", 1,
-           env=clean_env(MLFLOW_TRACKING_URI=mlflow_server), cwd=tmp_path)
+    search(
+        "--config",
+        TINY,
+        "--overrides",
+        tiny_overrides(tmp_path, "tracking.registered_model_name=local-workers"),
+        "--n-trials",
+        5,
+        "--n-workers",
+        3,
+        "--storage",
+        storage,
+        "--study-name",
+        "local",
+        "--seed",
+        1,
+        env=clean_env(MLFLOW_TRACKING_URI=mlflow_server),
+        cwd=tmp_path,
+    )
     study = optuna.load_study(study_name="local", storage=storage)
     check_finished_study(study, mlflow_server, 5)
     # the workers ran side by side: some trials overlapped in time
@@ -455,12 +556,29 @@ def test_killed_worker_trial_is_retried_and_resumes(tmp_path, postgres, mlflow_s
     storage = postgres.create_database("killed_worker")
     env = clean_env(MLFLOW_TRACKING_URI=mlflow_server)
     heartbeat = ["--heartbeat-interval", 1, "--grace-period", 3]
-    search("init", "--config", TINY, "--n-trials", 1, "--storage", storage, "--study-name", "killed", *heartbeat,
-           "--overrides", tiny_overrides(tmp_path, "training.num_epochs=4", "tracking.register_model=false"),
-           env=env, cwd=tmp_path)
-    worker = subprocess.Popen([sys.executable, str(SEARCH), "worker", "--storage", storage, "--study-name", "killed",
-                               *map(str, heartbeat)], env=env, cwd=tmp_path,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    search(
+        "init",
+        "--config",
+        TINY,
+        "--n-trials",
+        1,
+        "--storage",
+        storage,
+        "--study-name",
+        "killed",
+        *heartbeat,
+        "--overrides",
+        tiny_overrides(tmp_path, "training.num_epochs=4", "tracking.register_model=false"),
+        env=env,
+        cwd=tmp_path,
+    )
+    worker = subprocess.Popen(
+        [sys.executable, str(SEARCH), "worker", "--storage", storage, "--study-name", "killed", *map(str, heartbeat)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     study = optuna.load_study(study_name="killed", storage=storage)
     try:
         run_id = wait_for(lambda: study.trials and study.trials[0].user_attrs.get("mlflow_run_id"), 180, "trial 0 to start")
@@ -495,16 +613,40 @@ def test_slurm_job_array_reaches_the_trial_count(tmp_path, postgres, mlflow_serv
     """tuning/slurm/submit.sh on a real Slurm: init here, a 3-task array (2 at a time) of workers
     against one PostgreSQL study, then the finalize job once the array is done. No GPU request."""
     storage = postgres.create_database("slurm_array")
-    env = {**slurm.env, "MLFLOW_TRACKING_URI": mlflow_server, "STORAGE": storage, "STUDY": "slurm",
-           "N_TRIALS": "4", "ARRAY": "0-2%2", "CONFIG": str(TINY), "SEED": "2", "PYTHON": sys.executable,
-           "OVERRIDES": tiny_overrides(tmp_path, "tracking.registered_model_name=slurm-array"),
-           "GRES": "none", "CPUS_PER_TASK": "1", "MEM": "500M", "LOG_DIR": str(tmp_path / "logs")}
-    proc = subprocess.run(["bash", str(ROOT / "tuning" / "slurm" / "submit.sh")], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    env = {
+        **slurm.env,
+        "MLFLOW_TRACKING_URI": mlflow_server,
+        "STORAGE": storage,
+        "STUDY": "slurm",
+        "N_TRIALS": "4",
+        "ARRAY": "0-2%2",
+        "CONFIG": str(TINY),
+        "SEED": "2",
+        "PYTHON": sys.executable,
+        "OVERRIDES": tiny_overrides(tmp_path, "tracking.registered_model_name=slurm-array"),
+        "GRES": "none",
+        "CPUS_PER_TASK": "1",
+        "MEM": "500M",
+        "LOG_DIR": str(tmp_path / "logs"),
+    }
+    proc = subprocess.run(
+        ["bash", str(ROOT / "tuning" / "slurm" / "submit.sh")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ids = dict(part.split("=") for part in proc.stdout.strip().splitlines()[-1].split())
-    states = wait_for(lambda: (lambda s: s if all(x in ("completed", "failed", "cancelled", "timeout") for x in s) else None)(
-        slurm.job_states(ids["array_job"]) + slurm.job_states(ids["finalize_job"])), 900, "the Slurm jobs", interval=2)
+    states = wait_for(
+        lambda: (lambda s: s if all(x in ("completed", "failed", "cancelled", "timeout") for x in s) else None)(
+            slurm.job_states(ids["array_job"]) + slurm.job_states(ids["finalize_job"])
+        ),
+        900,
+        "the Slurm jobs",
+        interval=2,
+    )
     logs = "\n".join(p.read_text()[-2000:] for p in sorted((tmp_path / "logs").glob("*.out")))
     assert set(states) == {"completed"}, logs
     assert len(list((tmp_path / "logs").glob("search-*.out"))) == 3
@@ -521,12 +663,29 @@ def test_slurm_search_task_signalled_mid_trial_requeues_and_the_trial_resumes(tm
     under a new number in the same MLflow run; the finalize job then closes the study. No MLflow run
     is left RUNNING."""
     storage = postgres.create_database("slurm_preempt")
-    env = {**slurm.env, "MLFLOW_TRACKING_URI": mlflow_server, "STORAGE": storage, "STUDY": "preempt",
-           "N_TRIALS": "1", "ARRAY": "0-0", "CONFIG": str(TINY), "PYTHON": sys.executable,
-           "OVERRIDES": tiny_overrides(tmp_path, "data.synthetic.n_patients=2000", "tracking.registered_model_name=preempt"),
-           "GRES": "none", "CPUS_PER_TASK": "1", "MEM": "1G", "LOG_DIR": str(tmp_path / "logs")}
-    proc = subprocess.run(["bash", str(ROOT / "tuning" / "slurm" / "submit.sh")], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    env = {
+        **slurm.env,
+        "MLFLOW_TRACKING_URI": mlflow_server,
+        "STORAGE": storage,
+        "STUDY": "preempt",
+        "N_TRIALS": "1",
+        "ARRAY": "0-0",
+        "CONFIG": str(TINY),
+        "PYTHON": sys.executable,
+        "OVERRIDES": tiny_overrides(tmp_path, "data.synthetic.n_patients=2000", "tracking.registered_model_name=preempt"),
+        "GRES": "none",
+        "CPUS_PER_TASK": "1",
+        "MEM": "1G",
+        "LOG_DIR": str(tmp_path / "logs"),
+    }
+    proc = subprocess.run(
+        ["bash", str(ROOT / "tuning" / "slurm" / "submit.sh")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ids = dict(part.split("=") for part in proc.stdout.strip().splitlines()[-1].split())
     task = f"{ids['array_job']}_0"
@@ -534,8 +693,14 @@ def test_slurm_search_task_signalled_mid_trial_requeues_and_the_trial_resumes(tm
     wait_for(lambda: log.exists() and "epoch 1 step 10/100" in log.read_text(errors="replace"), 600, "the trial to train")
     subprocess.run([slurm.tools["scancel"], "--signal=USR1", "--batch", task], env=slurm.env, check=True, timeout=30)
     done = ("completed", "failed", "cancelled", "timeout")
-    states = wait_for(lambda: (lambda s: s if len(s) == 2 and all(x in done for x in s) else None)(
-        slurm.job_states(task) + slurm.job_states(ids["finalize_job"])), 900, "the Slurm jobs", interval=2)
+    states = wait_for(
+        lambda: (lambda s: s if len(s) == 2 and all(x in done for x in s) else None)(
+            slurm.job_states(task) + slurm.job_states(ids["finalize_job"])
+        ),
+        900,
+        "the Slurm jobs",
+        interval=2,
+    )
     text = log.read_text(errors="replace")
     assert states == ["completed", "completed"], text[-3000:]
     assert "restarts=1" in slurm.scontrol("show", "job", task)
@@ -548,7 +713,10 @@ def test_slurm_search_task_signalled_mid_trial_requeues_and_the_trial_resumes(tm
     assert retry.user_attrs["mlflow_run_id"] == stopped.user_attrs["mlflow_run_id"]
     client = check_finished_study(study, mlflow_server, 1)
     run = client.get_run(retry.user_attrs["mlflow_run_id"])
-    assert run.data.tags["promptehr.interrupted"] == "resumed" and "/trials/preempt/0/" in run.data.tags["promptehr.resumed_from"]
+    assert (
+        run.data.tags["promptehr.interrupted"] == "resumed"
+        and "/trials/preempt/0/" in run.data.tags["promptehr.resumed_from"]
+    )
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/next_visit_nll")] == [100, 200]
     study_runs = client.search_runs([run.info.experiment_id], "tags.`optuna.study_name` = 'preempt'")
     assert len(study_runs) == 2 and {r.info.status for r in study_runs} == {"FINISHED"}  # parent and the trial's run

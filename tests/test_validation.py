@@ -12,7 +12,7 @@ from torch import nn
 from promptehr.collator import TASK_ID
 from promptehr.config import load_config
 from promptehr.data import split_patients
-from promptehr.model import BANNED_LOGIT, grammar_mask
+from promptehr.patient_format import BANNED_LOGIT, grammar_mask
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 from promptehr.tracking import MLflowTracker, Tracker
 from promptehr.train import train
@@ -41,9 +41,17 @@ def test_rows_and_id_do_not_change_with_training_knobs(split):
     protocol's own settings, max_length and the held-out patients change it."""
     train_p, val_p, tok = split
     base = ValidationProtocol(tiny(), tok, train_p, val_p)
-    for knobs in (["collator.corruption_prob=0.3", "collator.lambda_poisson=2.0", "training.seed=7"],
-                  ["collator.corruption_prob=0.7", "collator.lambda_poisson=5.0", "collator.del_probability=0.4",
-                   "training.learning_rate=1e-5", "model.age_loss_weight=0.01", "training.seed=123"]):
+    for knobs in (
+        ["collator.corruption_prob=0.3", "collator.lambda_poisson=2.0", "training.seed=7"],
+        [
+            "collator.corruption_prob=0.7",
+            "collator.lambda_poisson=5.0",
+            "collator.del_probability=0.4",
+            "training.learning_rate=1e-5",
+            "model.age_loss_weight=0.01",
+            "training.seed=123",
+        ],
+    ):
         other = ValidationProtocol(tiny(*knobs), tok, train_p, val_p)
         assert other.id == base.id
         assert rows_of(other) == rows_of(base)
@@ -81,13 +89,13 @@ def test_rows_are_the_held_out_patients_with_every_next_visit(split):
     assert labels == held_out and not (labels & training - held_out)
     # next-visit rows hide visit k: the encoder holds visits < k and a <mask> placeholder, and every
     # code of visit k is marked unseen; the history is seen
-    for enc, lab, start, task, unseen, event in rows_of(protocol):
+    for enc, lab, start, task, unseen, _event in rows_of(protocol):
         if task != NEXT:
             continue
         stop = start + lab[start:].index(tok.visit_close_id)
         assert enc[-4:] == [tok.visit_open_id, tok.mask_token_id, tok.visit_close_id, tok.eos_token_id]
         assert all(unseen[start:stop]) and not any(unseen[:start]) and not any(unseen[stop:])
-        assert not set(lab[start:stop]) & set(enc[enc.index(tok.mask_token_id) - 1:])
+        assert not set(lab[start:stop]) & set(enc[enc.index(tok.mask_token_id) - 1 :])
 
 
 def split_visits(ids, tok) -> list[list[int]]:
@@ -160,8 +168,10 @@ def test_unknown_codes_are_left_out_the_same_way_for_model_and_baselines(split):
     n_next = sum(len(p.visits) - 1 for p in val_p)
     scored = [r for r in protocol.rows if r[7] >= 0]
     assert len(scored) == protocol.pairs.n_events == n_next - protocol.n_excluded and protocol.n_excluded > 0
-    assert all(not (r[1][r[2]:] == small_vocab.unk_token_id)[: list(r[1][r[2]:]).index(small_vocab.visit_close_id)].any()
-               for r in scored)
+    assert all(
+        not (r[1][r[2] :] == small_vocab.unk_token_id)[: list(r[1][r[2] :]).index(small_vocab.visit_close_id)].any()
+        for r in scored
+    )
     torch.manual_seed(0)
     from promptehr.model import PromptBartWithDemographicPrediction
 
@@ -177,8 +187,13 @@ def test_same_model_same_numbers_whatever_the_training_knobs(tmp_path):
 
     from promptehr.cli import main
 
-    cfg = tiny(f"training.checkpoint_dir={tmp_path / 'ck'}", "data.synthetic.n_patients=200", "training.num_epochs=1",
-               "training.quality_report=false", "tracking.n_sample_patients=0")
+    cfg = tiny(
+        f"training.checkpoint_dir={tmp_path / 'ck'}",
+        "data.synthetic.n_patients=200",
+        "training.num_epochs=1",
+        "training.quality_report=false",
+        "tracking.n_sample_patients=0",
+    )
     result = train(cfg, Tracker())
     outs = []
     for i, overrides in enumerate(["", "collator.corruption_prob=0.7 collator.lambda_poisson=5 training.seed=9"]):
@@ -195,8 +210,14 @@ def test_same_model_same_numbers_whatever_the_training_knobs(tmp_path):
 
 def test_best_model_is_the_epoch_with_the_lowest_next_visit_nll(tmp_path):
     seen = []
-    cfg = tiny(f"training.checkpoint_dir={tmp_path / 'ck'}", "data.synthetic.n_patients=200", "training.num_epochs=4",
-               "training.learning_rate=3e-3", "validation.jaccard_patients=0", "training.quality_report=false")
+    cfg = tiny(
+        f"training.checkpoint_dir={tmp_path / 'ck'}",
+        "data.synthetic.n_patients=200",
+        "training.num_epochs=4",
+        "training.learning_rate=3e-3",
+        "validation.jaccard_patients=0",
+        "training.quality_report=false",
+    )
     result = train(cfg, Tracker(), on_validate=lambda epoch, m: seen.append(dict(m)))
     best = min(seen, key=lambda m: m["next_visit_nll"])
     assert result["best_metrics"]["epoch"] == best["epoch"]
@@ -213,15 +234,21 @@ def test_champion_gate_compares_on_one_protocol_and_rescores_a_legacy_champion(t
     import mlflow
 
     from promptehr.checkpoint import read_metadata
-    from promptehr.tracking import log_pyfunc_model
+    from promptehr.registry import log_pyfunc_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     client.create_experiment("gate", artifact_location=(tmp_path / "artifacts").as_uri())
-    common = ("data.synthetic.n_patients=200", "validation.jaccard_patients=0", "training.quality_report=false",
-              "tracking.n_sample_patients=0")
-    weak = train(tiny(f"training.checkpoint_dir={tmp_path / 'w'}", "training.num_epochs=1", "training.learning_rate=1e-6",
-                      *common), Tracker())
+    common = (
+        "data.synthetic.n_patients=200",
+        "validation.jaccard_patients=0",
+        "training.quality_report=false",
+        "tracking.n_sample_patients=0",
+    )
+    weak = train(
+        tiny(f"training.checkpoint_dir={tmp_path / 'w'}", "training.num_epochs=1", "training.learning_rate=1e-6", *common),
+        Tracker(),
+    )
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(experiment_id=client.get_experiment_by_name("gate").experiment_id):
         legacy = str(log_pyfunc_model(weak["best_checkpoint"], "promptehr").registered_model_version)
@@ -230,8 +257,9 @@ def test_champion_gate_compares_on_one_protocol_and_rescores_a_legacy_champion(t
     client.set_model_version_tag("promptehr", legacy, "val_loss", "0.0001")  # the old gate would never replace it
     client.set_registered_model_alias("promptehr", "champion", legacy)
 
-    good = train(tiny(f"training.checkpoint_dir={tmp_path / 'g'}", "training.num_epochs=3", *common),
-                 MLflowTracker(uri, "gate"))
+    good = train(
+        tiny(f"training.checkpoint_dir={tmp_path / 'g'}", "training.num_epochs=3", *common), MLflowTracker(uri, "gate")
+    )
     assert good["model"]["champion"] is True
     old = client.get_model_version("promptehr", legacy)
     assert old.tags["protocol_id"] == good["protocol_id"] and old.tags["rescored"] == "true"
@@ -239,9 +267,13 @@ def test_champion_gate_compares_on_one_protocol_and_rescores_a_legacy_champion(t
     assert weak_score > good["best_score"]
     assert weak_score == pytest.approx(weak["best_score"], rel=1e-5)  # the same exam, the same number
     new = client.get_model_version_by_alias("promptehr", "champion")
-    assert new.tags["protocol_id"] == good["protocol_id"] and float(new.tags["next_visit_nll"]) == pytest.approx(good["best_score"])
-    worse = train(tiny(f"training.checkpoint_dir={tmp_path / 'x'}", "training.num_epochs=1", "training.learning_rate=1e-6",
-                       *common), MLflowTracker(uri, "gate"))
+    assert new.tags["protocol_id"] == good["protocol_id"] and float(new.tags["next_visit_nll"]) == pytest.approx(
+        good["best_score"]
+    )
+    worse = train(
+        tiny(f"training.checkpoint_dir={tmp_path / 'x'}", "training.num_epochs=1", "training.learning_rate=1e-6", *common),
+        MLflowTracker(uri, "gate"),
+    )
     assert worse["model"]["champion"] is False
     assert client.get_model_version_by_alias("promptehr", "champion").version == new.version
 
@@ -250,7 +282,7 @@ def test_baselines_are_fitted_on_training_patients_never_on_the_scored_visits():
     """Held-out patients who repeat their last visit exactly, training patients who never do: a
     repeat weight fitted on the scored visits would make the repeat baseline look excellent; fitted
     on the training next visits it is no better than the prior."""
-    from promptehr.data import Patient
+    from promptehr.schema import Patient
 
     rng = np.random.default_rng(0)
     codes = [f"C{i:02d}" for i in range(40)]
@@ -293,9 +325,16 @@ def test_a_stuck_run_says_so_in_the_log_and_on_the_run(tmp_path, caplog):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.MlflowClient(uri).create_experiment("stuck", artifact_location=(tmp_path / "artifacts").as_uri())
-    cfg = tiny(f"training.checkpoint_dir={tmp_path / 'ck'}", "data.synthetic.n_patients=150", "training.num_epochs=3",
-               "training.learning_rate=1e-9", "validation.jaccard_patients=0", "training.quality_report=false",
-               "tracking.n_sample_patients=0", "tracking.register_model=false")
+    cfg = tiny(
+        f"training.checkpoint_dir={tmp_path / 'ck'}",
+        "data.synthetic.n_patients=150",
+        "training.num_epochs=3",
+        "training.learning_rate=1e-9",
+        "validation.jaccard_patients=0",
+        "training.quality_report=false",
+        "tracking.n_sample_patients=0",
+        "tracking.register_model=false",
+    )
     with caplog.at_level(logging.WARNING, logger="promptehr.train"):
         result = train(cfg, MLflowTracker(uri, "stuck", register_model=False))
     assert "training looks stuck: after 3 epochs" in caplog.text

@@ -13,12 +13,12 @@ from promptehr.cohorts.hmm import CohortModel
 from promptehr.cohorts.mimic_hmm import mimic_hmm_model
 from promptehr.cohorts.small import small_cohort_model
 from promptehr.cohorts.transition import TransitionModel, transition_model
-from promptehr.data import DataError, Patient
+from promptehr.schema import DataError, Patient
 
 GENERATORS: dict[str, Callable[[], CohortModel | TransitionModel]] = {
-    "hmm": mimic_hmm_model,           # MIMIC-scale: ~9,000 ICD-9 codes, 31 hidden phenotype states
-    "transition": transition_model,   # MIMIC-scale, same codes: sparse code-to-code transitions, no hidden state
-    "small": small_cohort_model,      # 389 codes, 9 hidden states: smoke tests
+    "hmm": mimic_hmm_model,  # MIMIC-scale: ~9,000 ICD-9 codes, 31 hidden phenotype states
+    "transition": transition_model,  # MIMIC-scale, same codes: sparse code-to-code transitions, no hidden state
+    "small": small_cohort_model,  # 389 codes, 9 hidden states: smoke tests
 }
 DEFAULT_GENERATOR = "hmm"
 
@@ -34,8 +34,9 @@ def cohort_model_for(data_cfg):
     """The model that generated the patients `data_cfg` (a DataConfig) loads: the built-in cohort of
     `data.synthetic.generator`; only `data.source=synthetic` has one."""
     if data_cfg.source != "synthetic":
-        raise DataError("only the built-in cohort (data.source=synthetic) has an exact model; "
-                        f"got data.source={data_cfg.source}")
+        raise DataError(
+            f"only the built-in cohort (data.source=synthetic) has an exact model; got data.source={data_cfg.source}"
+        )
     return cohort_model(data_cfg.synthetic.generator)
 
 

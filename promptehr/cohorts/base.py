@@ -29,8 +29,11 @@ def demographic_key(age: float, sex: str) -> tuple[bool, bool, bool]:
 
 def demographic_keys(age: np.ndarray, female: np.ndarray) -> np.ndarray:
     """(n,) int in [0, 8): `demographic_key` of each patient as bits (female 4, newborn 2, pregnancy 1)."""
-    return (female.astype(int) * 4 + (age < NEWBORN_AGE_LIMIT) * 2
-            + ((age >= PREGNANCY_AGE_RANGE[0]) & (age <= PREGNANCY_AGE_RANGE[1])))
+    return (
+        female.astype(int) * 4
+        + (age < NEWBORN_AGE_LIMIT) * 2
+        + ((age >= PREGNANCY_AGE_RANGE[0]) & (age <= PREGNANCY_AGE_RANGE[1]))
+    )
 
 
 def key_from_bits(g: int) -> tuple[bool, bool, bool]:
@@ -58,7 +61,7 @@ def draw_demographics(m, n: int, rng: np.random.Generator) -> tuple[np.ndarray, 
 def sample_categorical(weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One draw per row of non-negative (n, K) weights (rows need not be normalised)."""
     cdf = np.cumsum(weights, axis=1)
-    u = (1.0 - rng.random(weights.shape[0])) * cdf[:, -1]      # in (0, total]
+    u = (1.0 - rng.random(weights.shape[0])) * cdf[:, -1]  # in (0, total]
     return np.minimum((cdf < u[:, None]).sum(1), weights.shape[1] - 1)
 
 

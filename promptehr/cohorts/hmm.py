@@ -8,10 +8,10 @@ Generative process (`CohortModel.sample`; `CohortModel.next_visit_log_prob` comp
 under exactly this process)
 ------------------------------------------------------------------------------------------------------
 1. Demographics (fixed for the whole patient; `age` is the age at the first admission, as in
-   `promptehr.data`):
+   `promptehr.mimic`):
    - with probability `neonate_share` the patient is a neonate: age 0.0, male with `neonate_male_share`;
    - otherwise an adult, male with `adult_male_share`; age = `age_top` (90, MIMIC's cap: MIMIC shifts
-     ages above 89, `data.MAX_AGE`) with probability `age_top_share`, else
+     ages above 89, `schema.MAX_AGE`) with probability `age_top_share`, else
      `age_min_adult + (age_top - age_min_adult) * Beta(age_beta_a, age_beta_b)` rounded to 0.1 year.
 2. Hidden phenotype state of the first visit, z_0 ~ `initial_state_probs(age, sex)`: a softmax over the
    states *eligible* for the patient of
@@ -49,7 +49,7 @@ from promptehr.cohorts.base import (
     logsumexp,
     sample_categorical,
 )
-from promptehr.data import MAX_AGE, Patient
+from promptehr.schema import MAX_AGE, Patient
 from promptehr.validity import code_restriction
 
 DEFAULT_MAX_VISITS = 20
@@ -62,31 +62,31 @@ class CohortModel:
     S = len(state_names) hidden states, C = len(codes) codes. All arrays are float64.
     """
 
-    codes: list[str]                # (C,) ICD-9 codes, MIMIC-III format (no dot)
-    state_names: list[str]          # (S,)
-    init_logit: np.ndarray          # (S,) first-visit state log-weight at age 60, female
-    init_logit_age: np.ndarray      # (S,) added per 10 years of age above 60 (subtracted below)
-    init_logit_male: np.ndarray     # (S,) added for men
-    state_min_age: np.ndarray       # (S,) state s is eligible iff state_min_age[s] <= age < state_max_age[s]
-    state_max_age: np.ndarray       # (S,)
-    state_sex: list[str | None]     # (S,) "M" / "F": state only for that sex; None: both
-    transition: np.ndarray          # (S, S) base transition matrix, rows sum to 1 (restricted to the
-                                    #        eligible states and renormalised per patient)
-    code_prob: np.ndarray           # (S, C) Bernoulli probability of code c in a visit of state s, < 1
-    persistence: np.ndarray         # (C,) rho_c in [0, 1): boost of a code present in the previous visit
-    continue_prob: np.ndarray       # (S,) P(another visit follows a visit in state s), < 1
+    codes: list[str]  # (C,) ICD-9 codes, MIMIC-III format (no dot)
+    state_names: list[str]  # (S,)
+    init_logit: np.ndarray  # (S,) first-visit state log-weight at age 60, female
+    init_logit_age: np.ndarray  # (S,) added per 10 years of age above 60 (subtracted below)
+    init_logit_male: np.ndarray  # (S,) added for men
+    state_min_age: np.ndarray  # (S,) state s is eligible iff state_min_age[s] <= age < state_max_age[s]
+    state_max_age: np.ndarray  # (S,)
+    state_sex: list[str | None]  # (S,) "M" / "F": state only for that sex; None: both
+    transition: np.ndarray  # (S, S) base transition matrix, rows sum to 1 (restricted to the
+    #        eligible states and renormalised per patient)
+    code_prob: np.ndarray  # (S, C) Bernoulli probability of code c in a visit of state s, < 1
+    persistence: np.ndarray  # (C,) rho_c in [0, 1): boost of a code present in the previous visit
+    continue_prob: np.ndarray  # (S,) P(another visit follows a visit in state s), < 1
     max_visits: int = DEFAULT_MAX_VISITS  # no visit after the max_visits-th
     # demographics (used by `sample` only; probabilities are conditional on age and sex)
-    neonate_share: float = 0.09     # P(age 0)
+    neonate_share: float = 0.09  # P(age 0)
     neonate_male_share: float = 0.53
     adult_male_share: float = 0.56
     age_min_adult: float = 18.0
-    age_top: float = MAX_AGE        # MIMIC caps ages at 90: a pile-up there
-    age_top_share: float = 0.07     # share of adults at exactly age_top
-    age_beta_a: float = 2.4         # adult age = age_min_adult + (age_top - age_min_adult) * Beta(a, b)
+    age_top: float = MAX_AGE  # MIMIC caps ages at 90: a pile-up there
+    age_top_share: float = 0.07  # share of adults at exactly age_top
+    age_beta_a: float = 2.4  # adult age = age_min_adult + (age_top - age_min_adult) * Beta(a, b)
     age_beta_b: float = 1.6
-    sample_block_rows: int = 8192   # patients per vectorised draw in `sample` (memory ~ rows x codes x 8 bytes
-                                    # x a few); part of the draw sequence, so it is fixed per cohort
+    sample_block_rows: int = 8192  # patients per vectorised draw in `sample` (memory ~ rows x codes x 8 bytes
+    # x a few); part of the draw sequence, so it is fixed per cohort
 
     _index: dict[str, int] = field(init=False, repr=False)
     _restriction: list[str | None] = field(init=False, repr=False)
@@ -111,8 +111,11 @@ class CohortModel:
             raise ValueError("codes must be distinct")
         if np.any(self.transition < 0) or not np.allclose(self.transition.sum(1), 1.0):
             raise ValueError("transition rows must be probability vectors")
-        for name, arr in (("code_prob", self.code_prob), ("persistence", self.persistence),
-                          ("continue_prob", self.continue_prob)):
+        for name, arr in (
+            ("code_prob", self.code_prob),
+            ("persistence", self.persistence),
+            ("continue_prob", self.continue_prob),
+        ):
             if np.any(arr < 0) or np.any(arr >= 1):
                 raise ValueError(f"{name} must lie in [0, 1)")
         if self.max_visits < 1:
@@ -279,7 +282,7 @@ class CohortModel:
             if k == 0:
                 log_prior = log_pi
             else:
-                w = log_post + log_q                      # P(z_{k-1}, visit k exists | history)
+                w = log_post + log_q  # P(z_{k-1}, visit k exists | history)
                 log_prior = logsumexp(w[:, None] + logT, axis=0) - logsumexp(w)
             idx = self._visit_indices(patient.visits[k])
             ll = self._visit_loglik_states(idx, prev_idx, age, sex)
@@ -287,7 +290,7 @@ class CohortModel:
             out = float(logsumexp(joint))
             yield log_prior, ll, out
             with np.errstate(invalid="ignore"):
-                log_post = joint - out                    # P(z_k | visits[:k+1]); nan after an impossible visit
+                log_post = joint - out  # P(z_k | visits[:k+1]); nan after an impossible visit
             prev_idx = idx
 
     def next_visit_log_probs(self, patient: Patient) -> np.ndarray:
@@ -310,7 +313,7 @@ class CohortModel:
         if not 0 <= k < len(patient.visits):
             raise IndexError(f"visit {k} out of range for a patient with {len(patient.visits)} visits")
         out = float("nan")
-        for _, _, out in self._forward(patient, k + 1):
+        for _, _, out in self._forward(patient, k + 1):  # noqa: B007 (the last step's value is the answer)
             pass
         return out
 
@@ -330,10 +333,9 @@ class CohortModel:
         """(S,) P(z_k | visits[:k], age, sex, visit k exists): the predictive state distribution."""
         if not 0 <= k <= len(patient.visits):
             raise IndexError(f"visit {k} out of range")
-        history = Patient(patient.subject_id, patient.age, patient.sex,
-                          list(patient.visits[:k]) + [[self.codes[0]]])
+        history = Patient(patient.subject_id, patient.age, patient.sex, list(patient.visits[:k]) + [[self.codes[0]]])
         log_prior = None
-        for log_prior, _, _ in self._forward(history, k + 1):
+        for log_prior, _, _ in self._forward(history, k + 1):  # noqa: B007 (the last step's prior is the answer)
             pass
         return np.exp(log_prior)
 
@@ -400,7 +402,7 @@ class CohortModel:
             for s in range(S):
                 rows_s = np.flatnonzero(z == s)
                 for b in range(0, rows_s.size, block):
-                    rows = rows_s[b:b + block]
+                    rows = rows_s[b : b + block]
                     p = np.broadcast_to(self.code_prob[s], (rows.size, C))
                     if prev is not None:
                         boost = prev[rows] & chronic[None, :]
@@ -425,4 +427,3 @@ class CohortModel:
 
         patients = [Patient(f"S{i + 1:07d}", float(age[i]), str(sex[i]), visits[i]) for i in range(n)]
         return patients, states
-

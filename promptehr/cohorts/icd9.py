@@ -19,10 +19,10 @@ from promptehr.validity import code_restriction
 
 STRUCTURE_SEED = 2001  # fixes the tail codes, their popularity and chronicity (MIMIC-III spans 2001-2012)
 CATEGORY_POPULARITY_SIGMA = 1.3  # log-normal spread of a category's popularity: the long tail
-CODE_RANK_EXPONENT = 1.1         # a category's r-th code has popularity ~ r^-exponent (the first is "NOS")
+CODE_RANK_EXPONENT = 1.1  # a category's r-th code has popularity ~ r^-exponent (the first is "NOS")
 PERSISTENCE_RANGE = (0.5, 0.85)  # persistence of a chronic tail code: uniform in this range
 DEPTH_SHARES = {0: 0.12, 1: 0.48, 2: 0.40}  # a new category: leaf (0 digits below it), 4th digit, 4th+5th
-MAX_CODES_PER_CATEGORY = 60      # 5-digit categories: ICD-9-CM's largest hold a few dozen codes
+MAX_CODES_PER_CATEGORY = 60  # 5-digit categories: ICD-9-CM's largest hold a few dozen codes
 
 
 def read_table(name: str) -> list[dict[str, str]]:
@@ -71,8 +71,8 @@ def category(code: str) -> str:
 class Chapter:
     name: str
     categories: tuple[str, ...]  # every category of its range, in order
-    tail_codes: int              # how many tail codes to generate in it (approximately: capacity bounds it)
-    chronic_share: float         # share of its new categories whose codes are chronic
+    tail_codes: int  # how many tail codes to generate in it (approximately: capacity bounds it)
+    chronic_share: float  # share of its new categories whose codes are chronic
 
 
 def _category_range(first: str, last: str) -> tuple[str, ...]:
@@ -86,8 +86,14 @@ def read_chapters() -> list[Chapter]:
     chapters = []
     for i, row in enumerate(read_table("icd9_chapters.tsv"), start=2):
         try:
-            chapters.append(Chapter(row["chapter"], _category_range(row["first"], row["last"]),
-                                    int(row["tail_codes"]), float(row["chronic_share"])))
+            chapters.append(
+                Chapter(
+                    row["chapter"],
+                    _category_range(row["first"], row["last"]),
+                    int(row["tail_codes"]),
+                    float(row["chronic_share"]),
+                )
+            )
         except (KeyError, ValueError) as exc:
             raise ValueError(f"tables/icd9_chapters.tsv line {i}: {exc}") from None
     return chapters
@@ -99,11 +105,11 @@ class Vocabulary:
 
     codes: tuple[str, ...]
     chapter_names: tuple[str, ...]
-    chapter: np.ndarray      # chapter index of each code
+    chapter: np.ndarray  # chapter index of each code
     category: tuple[str, ...]
     category_id: np.ndarray  # index into `categories`
     categories: tuple[str, ...]
-    popularity: np.ndarray   # tail codes: category popularity x rank weight (sums to the category's popularity); head: 0
+    popularity: np.ndarray  # tail codes: category popularity x rank weight (sums to the category's popularity); head: 0
     persistence: np.ndarray  # chronic tail codes: in PERSISTENCE_RANGE; head: the small cohort's; acute: 0
     restriction: tuple[str | None, ...]  # `validity.code_restriction` of each code
     n_head: int
@@ -197,12 +203,12 @@ def mimic_vocabulary() -> Vocabulary:
     for cat, w in zip(cat_of_tail, rank_weight):
         totals[cat] = totals.get(cat, 0.0) + w
     popularity = np.zeros(len(codes))
-    popularity[len(head):] = [t[3] * w / totals[cat] for t, w, cat in zip(tail, rank_weight, cat_of_tail)]
+    popularity[len(head) :] = [t[3] * w / totals[cat] for t, w, cat in zip(tail, rank_weight, cat_of_tail)]
     persistence = np.zeros(len(codes))
     head_rho = chronic_persistence()
-    persistence[:len(head)] = [head_rho.get(c, 0.0) for c in head]
+    persistence[: len(head)] = [head_rho.get(c, 0.0) for c in head]
     chronic_tail = np.array([t[4] for t in tail], dtype=bool)
-    persistence[len(head):] = np.where(chronic_tail, rng.uniform(*PERSISTENCE_RANGE, len(tail)), 0.0)
+    persistence[len(head) :] = np.where(chronic_tail, rng.uniform(*PERSISTENCE_RANGE, len(tail)), 0.0)
     cats = [category(c) for c in codes]
     categories = tuple(dict.fromkeys(cats))
     cat_index = {c: i for i, c in enumerate(categories)}
@@ -224,7 +230,7 @@ def mimic_vocabulary() -> Vocabulary:
 # Phenotypes: the hidden states of `hmm` and the first-visit profiles of `transition`
 # ----------------------------------------------------------------------------------------------
 
-FOCUS_WEIGHT = 30.0         # weight of a phenotype's focus category, against 1-4 for its chapters
+FOCUS_WEIGHT = 30.0  # weight of a phenotype's focus category, against 1-4 for its chapters
 CATEGORY_NOISE_SIGMA = 0.8  # log-normal factor per phenotype and category: related phenotypes differ
 
 
@@ -233,17 +239,17 @@ class Phenotype:
     """One row of a phenotype table (tables/mimic_hmm_states.tsv, tables/transition_profiles.tsv)."""
 
     name: str
-    sex: str | None                # only for this sex; None: both
-    min_age: float                 # eligible iff min_age <= age < max_age
+    sex: str | None  # only for this sex; None: both
+    min_age: float  # eligible iff min_age <= age < max_age
     max_age: float
-    init_logit: float              # first-visit log-weight at age 60, female
-    age_slope: float               # added per 10 years above 60
-    male: float                    # added for men
-    background: float              # weight of every chapter not in `chapters`
-    emits: frozenset[str]          # restricted code groups it may hold: pregnancy, newborn
+    init_logit: float  # first-visit log-weight at age 60, female
+    age_slope: float  # added per 10 years above 60
+    male: float  # added for men
+    background: float  # weight of every chapter not in `chapters`
+    emits: frozenset[str]  # restricted code groups it may hold: pregnancy, newborn
     chapters: dict[str, float]
-    focus: tuple[str, ...]         # categories ("428", "V45", "E888")
-    extra: dict[str, str]          # the table's other columns
+    focus: tuple[str, ...]  # categories ("428", "V45", "E888")
+    extra: dict[str, str]  # the table's other columns
 
 
 def read_phenotypes(name: str, vocab: Vocabulary) -> list[Phenotype]:
@@ -255,13 +261,19 @@ def read_phenotypes(name: str, vocab: Vocabulary) -> list[Phenotype]:
         where = f"tables/{name} line {i} ({row[first]})"
         try:
             ph = Phenotype(
-                name=row[first], sex=None if row["sex"] == "-" else row["sex"], min_age=float(row["min_age"]),
-                max_age=float(row["max_age"]), init_logit=float(row["init_logit"]), age_slope=float(row["age_slope"]),
-                male=float(row["male"]), background=float(row["background"]),
+                name=row[first],
+                sex=None if row["sex"] == "-" else row["sex"],
+                min_age=float(row["min_age"]),
+                max_age=float(row["max_age"]),
+                init_logit=float(row["init_logit"]),
+                age_slope=float(row["age_slope"]),
+                male=float(row["male"]),
+                background=float(row["background"]),
                 emits=frozenset() if row["emits"] == "-" else frozenset(row["emits"].split(",")),
                 chapters={k: float(w) for k, w in (item.split(":") for item in row["chapters"].split())},
                 focus=tuple(row["focus"].split()),
-                extra={k: v for k, v in row.items() if k != first and k not in common})
+                extra={k: v for k, v in row.items() if k != first and k not in common},
+            )
         except (KeyError, ValueError) as exc:
             raise ValueError(f"{where}: {exc!r}") from None
         unknown = (set(ph.chapters) - set(vocab.chapter_names)) | (ph.emits - {"pregnancy", "newborn"})
@@ -271,8 +283,9 @@ def read_phenotypes(name: str, vocab: Vocabulary) -> list[Phenotype]:
     return out
 
 
-def phenotype_weights(ph: Phenotype, vocab: Vocabulary, idx: np.ndarray, popularity: np.ndarray,
-                      rng: np.random.Generator) -> np.ndarray:
+def phenotype_weights(
+    ph: Phenotype, vocab: Vocabulary, idx: np.ndarray, popularity: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
     """(len(idx),) unnormalised weights of codes `idx` in phenotype `ph`: popularity x (chapter weight, or
     `background` outside its chapters, + FOCUS_WEIGHT in its focus categories) x a log-normal factor per
     category; 0 for pregnancy/newborn codes unless the phenotype emits them."""

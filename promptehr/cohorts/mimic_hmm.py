@@ -22,12 +22,12 @@ from promptehr.cohorts.icd9 import (
     read_phenotypes,
 )
 
-HEAD_SCALE = 0.65           # a state's head codes: its parent's probabilities times this ...
-HEAD_NOISE_SIGMA = 0.3      # ... times a log-normal factor per state and code
-FOCUS_HEAD_BOOST = 1.5      # head codes of a state's focus categories are this much more likely
+HEAD_SCALE = 0.65  # a state's head codes: its parent's probabilities times this ...
+HEAD_NOISE_SIGMA = 0.3  # ... times a log-normal factor per state and code
+FOCUS_HEAD_BOOST = 1.5  # head codes of a state's focus categories are this much more likely
 MAX_HEAD_PROB = 0.9
 MAX_TAIL_PROB = 0.5
-SIBLING_SHARE = 0.08        # transition mass from a state to the other states of its family (same parent)
+SIBLING_SHARE = 0.08  # transition mass from a state to the other states of its family (same parent)
 STATE_SEED = STRUCTURE_SEED + 1
 
 
@@ -48,8 +48,8 @@ def read_states(vocab: Vocabulary) -> list[Phenotype]:
 def head_probs(specs: list[Phenotype], vocab: Vocabulary, rng: np.random.Generator) -> np.ndarray:
     """(S, n_head): the parent's code probabilities, scaled, noisy, boosted in the focus categories."""
     parent = small.small_cohort_model()
-    assert list(parent.codes) == list(vocab.codes[:vocab.n_head])
-    cats = np.array(vocab.category[:vocab.n_head])
+    assert list(parent.codes) == list(vocab.codes[: vocab.n_head])
+    cats = np.array(vocab.category[: vocab.n_head])
     out = np.zeros((len(specs), vocab.n_head))
     for s, spec in enumerate(specs):
         p = parent.code_prob[small.STATE_NAMES.index(spec.extra["parent"])] * HEAD_SCALE

@@ -16,41 +16,50 @@ from promptehr.validity import NEWBORN_AGE_LIMIT
 OBSTETRIC_STATE_AGES = (15.0, 46.0)  # the obstetric state: women with 15 <= age < 46, inside the pregnancy rule's 12-55
 
 STATE_NAMES = (
-    "cardiometabolic", "heart_failure_renal", "pulmonary", "sepsis", "gi_liver",
-    "oncology", "neuro_trauma", "obstetric", "neonatal",
+    "cardiometabolic",
+    "heart_failure_renal",
+    "pulmonary",
+    "sepsis",
+    "gi_liver",
+    "oncology",
+    "neuro_trauma",
+    "obstetric",
+    "neonatal",
 )
 
 # Per-state parameters, in STATE_NAMES order. The shared tail's codes (state "shared_tail" in the
 # table) enter each state as p = 1 - (1 - p_state) * (1 - scale * p_shared).
 #              init_logit  per-10y  male   min_age max_age sex   continue  shared-tail scale
 STATE_PARAMS = {
-    "cardiometabolic":     (0.6,  0.15,  0.4,  1.0, 999.0, None, 0.20, 1.0),
-    "heart_failure_renal": (0.0,  0.45,  0.0,  1.0, 999.0, None, 0.33, 1.0),
-    "pulmonary":           (0.0,  0.15,  0.0,  1.0, 999.0, None, 0.30, 1.0),
-    "sepsis":              (0.2,  0.15,  0.0,  1.0, 999.0, None, 0.20, 1.0),
-    "gi_liver":            (-0.3, -0.25, 0.3,  1.0, 999.0, None, 0.33, 1.0),
-    "oncology":            (-0.3, 0.0,   0.0,  1.0, 999.0, None, 0.30, 1.0),
-    "neuro_trauma":        (0.3,  -0.10, 0.3,  1.0, 999.0, None, 0.12, 1.0),
-    "obstetric":           (0.8,  0.0,   0.0,  OBSTETRIC_STATE_AGES[0], OBSTETRIC_STATE_AGES[1], "F", 0.06, 0.5),
-    "neonatal":            (0.0,  0.0,   0.0,  0.0, NEWBORN_AGE_LIMIT, None, 0.04, 0.0),
+    "cardiometabolic": (0.6, 0.15, 0.4, 1.0, 999.0, None, 0.20, 1.0),
+    "heart_failure_renal": (0.0, 0.45, 0.0, 1.0, 999.0, None, 0.33, 1.0),
+    "pulmonary": (0.0, 0.15, 0.0, 1.0, 999.0, None, 0.30, 1.0),
+    "sepsis": (0.2, 0.15, 0.0, 1.0, 999.0, None, 0.20, 1.0),
+    "gi_liver": (-0.3, -0.25, 0.3, 1.0, 999.0, None, 0.33, 1.0),
+    "oncology": (-0.3, 0.0, 0.0, 1.0, 999.0, None, 0.30, 1.0),
+    "neuro_trauma": (0.3, -0.10, 0.3, 1.0, 999.0, None, 0.12, 1.0),
+    "obstetric": (0.8, 0.0, 0.0, OBSTETRIC_STATE_AGES[0], OBSTETRIC_STATE_AGES[1], "F", 0.06, 0.5),
+    "neonatal": (0.0, 0.0, 0.0, 0.0, NEWBORN_AGE_LIMIT, None, 0.04, 0.0),
 }
 
 # Base visit-to-visit transitions (rows: from, columns: to; STATE_NAMES order; rows sum to 1).
 # Sticky; cardiometabolic progresses to heart failure/renal; any state can be followed by sepsis,
 # the least sticky state (an infection resolves; the underlying chronic phenotype comes back).
 # Neonates stay neonatal (later visits of an age-0 patient are NICU readmissions).
-TRANSITION = np.array([
-    # CM    HFR   PUL   SEP   GIL   ONC   NEU   OBS   NEO
-    [0.72, 0.12, 0.03, 0.05, 0.02, 0.02, 0.04, 0.00, 0.00],  # cardiometabolic
-    [0.04, 0.80, 0.04, 0.08, 0.01, 0.01, 0.02, 0.00, 0.00],  # heart_failure_renal
-    [0.03, 0.06, 0.75, 0.10, 0.01, 0.03, 0.02, 0.00, 0.00],  # pulmonary
-    [0.10, 0.12, 0.10, 0.45, 0.06, 0.06, 0.11, 0.00, 0.00],  # sepsis
-    [0.02, 0.02, 0.02, 0.08, 0.80, 0.04, 0.02, 0.00, 0.00],  # gi_liver
-    [0.01, 0.02, 0.04, 0.10, 0.03, 0.78, 0.02, 0.00, 0.00],  # oncology
-    [0.06, 0.03, 0.03, 0.06, 0.02, 0.02, 0.78, 0.00, 0.00],  # neuro_trauma
-    [0.02, 0.01, 0.01, 0.03, 0.02, 0.01, 0.05, 0.85, 0.00],  # obstetric
-    [0.00, 0.00, 0.00, 0.00, 0.00, 0.00, 0.00, 0.00, 1.00],  # neonatal
-])
+TRANSITION = np.array(
+    [
+        # CM    HFR   PUL   SEP   GIL   ONC   NEU   OBS   NEO
+        [0.72, 0.12, 0.03, 0.05, 0.02, 0.02, 0.04, 0.00, 0.00],  # cardiometabolic
+        [0.04, 0.80, 0.04, 0.08, 0.01, 0.01, 0.02, 0.00, 0.00],  # heart_failure_renal
+        [0.03, 0.06, 0.75, 0.10, 0.01, 0.03, 0.02, 0.00, 0.00],  # pulmonary
+        [0.10, 0.12, 0.10, 0.45, 0.06, 0.06, 0.11, 0.00, 0.00],  # sepsis
+        [0.02, 0.02, 0.02, 0.08, 0.80, 0.04, 0.02, 0.00, 0.00],  # gi_liver
+        [0.01, 0.02, 0.04, 0.10, 0.03, 0.78, 0.02, 0.00, 0.00],  # oncology
+        [0.06, 0.03, 0.03, 0.06, 0.02, 0.02, 0.78, 0.00, 0.00],  # neuro_trauma
+        [0.02, 0.01, 0.01, 0.03, 0.02, 0.01, 0.05, 0.85, 0.00],  # obstetric
+        [0.00, 0.00, 0.00, 0.00, 0.00, 0.00, 0.00, 0.00, 1.00],  # neonatal
+    ]
+)
 
 
 def small_cohort_model() -> CohortModel:

@@ -52,7 +52,7 @@ from promptehr.cohorts.base import (
 )
 from promptehr.cohorts.hmm import DEFAULT_MAX_VISITS
 from promptehr.cohorts.icd9 import STRUCTURE_SEED, Vocabulary, mimic_vocabulary, phenotype_weights, read_phenotypes
-from promptehr.data import MAX_AGE, Patient
+from promptehr.schema import MAX_AGE, Patient
 from promptehr.validity import code_restriction
 
 
@@ -60,20 +60,20 @@ from promptehr.validity import code_restriction
 class TransitionModel:
     """A first-order code-to-code patient model; see the module docstring. K profiles, C codes, B age bands."""
 
-    codes: list[str]                # (C,)
-    profile_names: list[str]        # (K,)
-    profile_logit: np.ndarray       # (K,) first-visit profile log-weight at age 60, female
-    profile_logit_age: np.ndarray   # (K,) added per 10 years of age above 60
+    codes: list[str]  # (C,)
+    profile_names: list[str]  # (K,)
+    profile_logit: np.ndarray  # (K,) first-visit profile log-weight at age 60, female
+    profile_logit_age: np.ndarray  # (K,) added per 10 years of age above 60
     profile_logit_male: np.ndarray  # (K,) added for men
-    profile_min_age: np.ndarray     # (K,) profile k is eligible iff min_age[k] <= age < max_age[k] ...
-    profile_max_age: np.ndarray     # (K,)
-    profile_sex: list[str | None]   # (K,) ... and its sex is None or the patient's
-    profile_prob: np.ndarray        # (K, C) first-visit Bernoulli probabilities, < 1
-    age_band_edges: np.ndarray      # (B-1,) increasing; band of an age = number of edges <= age
-    background: np.ndarray          # (B, C) later-visit background rate b_c per age band, < 1
+    profile_min_age: np.ndarray  # (K,) profile k is eligible iff min_age[k] <= age < max_age[k] ...
+    profile_max_age: np.ndarray  # (K,)
+    profile_sex: list[str | None]  # (K,) ... and its sex is None or the patient's
+    profile_prob: np.ndarray  # (K, C) first-visit Bernoulli probabilities, < 1
+    age_band_edges: np.ndarray  # (B-1,) increasing; band of an age = number of edges <= age
+    background: np.ndarray  # (B, C) later-visit background rate b_c per age band, < 1
     transition: tuple[np.ndarray, np.ndarray, np.ndarray]  # sparse T as CSR (indptr (C+1,), indices, data < 1)
     continue_logit: float
-    continue_logit_later: float     # added when deciding after visit k >= 1
+    continue_logit_later: float  # added when deciding after visit k >= 1
     continue_code_logit: np.ndarray  # (C,) added per code of the visit just made
     max_visits: int = DEFAULT_MAX_VISITS
     # demographics (used by `sample` only), as in CohortModel
@@ -85,7 +85,7 @@ class TransitionModel:
     age_top_share: float = 0.07
     age_beta_a: float = 2.4
     age_beta_b: float = 1.6
-    sample_block_rows: int = 1024   # patients per vectorised draw (memory ~ rows x codes x 8 bytes x a few)
+    sample_block_rows: int = 1024  # patients per vectorised draw (memory ~ rows x codes x 8 bytes x a few)
 
     _index: dict[str, int] = field(init=False, repr=False)
     _restriction: list[str | None] = field(init=False, repr=False)
@@ -107,8 +107,7 @@ class TransitionModel:
         csr_ok = csr_ok and indptr[-1] == indices.size == data.size and np.all((indices >= 0) & (indices < C))
         if not csr_ok:
             raise ValueError("transition must be a CSR triple (indptr (C+1,), indices in [0, C), data)")
-        for name, arr in (("profile_prob", self.profile_prob), ("background", self.background),
-                          ("transition data", data)):
+        for name, arr in (("profile_prob", self.profile_prob), ("background", self.background), ("transition data", data)):
             if np.any(arr < 0) or np.any(arr >= 1):
                 raise ValueError(f"{name} must lie in [0, 1)")
         if len(self.profile_sex) != K or any(x not in (None, "M", "F") for x in self.profile_sex):
@@ -244,8 +243,9 @@ class TransitionModel:
         """Entry k of `next_visit_log_probs`."""
         if not 0 <= k < len(patient.visits):
             raise IndexError(f"visit {k} out of range for a patient with {len(patient.visits)} visits")
-        return float(self.next_visit_log_probs(Patient(patient.subject_id, patient.age, patient.sex,
-                                                       patient.visits[: k + 1]))[k])
+        return float(
+            self.next_visit_log_probs(Patient(patient.subject_id, patient.age, patient.sex, patient.visits[: k + 1]))[k]
+        )
 
     def continue_prob(self, visit, k: int) -> float:
         """P(another visit follows visit k, whose codes are `visit`) (before the max_visits cap)."""
@@ -294,7 +294,7 @@ class TransitionModel:
         active = np.arange(n)
         cur = np.zeros((n, C), dtype=bool)
         for b in range(0, n, self.sample_block_rows):
-            rows = active[b:b + self.sample_block_rows]
+            rows = active[b : b + self.sample_block_rows]
             cur[rows] = draw_nonempty_visits(self.profile_prob[z[rows]] * masks[key[rows]], rng)
         for j in range(self.max_visits):
             for i, visit in zip(active.tolist(), emit_visits(cur, codes_arr, rng)):
@@ -325,7 +325,7 @@ class TransitionModel:
 # ----------------------------------------------------------------------------------------------
 
 MODEL_SEED = STRUCTURE_SEED + 2
-HEAD_SHARE = 0.45               # share of the code popularity that the 389 head codes hold
+HEAD_SHARE = 0.45  # share of the code popularity that the 389 head codes hold
 MAX_PROFILE_PROB = 0.8
 AGE_BAND_EDGES = (1.0, 40.0, 65.0, 80.0)  # bands: newborn, 1-39, 40-64, 65-79, 80+
 BACKGROUND_CODES = (2.5, 2.5, 2.5, 2.5, 2.5)  # expected background codes of a later visit, per band
@@ -342,16 +342,16 @@ BAND_CHAPTER_WEIGHTS = {
     "external": (0.0, 1.6, 1.0, 0.8, 1.0),
     "mental": (0.0, 1.5, 1.0, 0.7, 0.6),
 }
-ACUTE_RECURRENCE = 0.05         # T[j, j] of an acute code (a chronic one: its persistence)
-SAME_CATEGORY_TARGETS = 2       # up to this many other codes of j's category, T ~ log-normal around:
+ACUTE_RECURRENCE = 0.05  # T[j, j] of an acute code (a chronic one: its persistence)
+SAME_CATEGORY_TARGETS = 2  # up to this many other codes of j's category, T ~ log-normal around:
 SAME_CATEGORY_T = 0.08
-RELATED_TARGETS = 6             # mean number of other targets (frequent companions, codes of j's chapter), T around:
+RELATED_TARGETS = 6  # mean number of other targets (frequent companions, codes of j's chapter), T around:
 RELATED_T = 0.035
 T_SIGMA = 0.7
 MAX_T = 0.6
 CONTINUE_LOGIT = -2.2
 CONTINUE_LOGIT_LATER = 0.7
-CHRONIC_CONTINUE_LOGIT = 0.12   # per chronic code of the visit
+CHRONIC_CONTINUE_LOGIT = 0.12  # per chronic code of the visit
 CHAPTER_CONTINUE_LOGIT = {"neoplasms": 0.15, "pregnancy": -0.5, "perinatal": -0.3}
 
 
@@ -359,7 +359,7 @@ def code_popularity(vocab: Vocabulary) -> np.ndarray:
     """(C,) head codes: the small cohort's mean code probability; tail: icd9's popularity; scaled so the
     head holds HEAD_SHARE of the total."""
     head = small.small_cohort_model().code_prob.mean(0)
-    tail = vocab.popularity[vocab.n_head:]
+    tail = vocab.popularity[vocab.n_head :]
     return np.concatenate([head / head.sum() * HEAD_SHARE, tail / tail.sum() * (1.0 - HEAD_SHARE)])
 
 
@@ -378,8 +378,9 @@ def background_table(vocab: Vocabulary, popularity: np.ndarray) -> np.ndarray:
     out = np.zeros((len(AGE_BAND_EDGES) + 1, vocab.n_codes))
     for band in range(out.shape[0]):
         default = 0.0 if band == 0 else 1.0
-        chapter_w = np.array([BAND_CHAPTER_WEIGHTS.get(name, (default,) * out.shape[0])[band]
-                              for name in vocab.chapter_names])
+        chapter_w = np.array(
+            [BAND_CHAPTER_WEIGHTS.get(name, (default,) * out.shape[0])[band] for name in vocab.chapter_names]
+        )
         w = popularity * chapter_w[vocab.chapter]
         w[restriction == "pregnancy"] = 0.0
         if band > 0:
@@ -396,7 +397,7 @@ def transition_table(vocab: Vocabulary, popularity: np.ndarray, rng: np.random.G
     C = vocab.n_codes
     group = np.array([{"pregnancy": 1, "newborn": 2}.get(r, 0) for r in vocab.restriction])
     small_prob = small.small_cohort_model().code_prob
-    cooccur = small_prob.T @ small_prob                                    # (n_head, n_head)
+    cooccur = small_prob.T @ small_prob  # (n_head, n_head)
     pools: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
     def pool(kind: str, j: int) -> tuple[np.ndarray, np.ndarray]:
@@ -420,7 +421,7 @@ def transition_table(vocab: Vocabulary, popularity: np.ndarray, rng: np.random.G
     for j in range(C):
         targets = {j: vocab.persistence[j] if vocab.persistence[j] > 0 else ACUTE_RECURRENCE}
         cat = vocab.category_id[j]
-        same = [c for c in order[bounds[cat]:bounds[cat + 1]] if c != j and group[c] in (0, group[j])]
+        same = [c for c in order[bounds[cat] : bounds[cat + 1]] if c != j and group[c] in (0, group[j])]
         for c in rng.permutation(np.array(same, dtype=np.int64))[:SAME_CATEGORY_TARGETS]:
             targets[int(c)] = SAME_CATEGORY_T * rng.lognormal(0.0, T_SIGMA)
         for t in range(rng.poisson(RELATED_TARGETS)):

@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import r2_score
 
-from promptehr.data import Patient
 from promptehr.report.stats import bootstrap_weights, count_distances, multi_hot, normal_interval, pearson
+from promptehr.schema import Patient
 
 TOP_K = 100
 HEADLINE = ("prevalence_r2_visit", "prevalence_r2_patient", "transition_r2")
@@ -74,7 +74,7 @@ def top_codes(patients: list[Patient], k: int = TOP_K) -> list[str]:
     """The `k` codes held by the most visits of `patients` (ties by code)."""
     codes = all_codes(patients)
     _, per_visit = code_prevalence(patients, codes)
-    return [codes[i] for i in np.argsort(-per_visit, kind="stable")[:min(k, int((per_visit > 0).sum()))]]
+    return [codes[i] for i in np.argsort(-per_visit, kind="stable")[: min(k, int((per_visit > 0).sum()))]]
 
 
 def fidelity_metrics(cohort: list[Patient], real: list[Patient], top_k: int = TOP_K) -> dict:
@@ -106,8 +106,9 @@ def fidelity_metrics(cohort: list[Patient], real: list[Patient], top_k: int = TO
     }
 
 
-def fidelity_intervals(cohort: list[Patient], real: list[Patient], n_boot: int = 200, seed: int = 0,
-                       top_k: int = TOP_K) -> dict:
+def fidelity_intervals(
+    cohort: list[Patient], real: list[Patient], n_boot: int = 200, seed: int = 0, top_k: int = TOP_K
+) -> dict:
     """95% intervals (`<name>_low`, `<name>_high`) of the headline R-squared figures: the figure +- 1.96
     standard deviations of its bootstrap replicates (`stats.normal_interval`); both groups' patients
     resampled with replacement, independently, `n_boot` times; the code lists (all codes; the top-k
@@ -123,8 +124,13 @@ def fidelity_intervals(cohort: list[Patient], real: list[Patient], n_boot: int =
         moves, n_pairs = _transition_tables(group, top_real)
         w = bootstrap_weights(len(group), n_boot, rng)
         with np.errstate(invalid="ignore", divide="ignore"):
-            resampled.append((w @ held / w.sum(1, keepdims=True), w @ in_visits / (w @ n_visits)[:, None],
-                              w @ moves / (w @ n_pairs)[:, None]))
+            resampled.append(
+                (
+                    w @ held / w.sum(1, keepdims=True),
+                    w @ in_visits / (w @ n_visits)[:, None],
+                    w @ moves / (w @ n_pairs)[:, None],
+                )
+            )
     (g_p, g_v, g_t), (r_p, r_v, r_t) = resampled
     for b in range(n_boot):
         replicates["prevalence_r2_patient"].append(r2(r_p[b], g_p[b]))

@@ -41,10 +41,17 @@ def plot_prevalence(report: dict, path: Path) -> Path:
     ax.scatter(np.maximum(real, floor), np.maximum(gen, floor), s=8, alpha=0.5)
     lim = [floor, 1.0]
     ax.plot(lim, lim, color="grey", lw=1)
-    ax.set(xscale="log", yscale="log", xlim=lim, ylim=lim, xlabel="real (held-out): share of visits",
-           ylabel="generated: share of visits (0 drawn at the edge)",
-           title=f"code prevalence, R² {_ci(m, 'prevalence_r2_visit')}\n(real vs real {m['prevalence_r2_visit_reference']:.3f}; "
-                 f"{cut['codes_dropped']} codes of < {cut['min_patients']} patients not drawn)")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlim=lim,
+        ylim=lim,
+        xlabel="real (held-out): share of visits",
+        ylabel="generated: share of visits (0 drawn at the edge)",
+        title=f"code prevalence, R² {_ci(m, 'prevalence_r2_visit')}\n"
+        f"(real vs real {m['prevalence_r2_visit_reference']:.3f}; "
+        f"{cut['codes_dropped']} codes of < {cut['min_patients']} patients not drawn)",
+    )
     ax.title.set_fontsize(9)
     return _save(fig, path)
 
@@ -69,18 +76,33 @@ def plot_utility(report: dict, path: Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.5))
     names = ("real", "synthetic")
     values = [m.get(f"utility_auroc_{n}", float("nan")) for n in names]
-    errors = [[max(v - m.get(f"utility_auroc_{n}_low", v), 0) for n, v in zip(names, values)],
-              [max(m.get(f"utility_auroc_{n}_high", v) - v, 0) for n, v in zip(names, values)]]
-    left.bar(["trained on real", "trained on generated"], np.nan_to_num(values), yerr=np.nan_to_num(errors), capsize=6,
-             color=["tab:blue", "tab:orange"])
+    errors = [
+        [max(v - m.get(f"utility_auroc_{n}_low", v), 0) for n, v in zip(names, values)],
+        [max(m.get(f"utility_auroc_{n}_high", v) - v, 0) for n, v in zip(names, values)],
+    ]
+    left.bar(
+        ["trained on real", "trained on generated"],
+        np.nan_to_num(values),
+        yerr=np.nan_to_num(errors),
+        capsize=6,
+        color=["tab:blue", "tab:orange"],
+    )
     left.axhline(0.5, color="grey", lw=1, ls="--")
-    left.set(ylim=(0, 1), ylabel="macro AUROC on held-out patients",
-             title=f"next-visit code groups (TSTR), ratio {_ci(m, 'utility_ratio')}")
+    left.set(
+        ylim=(0, 1),
+        ylabel="macro AUROC on held-out patients",
+        title=f"next-visit code groups (TSTR), ratio {_ci(m, 'utility_ratio')}",
+    )
     left.title.set_fontsize(9)
     right.scatter(u["auroc_real"], u["auroc_synthetic"], s=14, alpha=0.7)
     right.plot([0, 1], [0, 1], color="grey", lw=1)
-    right.set(xlim=(0, 1), ylim=(0, 1), xlabel="AUROC, trained on real", ylabel="AUROC, trained on generated",
-              title=f"per group ({len(u['groups'])} with >= {report['suppression']['min_patients']} positive test patients)")
+    right.set(
+        xlim=(0, 1),
+        ylim=(0, 1),
+        xlabel="AUROC, trained on real",
+        ylabel="AUROC, trained on generated",
+        title=f"per group ({len(u['groups'])} with >= {report['suppression']['min_patients']} positive test patients)",
+    )
     right.title.set_fontsize(9)
     return _save(fig, path)
 
@@ -95,10 +117,19 @@ def plot_privacy(report: dict, path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     accuracy = m.get("membership_distance_accuracy", float("nan"))
     for ax, hists, title in (
-            (axes[0], pv["released_distance"], f"membership by distance: AUC {_ci(m, 'membership_distance_auc')},\n"
-                                                f"median-threshold accuracy {accuracy:.3f} (0.5: no signal)"),
-            (axes[2], pv["training_distance"], f"copying: distance to the nearest training patient,\n"
-                                                f"ratio {m['nn_distance_ratio']:.3f} (1: like held-out patients)")):
+        (
+            axes[0],
+            pv["released_distance"],
+            f"membership by distance: AUC {_ci(m, 'membership_distance_auc')},\n"
+            f"median-threshold accuracy {accuracy:.3f} (0.5: no signal)",
+        ),
+        (
+            axes[2],
+            pv["training_distance"],
+            f"copying: distance to the nearest training patient,\n"
+            f"ratio {m['nn_distance_ratio']:.3f} (1: like held-out patients)",
+        ),
+    ):
         for j, (name, counts) in enumerate(hists.items()):
             counts = np.asarray(counts, dtype=float)
             ax.bar(centers + (j - 0.5) * width / 2, counts / max(counts.sum(), 1), width=width / 2, label=name)
@@ -108,8 +139,12 @@ def plot_privacy(report: dict, path: Path) -> Path:
     ai = pv["attribute_inference"]
     axes[1].plot(ai["k"], ai["synthetic"], marker="o", label="neighbours: generated")
     axes[1].plot(ai["k"], ai["heldout"], marker="s", label="neighbours: held-out real")
-    axes[1].set(xlabel="k nearest neighbours", ylabel="F1 of the inferred codes", xticks=ai["k"],
-                title="attribute inference on training patients\n(knowing their top-100 codes)")
+    axes[1].set(
+        xlabel="k nearest neighbours",
+        ylabel="F1 of the inferred codes",
+        xticks=ai["k"],
+        title="attribute inference on training patients\n(knowing their top-100 codes)",
+    )
     axes[1].title.set_fontsize(9)
     axes[1].legend()
     return _save(fig, path)

@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from promptehr.collator import EHRDataCollator, EHRPatientDataset
-from promptehr.data import Patient
+from promptehr.collator import EHRPatientDataset
+from promptehr.patient_format import hidden_visit_row, pad_batch
 from promptehr.report.stats import bootstrap_weights, interval, multi_hot, weighted_auroc
+from promptehr.schema import Patient
 
 ATTRIBUTE_KS = (1, 2, 3, 4, 5)
 KNOWN_CODES = 100
@@ -43,7 +44,7 @@ def nearest_neighbour_distances(patients: list[Patient], others: list[Patient], 
     t_size = t.sum(1)
     out = []
     for s in range(0, len(patients), chunk):
-        q = torch.from_numpy(multi_hot([code_set(p) for p in patients[s:s + chunk]], index))
+        q = torch.from_numpy(multi_hot([code_set(p) for p in patients[s : s + chunk]], index))
         inter = q @ t.T
         union = q.sum(1, keepdim=True) + t_size.unsqueeze(0) - inter
         out.append((1.0 - inter / union.clamp(min=1)).min(1).values)
@@ -53,8 +54,9 @@ def nearest_neighbour_distances(patients: list[Patient], others: list[Patient], 
 # ------------------------------------------------------------------ attacks on the released cohort
 
 
-def distance_membership_inference(members: list[Patient], nonmembers: list[Patient], released: list[Patient],
-                                  n_boot: int = 200, seed: int = 0) -> tuple[dict, dict]:
+def distance_membership_inference(
+    members: list[Patient], nonmembers: list[Patient], released: list[Patient], n_boot: int = 200, seed: int = 0
+) -> tuple[dict, dict]:
     """The attacker holds a real patient and the released cohort, and calls the patient a training
     member the closer it lies to its nearest released patient (Jaccard distance of code sets).
 
@@ -79,8 +81,9 @@ def distance_membership_inference(members: list[Patient], nonmembers: list[Patie
     return metrics, {"members": d_in, "nonmembers": d_out}
 
 
-def attribute_inference_f1(targets: list[Patient], pool: list[Patient], known_codes: list[str],
-                           ks=ATTRIBUTE_KS) -> dict[int, float]:
+def attribute_inference_f1(
+    targets: list[Patient], pool: list[Patient], known_codes: list[str], ks=ATTRIBUTE_KS
+) -> dict[int, float]:
     """Attribute inference by nearest neighbours; returns {k: micro F1}.
 
     The attacker knows, of each target patient, which of `known_codes` it holds (and which not), and
@@ -94,7 +97,7 @@ def attribute_inference_f1(targets: list[Patient], pool: list[Patient], known_co
         return {k: float("nan") for k in ks}
     a, b = multi_hot(t_sets, known), multi_hot(p_sets, known)
     hamming = a.sum(1, keepdims=True) + b.sum(1)[None, :] - 2 * (a @ b.T)
-    nearest = np.argsort(hamming, axis=1, kind="stable")[:, :max(ks)]
+    nearest = np.argsort(hamming, axis=1, kind="stable")[:, : max(ks)]
     p_other = [s - known.keys() for s in p_sets]
     out = {}
     for k in ks:
@@ -108,8 +111,15 @@ def attribute_inference_f1(targets: list[Patient], pool: list[Patient], known_co
     return out
 
 
-def attribute_inference(targets: list[Patient], released: list[Patient], heldout: list[Patient], train: list[Patient],
-                        seed: int = 0, n_known: int = KNOWN_CODES, ks=ATTRIBUTE_KS) -> tuple[dict, dict]:
+def attribute_inference(
+    targets: list[Patient],
+    released: list[Patient],
+    heldout: list[Patient],
+    train: list[Patient],
+    seed: int = 0,
+    n_known: int = KNOWN_CODES,
+    ks=ATTRIBUTE_KS,
+) -> tuple[dict, dict]:
     """`attribute_inference_f1` on training patients (`targets`) twice: with the released cohort as
     the pool, and with as many held-out real patients (what the population alone reveals). Both
     pools have the same size (the smaller of the two, drawn at random, in random order). The known
@@ -142,25 +152,31 @@ def attribute_inference(targets: list[Patient], released: list[Patient], heldout
 @torch.no_grad()
 def patient_nll(model, tokenizer, patients: list[Patient], max_length: int = 512, batch_size: int = 64) -> np.ndarray:
     """Mean NLL per code of each patient under the model, as generation produces it: visit k given
-    visits 0..k-1 and a `<v> <mask> </v>` placeholder (the collator's first-visit/next-visit rows).
+    visits 0..k-1 and a `<v> <mask> </v>` placeholder (the first-visit/next-visit rows of the format).
     Codes unknown to the vocabulary are not scored."""
     device = next(model.parameters()).device
     ds = EHRPatientDataset(patients, tokenizer, max_length)
-    collator = EHRDataCollator(tokenizer, shuffle_codes=False)
     tok = tokenizer
     rows = []  # (patient, encoder ids, labels, first target position, age, sex)
     for i in range(len(ds)):
         _, visits, age, sex = ds[i]
         for k in range(len(visits)):
-            rows.append((i, *collator.cut_row(visits, k), age, sex))
+            rows.append((i, *hidden_visit_row(tok, visits, k), age, sex))
     sums, counts = np.zeros(len(ds)), np.zeros(len(ds))
     was_training = model.training
     model.eval()
     try:
         for s in range(0, len(rows), batch_size):
-            chunk = rows[s:s + batch_size]
-            batch = collator.pad([r[1] for r in chunk], [r[2] for r in chunk], [r[3] for r in chunk],
-                                 [0] * len(chunk), [r[4] for r in chunk], [r[5] for r in chunk])
+            chunk = rows[s : s + batch_size]
+            batch = pad_batch(
+                tok,
+                [r[1] for r in chunk],
+                [r[2] for r in chunk],
+                [r[3] for r in chunk],
+                [0] * len(chunk),
+                [r[4] for r in chunk],
+                [r[5] for r in chunk],
+            )
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(**batch)["logits"].float()
             labels = batch["labels"]
@@ -174,8 +190,9 @@ def patient_nll(model, tokenizer, patients: list[Patient], max_length: int = 512
     return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
-def membership_inference_auc(model, tokenizer, train: list[Patient], heldout: list[Patient], n: int, seed: int = 0,
-                             max_length: int = 512) -> float:
+def membership_inference_auc(
+    model, tokenizer, train: list[Patient], heldout: list[Patient], n: int, seed: int = 0, max_length: int = 512
+) -> float:
     """ROC AUC of "lower NLL => training patient" over `n` training and `n` held-out patients."""
     rng = np.random.default_rng(seed)
     n = min(n, len(train), len(heldout))

@@ -14,15 +14,20 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from promptehr.data import Patient
 from promptehr.generate import SamplingConfig, demographics_histogram, generate_patients, sample_demographics
 from promptehr.metrics import compute_reconstruction_jaccard
 from promptehr.report.fidelity import all_codes, code_prevalence, fidelity_intervals, fidelity_metrics
 from promptehr.report.plots import plot_report
-from promptehr.report.privacy import (attribute_inference, distance_membership_inference, exact_copy_share,
-                                      membership_inference_auc, nearest_neighbour_distances)
+from promptehr.report.privacy import (
+    attribute_inference,
+    distance_membership_inference,
+    exact_copy_share,
+    membership_inference_auc,
+    nearest_neighbour_distances,
+)
 from promptehr.report.utility import utility_metrics
 from promptehr.report.validity import validity_metrics
+from promptehr.schema import Patient
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +57,9 @@ def suppress_small_cells(codes: list[str], patients_per_code, *columns, min_pati
     return ([codes[i] for i in keep], *[[col[i] for i in keep] for col in columns], len(codes) - len(keep))
 
 
-def cohort_figures(cohort: list[Patient], real: list[Patient], reference: list[Patient], n_boot: int = 200,
-                   seed: int = 0) -> dict:
+def cohort_figures(
+    cohort: list[Patient], real: list[Patient], reference: list[Patient], n_boot: int = 200, seed: int = 0
+) -> dict:
     """Fidelity (with `_reference` and intervals), count means and validity of `cohort` against `real`."""
     metrics = fidelity_metrics(cohort, real)
     metrics.update({f"{k}_reference": v for k, v in fidelity_metrics(reference, real).items()})
@@ -69,21 +75,34 @@ def cohort_figures(cohort: list[Patient], real: list[Patient], reference: list[P
 def copy_figures(cohort: list[Patient], real: list[Patient], train: list[Patient]) -> tuple[dict, dict]:
     """Exact copies and nearest-training-patient distances of `cohort`, beside the held-out `real`."""
     nn_gen, nn_real = nearest_neighbour_distances(cohort, train), nearest_neighbour_distances(real, train)
-    metrics = {"exact_copy_share": exact_copy_share(cohort, train), "exact_copy_share_heldout": exact_copy_share(real, train),
-               "nn_distance_mean": float(nn_gen.mean()), "nn_distance_heldout_mean": float(nn_real.mean()),
-               "nn_distance_ratio": float(nn_gen.mean() / nn_real.mean()) if nn_real.mean() > 0 else float("nan")}
+    metrics = {
+        "exact_copy_share": exact_copy_share(cohort, train),
+        "exact_copy_share_heldout": exact_copy_share(real, train),
+        "nn_distance_mean": float(nn_gen.mean()),
+        "nn_distance_heldout_mean": float(nn_real.mean()),
+        "nn_distance_ratio": float(nn_gen.mean() / nn_real.mean()) if nn_real.mean() > 0 else float("nan"),
+    }
     return metrics, {"generated": nn_gen, "heldout": nn_real}
 
 
-def released_figures(released: list[Patient], train: list[Patient], heldout: list[Patient], members: list[Patient],
-                     nonmembers: list[Patient], rng: np.random.Generator, seconds: dict, n_boot: int = 200,
-                     seed: int = 0) -> tuple[dict, dict]:
+def released_figures(
+    released: list[Patient],
+    train: list[Patient],
+    heldout: list[Patient],
+    members: list[Patient],
+    nonmembers: list[Patient],
+    rng: np.random.Generator,
+    seconds: dict,
+    n_boot: int = 200,
+    seed: int = 0,
+) -> tuple[dict, dict]:
     """Utility (TSTR: as many real training patients as `released`, tested on up to as many held-out
     ones) and the attacks on the released cohort; returns (metrics, details for the report)."""
     metrics = {"exact_copy_share_released": exact_copy_share(released, train)}
     with _timed(seconds, "utility"):
-        utility, per_group = utility_metrics(_sample(train, len(released), rng), released,
-                                             _sample(heldout, len(released), rng), n_boot=n_boot, seed=seed)
+        utility, per_group = utility_metrics(
+            _sample(train, len(released), rng), released, _sample(heldout, len(released), rng), n_boot=n_boot, seed=seed
+        )
         metrics.update(utility)
     with _timed(seconds, "privacy"):
         mia, distances = distance_membership_inference(members, nonmembers, released, n_boot, seed)
@@ -92,10 +111,21 @@ def released_figures(released: list[Patient], train: list[Patient], heldout: lis
     return metrics, {"per_group": per_group, "distances": distances, "per_k": per_k}
 
 
-def quality_report(model, tokenizer, train: list[Patient], heldout: list[Patient], n_patients: int = 500,
-                   seed: int = 0, sampling: SamplingConfig | None = None, prompt_prob: float = 0.5,
-                   max_length: int = 512, batch_size: int = 256, progress: bool = False,
-                   released_patients: int = 5000, n_boot: int = 200) -> tuple[dict, dict]:
+def quality_report(
+    model,
+    tokenizer,
+    train: list[Patient],
+    heldout: list[Patient],
+    n_patients: int = 500,
+    seed: int = 0,
+    sampling: SamplingConfig | None = None,
+    prompt_prob: float = 0.5,
+    max_length: int = 512,
+    batch_size: int = 256,
+    progress: bool = False,
+    released_patients: int = 5000,
+    n_boot: int = 200,
+) -> tuple[dict, dict]:
     """Generate two cohorts and compare; returns (metrics, report): flat metrics (no prefix) and a
     JSON-able report that adds the aggregates the plots are drawn from. One cohort gets the
     demographics of `n_patients` held-out patients and is compared with them (fidelity, validity,
@@ -110,12 +140,23 @@ def quality_report(model, tokenizer, train: list[Patient], heldout: list[Patient
     rng = np.random.default_rng(seed)
     real, reference = _sample(heldout, n_patients, rng), _sample(train, n_patients, rng)
     with _timed(seconds, "generation"):
-        cohort = generate_patients(model, tokenizer, [p.age for p in real], [p.sex for p in real], sampling,
-                                   seed=seed, batch_size=batch_size, progress=progress)
+        cohort = generate_patients(
+            model,
+            tokenizer,
+            [p.age for p in real],
+            [p.sex for p in real],
+            sampling,
+            seed=seed,
+            batch_size=batch_size,
+            progress=progress,
+        )
     metrics: dict[str, float] = {"n_patients": len(real)}
     with _timed(seconds, "reconstruction"):
-        metrics.update(compute_reconstruction_jaccard(model, tokenizer, heldout, train, prompt_prob=prompt_prob,
-                                                      n_patients=len(real), seed=seed, sampling=sampling))
+        metrics.update(
+            compute_reconstruction_jaccard(
+                model, tokenizer, heldout, train, prompt_prob=prompt_prob, n_patients=len(real), seed=seed, sampling=sampling
+            )
+        )
     with _timed(seconds, "fidelity"):
         metrics.update(cohort_figures(cohort, real, reference, n_boot, seed))
     with _timed(seconds, "privacy"):
@@ -125,13 +166,17 @@ def quality_report(model, tokenizer, train: list[Patient], heldout: list[Patient
 
     # the released cohort: as a user would publish it, demographics drawn from the training histogram
     metrics["released_patients"] = n_released = min(released_patients, len(train))
-    details = {"per_group": {"groups": [], "test_patients_positive": [], "auroc_real": [], "auroc_synthetic": []},
-               "distances": {}, "per_k": {}}
+    details = {
+        "per_group": {"groups": [], "test_patients_positive": [], "auroc_real": [], "auroc_synthetic": []},
+        "distances": {},
+        "per_k": {},
+    }
     if n_released > 0:
         with _timed(seconds, "generation"):
             ages, sexes = sample_demographics(demographics_histogram(train), n_released, seed + 1)
-            released = generate_patients(model, tokenizer, ages, sexes, sampling, seed=seed + 1, batch_size=batch_size,
-                                         progress=progress)
+            released = generate_patients(
+                model, tokenizer, ages, sexes, sampling, seed=seed + 1, batch_size=batch_size, progress=progress
+            )
         released_metrics, details = released_figures(released, train, heldout, reference, real, rng, seconds, n_boot, seed)
         metrics.update(released_metrics)
     seconds["total"] = time.perf_counter() - start
@@ -146,25 +191,40 @@ def build_report(metrics: dict, sampling, cohort: list[Patient], real: list[Pati
     real_p, real_v = code_prevalence(real, codes)
     _, gen_v = code_prevalence(cohort, codes)
     kept, gen_kept, real_kept, codes_dropped = suppress_small_cells(
-        codes, np.rint(real_p * len(real)), gen_v.round(6).tolist(), real_v.round(6).tolist())
+        codes, np.rint(real_p * len(real)), gen_v.round(6).tolist(), real_v.round(6).tolist()
+    )
     per_group = details["per_group"]
     groups, positives, auroc_real, auroc_syn, groups_dropped = suppress_small_cells(
-        per_group["groups"], per_group["test_patients_positive"], per_group["test_patients_positive"],
-        per_group["auroc_real"], per_group["auroc_synthetic"])
+        per_group["groups"],
+        per_group["test_patients_positive"],
+        per_group["test_patients_positive"],
+        per_group["auroc_real"],
+        per_group["auroc_synthetic"],
+    )
     return {
         "metrics": metrics,
         "sampling": vars(sampling or SamplingConfig()),
         "suppression": {"min_patients": MIN_CELL_PATIENTS, "codes_dropped": codes_dropped, "groups_dropped": groups_dropped},
         "visit_prevalence": {"codes": kept, "generated": gen_kept, "real": real_kept},
-        "visits_per_patient": {"generated": _histogram([len(p.visits) for p in cohort]),
-                               "real": _histogram([len(p.visits) for p in real])},
-        "codes_per_visit": {"generated": _histogram([len(v) for p in cohort for v in p.visits]),
-                            "real": _histogram([len(v) for p in real for v in p.visits])},
-        "utility": {"groups": groups, "test_patients_positive": positives, "auroc_real": auroc_real,
-                    "auroc_synthetic": auroc_syn},
+        "visits_per_patient": {
+            "generated": _histogram([len(p.visits) for p in cohort]),
+            "real": _histogram([len(p.visits) for p in real]),
+        },
+        "codes_per_visit": {
+            "generated": _histogram([len(v) for p in cohort for v in p.visits]),
+            "real": _histogram([len(v) for p in real for v in p.visits]),
+        },
+        "utility": {
+            "groups": groups,
+            "test_patients_positive": positives,
+            "auroc_real": auroc_real,
+            "auroc_synthetic": auroc_syn,
+        },
         "privacy": {
             "distance_bins": DISTANCE_BINS.round(6).tolist(),
-            "released_distance": {name: np.histogram(d, DISTANCE_BINS)[0].tolist() for name, d in details["distances"].items()},
+            "released_distance": {
+                name: np.histogram(d, DISTANCE_BINS)[0].tolist() for name, d in details["distances"].items()
+            },
             "training_distance": {name: np.histogram(d, DISTANCE_BINS)[0].tolist() for name, d in nn.items()},
             "attribute_inference": details["per_k"],
         },
@@ -180,22 +240,44 @@ def log_quality_report(tracker, metrics: dict, report: dict, step: int = 0, pref
             tracker.log_artifact(str(path), "report")
 
 
-def run_quality_report(model, tokenizer, train: list[Patient], heldout: list[Patient], tracker, step: int = 0,
-                       **kwargs) -> dict:
+def run_quality_report(
+    model, tokenizer, train: list[Patient], heldout: list[Patient], tracker, step: int = 0, **kwargs
+) -> dict:
     """`quality_report` and `log_quality_report` in one call; returns the metrics."""
     metrics, report = quality_report(model, tokenizer, train, heldout, **kwargs)
     log_quality_report(tracker, metrics, report, step)
-    m = {"utility_auroc_synthetic": math.nan, "utility_auroc_real": math.nan, "utility_ratio": math.nan,
-         "membership_distance_auc": math.nan, "attribute_inference_f1": math.nan, "attribute_inference_f1_heldout": math.nan,
-         **metrics}
-    logger.info("quality report (%d patients, %d released, %.1f s): prevalence R2 %.3f (reference %.3f), transition R2 "
-                "%.3f (reference %.3f), invalid codes %.4f (real %.4f), utility AUROC %.3f synthetic vs %.3f real "
-                "(ratio %.3f), exact copies %.3f (held-out %.3f), NN distance ratio %.3f, membership AUC %.3f by "
-                "distance, %.3f by likelihood, attribute F1 %.3f (held-out %.3f)",
-                m["n_patients"], m["released_patients"], m["seconds_total"], m["prevalence_r2_visit"],
-                m["prevalence_r2_visit_reference"], m["transition_r2"], m["transition_r2_reference"],
-                m["invalid_code_rate"], m["invalid_code_rate_real"], m["utility_auroc_synthetic"], m["utility_auroc_real"],
-                m["utility_ratio"], m["exact_copy_share"], m["exact_copy_share_heldout"], m["nn_distance_ratio"],
-                m["membership_distance_auc"], m["membership_auc"], m["attribute_inference_f1"],
-                m["attribute_inference_f1_heldout"])
+    m = {
+        "utility_auroc_synthetic": math.nan,
+        "utility_auroc_real": math.nan,
+        "utility_ratio": math.nan,
+        "membership_distance_auc": math.nan,
+        "attribute_inference_f1": math.nan,
+        "attribute_inference_f1_heldout": math.nan,
+        **metrics,
+    }
+    logger.info(
+        "quality report (%d patients, %d released, %.1f s): prevalence R2 %.3f (reference %.3f), transition R2 "
+        "%.3f (reference %.3f), invalid codes %.4f (real %.4f), utility AUROC %.3f synthetic vs %.3f real "
+        "(ratio %.3f), exact copies %.3f (held-out %.3f), NN distance ratio %.3f, membership AUC %.3f by "
+        "distance, %.3f by likelihood, attribute F1 %.3f (held-out %.3f)",
+        m["n_patients"],
+        m["released_patients"],
+        m["seconds_total"],
+        m["prevalence_r2_visit"],
+        m["prevalence_r2_visit_reference"],
+        m["transition_r2"],
+        m["transition_r2_reference"],
+        m["invalid_code_rate"],
+        m["invalid_code_rate_real"],
+        m["utility_auroc_synthetic"],
+        m["utility_auroc_real"],
+        m["utility_ratio"],
+        m["exact_copy_share"],
+        m["exact_copy_share_heldout"],
+        m["nn_distance_ratio"],
+        m["membership_distance_auc"],
+        m["membership_auc"],
+        m["attribute_inference_f1"],
+        m["attribute_inference_f1_heldout"],
+    )
     return metrics

@@ -49,8 +49,8 @@ def weighted_auroc(scores, labels, weights) -> np.ndarray:
     left, right = np.searchsorted(s, scores, "left"), np.searchsorted(s, scores, "right")
     neg = weights * ~labels
     cum = np.concatenate([np.zeros((len(weights), 1)), np.cumsum(neg[:, order], axis=1)], axis=1)
-    below = cum[:, left]                 # negative weight with a lower score than each example
-    tied = cum[:, right] - below         # ... with the same score
+    below = cum[:, left]  # negative weight with a lower score than each example
+    tied = cum[:, right] - below  # ... with the same score
     pos = weights * labels
     w_pos, w_neg = pos.sum(1), neg.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):

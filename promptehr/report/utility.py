@@ -14,8 +14,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from promptehr.data import MAX_AGE, Patient
 from promptehr.report.stats import bootstrap_weights, interval, multi_hot, weighted_auroc
+from promptehr.schema import MAX_AGE, Patient
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +81,20 @@ def fit_predict(x_train, y_train, x_test, seed: int = 0) -> tuple[np.ndarray, in
 def macro_auroc(y, scores) -> tuple[float, np.ndarray]:
     """Mean ROC AUC over the label columns with a positive and a negative; and the per-column AUROCs
     (NaN where a column has one class only)."""
-    per = np.array([roc_auc_score(y[:, j], scores[:, j]) if 0 < y[:, j].sum() < len(y) else np.nan
-                    for j in range(y.shape[1])])
+    per = np.array(
+        [roc_auc_score(y[:, j], scores[:, j]) if 0 < y[:, j].sum() < len(y) else np.nan for j in range(y.shape[1])]
+    )
     return (float(np.nanmean(per)) if np.isfinite(per).any() else float("nan")), per
 
 
-def utility_metrics(real: list[Patient], synthetic: list[Patient], test: list[Patient], n_groups: int = N_GROUPS,
-                    n_boot: int = 200, seed: int = 0) -> tuple[dict, dict]:
+def utility_metrics(
+    real: list[Patient],
+    synthetic: list[Patient],
+    test: list[Patient],
+    n_groups: int = N_GROUPS,
+    n_boot: int = 200,
+    seed: int = 0,
+) -> tuple[dict, dict]:
     """TSTR on the next-visit task: a model trained on `real` and one on `synthetic`, both scored on
     `test` (macro AUROC over the label groups with a positive and a negative among the test examples).
     Feature and label groups come from `real` (the label groups: the `n_groups` most frequent by visits).
@@ -101,8 +108,12 @@ def utility_metrics(real: list[Patient], synthetic: list[Patient], test: list[Pa
     x_real, y_real, _ = next_visit_examples(real, features, labels)
     x_syn, y_syn, _ = next_visit_examples(synthetic, features, labels)
     x_test, y_test, owner = next_visit_examples(test, features, labels)
-    metrics = {"utility_examples_real": len(x_real), "utility_examples_synthetic": len(x_syn),
-               "utility_examples_test": len(x_test), "utility_groups": len(labels)}
+    metrics = {
+        "utility_examples_real": len(x_real),
+        "utility_examples_synthetic": len(x_syn),
+        "utility_examples_test": len(x_test),
+        "utility_groups": len(labels),
+    }
     scored = {}
     for name, x, y in (("real", x_real, y_real), ("synthetic", x_syn, y_syn)):
         s, constant = fit_predict(x, y, x_test, seed) if len(x_test) else (np.zeros((0, len(labels))), 0)
@@ -127,6 +138,10 @@ def utility_metrics(real: list[Patient], synthetic: list[Patient], test: list[Pa
             metrics[f"utility_{name}_low"], metrics[f"utility_{name}_high"] = interval(values)
 
     positives = [len(set(owner[y_test[:, j] == 1].tolist())) for j in range(len(labels))]
-    per_group = {"groups": labels, "test_patients_positive": positives,
-                 "auroc_real": scored["real"][1].tolist(), "auroc_synthetic": scored["synthetic"][1].tolist()}
+    per_group = {
+        "groups": labels,
+        "test_patients_positive": positives,
+        "auroc_real": scored["real"][1].tolist(),
+        "auroc_synthetic": scored["synthetic"][1].tolist(),
+    }
     return metrics, per_group

@@ -4,8 +4,8 @@ rule table (`promptehr.validity.code_allowed`) rules out, and of codes repeated 
 
 from __future__ import annotations
 
+from promptehr.schema import Patient
 from promptehr.validity import code_allowed
-from promptehr.data import Patient
 
 
 def _rule_code(code: str) -> str | None:

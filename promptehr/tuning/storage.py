@@ -7,7 +7,7 @@
   a trial whose worker stopped beating for `grace_period` seconds is failed, its MLflow run is
   closed (KILLED), and it is re-queued with the same parameters (`RetryHeartbeatStaleTrialCallback`).
 A worker stopped by a signal re-queues its trial itself (`requeue`), on any storage. A retry resumes
-the first attempt's newest checkpoint and MLflow run (tuning/objective.py).
+the first attempt's newest checkpoint and MLflow run (objective.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
 from promptehr.run_status import Outcome
-from tuning import runs
+from promptehr.tuning import runs
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +49,19 @@ class CloseRunAndRetry:
         tracking_uri = study.user_attrs.get("mlflow_tracking_uri")
         if run_id and tracking_uri:
             try:
-                runs.close_run(tracking_uri, run_id, Outcome("KILLED", "interrupted", resumable=True, reason=(
-                    f"worker stopped sending heartbeats during trial {trial.number}; a retry resumes its newest checkpoint")))
+                runs.close_run(
+                    tracking_uri,
+                    run_id,
+                    Outcome(
+                        "KILLED",
+                        "interrupted",
+                        resumable=True,
+                        reason=(
+                            f"worker stopped sending heartbeats during trial {trial.number}; "
+                            "a retry resumes its newest checkpoint"
+                        ),
+                    ),
+                )
             except Exception as exc:  # the retry matters more than the run's status
                 logger.warning("could not close MLflow run %s of stale trial %d: %s", run_id, trial.number, exc)
         logger.warning("trial %d lost its worker (no heartbeat); re-queued to resume from its last checkpoint", trial.number)
@@ -59,15 +70,18 @@ class CloseRunAndRetry:
 
 def normalize_url(url: str) -> str:
     """`postgresql://` means psycopg 3 to SQLAlchemy 2.1; use psycopg2 when only it is installed."""
-    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
-            and importlib.util.find_spec("psycopg2") is not None:
-        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    if (
+        url.startswith("postgresql://")
+        and importlib.util.find_spec("psycopg") is None
+        and importlib.util.find_spec("psycopg2") is not None
+    ):
+        return "postgresql+psycopg2://" + url[len("postgresql://") :]
     return url
 
 
 def journal_path(url: str) -> str | None:
     if url.startswith("journal:"):
-        return url[len("journal:"):]
+        return url[len("journal:") :]
     if "://" not in url and url.endswith(".log"):
         return url
     return None
@@ -94,8 +108,13 @@ def open_storage(url: str, heartbeat_interval: int = 60, grace_period: int = 180
         engine_kwargs = {"pool_pre_ping": True}  # psycopg2 rejects a `timeout` connect arg
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: experimental since 2.9
-        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                          grace_period=grace_period, heartbeat_stale_trial_callback=CloseRunAndRetry())
+        return RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+            heartbeat_stale_trial_callback=CloseRunAndRetry(),
+        )
 
 
 def supports_parallel_workers(url: str) -> bool:

@@ -3,8 +3,8 @@
 The parent run is created once, by whoever creates the study (its id is kept in the study's user
 attrs); each trial opens a child run (`parent_run_id`, `run_name=trial-N`) that `train()` attaches
 to, and ends it itself with the trial's outcome (`promptehr.run_status`): FINISHED, KILLED (pruned,
-interrupted, or its worker died) or FAILED (with a `failure_reason` tag). A retry reopens the run. Optuna's MLflowCallback is not used: it is deprecated, logs only after a
-trial ends and cannot nest runs across processes.
+interrupted, or its worker died) or FAILED (with a `failure_reason` tag). A retry reopens the run.
+Optuna's MLflowCallback is not used: it is deprecated, logs only after a trial ends and cannot nest runs across processes.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import os
 import mlflow
 from mlflow import MlflowClient
 
+from promptehr.registry import log_pyfunc_model, promote_champion
 from promptehr.run_status import Outcome
-from promptehr.tracking import (MLflowTracker, log_pyfunc_model, promote_champion, resolve_experiment_id,
-                                resolve_tracking_uri)
+from promptehr.tracking import MLflowTracker, resolve_experiment_id, resolve_tracking_uri
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,9 @@ def point_wrapper_run_at(tracking_uri: str | None, parent_run_id: str) -> None:
     wrapper = os.environ.get("MLFLOW_RUN_ID")
     if wrapper and wrapper != parent_run_id:
         MlflowClient(resolve_tracking_uri(tracking_uri)).set_tag(wrapper, "promptehr.study_parent_run_id", parent_run_id)
-        logger.warning("the study's parent run is %s; the run %s that `mlflow run` created stays empty", parent_run_id, wrapper)
+        logger.warning(
+            "the study's parent run is %s; the run %s that `mlflow run` created stays empty", parent_run_id, wrapper
+        )
 
 
 def reopen_run(tracking_uri: str | None, run_id: str) -> None:
@@ -61,8 +63,14 @@ def reopen_run(tracking_uri: str | None, run_id: str) -> None:
         client.update_run(run_id, status="RUNNING")
 
 
-def start_trial_run(tracking_uri: str, parent_run_id: str, experiment_id: str, trial_number: int, tags: dict,
-                    resume_run_id: str | None = None) -> str:
+def start_trial_run(
+    tracking_uri: str,
+    parent_run_id: str,
+    experiment_id: str,
+    trial_number: int,
+    tags: dict,
+    resume_run_id: str | None = None,
+) -> str:
     """Open the trial's child run as the active run (train()'s tracker attaches to it); a retry reopens
     the run of the attempt it resumes (`resume_run_id`), renamed after the retry's trial number."""
     os.environ.pop("MLFLOW_RUN_ID", None)  # else start_run would resume `mlflow run`'s run, not make a child
@@ -72,8 +80,12 @@ def start_trial_run(tracking_uri: str, parent_run_id: str, experiment_id: str, t
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
         MlflowClient(tracking_uri).update_run(resume_run_id, name=f"trial-{trial_number}")
         return run.info.run_id
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=f"trial-{trial_number}", parent_run_id=parent_run_id,
-                           tags={k: str(v) for k, v in tags.items()})
+    run = mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=f"trial-{trial_number}",
+        parent_run_id=parent_run_id,
+        tags={k: str(v) for k, v in tags.items()},
+    )
     return run.info.run_id
 
 
@@ -94,7 +106,9 @@ def close_run(tracking_uri: str, run_id: str, outcome: Outcome) -> None:
         logger.info("closed MLflow run %s as %s: %s", run_id, outcome.status, outcome.reason)
 
 
-def log_study_summary(tracking_uri: str, run_id: str, metrics: dict, tags: dict, artifacts: dict[str, str], step: int) -> None:
+def log_study_summary(
+    tracking_uri: str, run_id: str, metrics: dict, tags: dict, artifacts: dict[str, str], step: int
+) -> None:
     """Best value, counts (metrics at step = finished trials, so a resumed study adds points), best
     params (tags: they change when a resumed study finds a better trial) and files."""
     client = MlflowClient(tracking_uri)
@@ -106,11 +120,12 @@ def log_study_summary(tracking_uri: str, run_id: str, metrics: dict, tags: dict,
         client.log_artifact(run_id, path, artifact_dir)
 
 
-def log_champion(tracking_uri: str, run_id: str, checkpoint: str, model_name: str, score: float, tags: dict,
-                 rescore=None) -> dict:
+def log_champion(
+    tracking_uri: str, run_id: str, checkpoint: str, model_name: str, score: float, tags: dict, rescore=None
+) -> dict:
     """Log the checkpoint as a pyfunc model in the parent run, register it as a version of
     `model_name` and let it take alias `champion` if it beats the champion on the same data and
-    validation protocol (`promptehr.tracking.promote_champion`)."""
+    validation protocol (`promptehr.registry.promote_champion`)."""
     mlflow.set_tracking_uri(tracking_uri)
     os.environ.pop("MLFLOW_RUN_ID", None)
     with mlflow.start_run(run_id=run_id):

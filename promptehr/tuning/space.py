@@ -1,4 +1,4 @@
-"""Search space: `tuning/space.yaml` -> Optuna suggestions -> a `Config` for one trial.
+"""Search space: `space.yaml` (beside this module) -> Optuna suggestions -> a `Config` for one trial.
 
 Each entry names a dotted config key (`training.learning_rate`) and its range; a trial's values are
 written over the study's base config, so a trial differs from the base only by these keys.
@@ -36,8 +36,9 @@ def check_space(space: dict, where: str = "search space") -> None:
         if key not in fields:
             raise ConfigError(f"{where}: {key} is not a config key (see experiments/base.yaml)")
         if key.startswith("validation."):
-            raise ConfigError(f"{where}: {key} is part of the validation protocol, which every trial must share: "
-                              "it cannot be searched")
+            raise ConfigError(
+                f"{where}: {key} is part of the validation protocol, which every trial must share: it cannot be searched"
+            )
         if not isinstance(spec, dict):
             raise ConfigError(f"{where}: {key} needs a mapping like {{low: 0.1, high: 0.5}}")
         kind = spec.get("type", "float")
@@ -63,11 +64,13 @@ def suggest(trial, space: dict) -> dict:
         if kind == "categorical":
             values[key] = trial.suggest_categorical(key, spec["choices"])
         elif kind == "int":
-            values[key] = trial.suggest_int(key, int(spec["low"]), int(spec["high"]),
-                                            step=int(spec.get("step", 1)), log=bool(spec.get("log", False)))
+            values[key] = trial.suggest_int(
+                key, int(spec["low"]), int(spec["high"]), step=int(spec.get("step", 1)), log=bool(spec.get("log", False))
+            )
         else:
-            values[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]),
-                                              step=spec.get("step"), log=bool(spec.get("log", False)))
+            values[key] = trial.suggest_float(
+                key, float(spec["low"]), float(spec["high"]), step=spec.get("step"), log=bool(spec.get("log", False))
+            )
     return values
 
 
@@ -85,8 +88,12 @@ def default_params(cfg: Config, space: dict) -> dict:
         if inside:
             params[key] = value
         else:
-            logger.warning("the base config's %s=%r is outside the search range %s; the default trial samples it",
-                           key, value, spec.get("choices") or [spec["low"], spec["high"]])
+            logger.warning(
+                "the base config's %s=%r is outside the search range %s; the default trial samples it",
+                key,
+                value,
+                spec.get("choices") or [spec["low"], spec["high"]],
+            )
     return params
 
 

@@ -18,8 +18,8 @@ from optuna.trial import TrialState
 from promptehr.config import ConfigError, config_from_dict, flatten, migrate_legacy_keys, to_dict
 from promptehr.run_status import RunInterrupted, StopSignals
 from promptehr.tracking import resolve_tracking_uri
-from tuning import runs
-from tuning.space import check_space, default_params
+from promptehr.tuning import runs
+from promptehr.tuning.space import check_space, default_params
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class StudySettings:
         return self.base_config["tracking"]["tracking_uri"]
 
     @classmethod
-    def from_study(cls, study: optuna.Study) -> "StudySettings":
+    def from_study(cls, study: optuna.Study) -> StudySettings:
         attrs = study.user_attrs
         return cls(**{f.name: attrs[f.name] for f in dataclasses.fields(cls) if f.name in attrs})
 
@@ -114,15 +114,25 @@ def open_study(storage, study_name: str, worker_id: int = 0) -> optuna.Study:
     started together do not draw the same random start-up trials) and the study's pruner."""
     study = optuna.load_study(study_name=study_name, storage=storage)
     if "mlflow_parent_run_id" not in study.user_attrs:
-        raise ConfigError(f"study {study_name!r} has no MLflow parent run: run `python tuning/search.py init` first")
+        raise ConfigError(f"study {study_name!r} has no MLflow parent run: run `promptehr tune init` first")
     settings = StudySettings.from_study(study)
     seed = None if settings.seed is None else settings.seed + worker_id
-    return optuna.load_study(study_name=study_name, storage=storage, sampler=optuna.samplers.TPESampler(seed=seed),
-                             pruner=make_pruner(settings.pruner, settings.config.training.num_epochs))
+    return optuna.load_study(
+        study_name=study_name,
+        storage=storage,
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        pruner=make_pruner(settings.pruner, settings.config.training.num_epochs),
+    )
 
 
-def init_study(storage, study_name: str, settings: StudySettings, explicit: set[str] = frozenset(),
-               storage_label: str = "", wait_s: float = 120.0) -> optuna.Study:
+def init_study(
+    storage,
+    study_name: str,
+    settings: StudySettings,
+    explicit: set[str] = frozenset(),
+    storage_label: str = "",
+    wait_s: float = 120.0,
+) -> optuna.Study:
     """Create the study with its settings, the default trial and its MLflow parent run, or load it.
 
     Race-safe: only the process whose `create_study` succeeds writes the settings and creates the
@@ -149,10 +159,19 @@ def init_study(storage, study_name: str, settings: StudySettings, explicit: set[
     study.enqueue_trial(defaults, user_attrs={"default_config": True}, skip_if_exists=True)
     cfg = settings.config
     parent_run_id, experiment_id = runs.create_parent_run(
-        settings.tracking_uri, cfg.tracking.experiment_name, study_name,
-        {"optuna.storage": storage_label, "optuna.objective": settings.objective, "optuna.direction": "minimize",
-         "optuna.pruner": settings.pruner, "optuna.n_trials": settings.n_trials, "optuna.seed": settings.seed,
-         **{f"optuna.space.{k}": _range(v) for k, v in settings.space.items()}})
+        settings.tracking_uri,
+        cfg.tracking.experiment_name,
+        study_name,
+        {
+            "optuna.storage": storage_label,
+            "optuna.objective": settings.objective,
+            "optuna.direction": "minimize",
+            "optuna.pruner": settings.pruner,
+            "optuna.n_trials": settings.n_trials,
+            "optuna.seed": settings.seed,
+            **{f"optuna.space.{k}": _range(v) for k, v in settings.space.items()},
+        },
+    )
     study.set_user_attr("mlflow_experiment_id", experiment_id)
     study.set_user_attr("mlflow_parent_run_id", parent_run_id)  # last: marks the study as initialized
     return study
@@ -177,11 +196,14 @@ def _reuse_study(study: optuna.Study, requested: StudySettings, explicit: set[st
         if name == "base_config":
             mine, theirs = _comparable(mine), _comparable(theirs)
         if mine != theirs:
-            differing = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)) \
-                if isinstance(mine, dict) else []
-            raise ConfigError(f"study {study.study_name!r} was created with another {name}"
-                              f"{' (' + ', '.join(differing[:5]) + ')' if differing else ''}: resume it without "
-                              f"that option, or start a new study with another --study-name")
+            differing = (
+                sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)) if isinstance(mine, dict) else []
+            )
+            raise ConfigError(
+                f"study {study.study_name!r} was created with another {name}"
+                f"{' (' + ', '.join(differing[:5]) + ')' if differing else ''}: resume it without "
+                f"that option, or start a new study with another --study-name"
+            )
     if "n_trials" in explicit and requested.n_trials != stored.n_trials:
         logger.info("study %s: trial budget %d -> %d", study.study_name, stored.n_trials, requested.n_trials)
         study.set_user_attr("n_trials", requested.n_trials)
@@ -190,8 +212,12 @@ def _reuse_study(study: optuna.Study, requested: StudySettings, explicit: set[st
     runs.point_wrapper_run_at(stored.tracking_uri, parent)
     if len(TrialBudget(n_trials).finished(study)) < n_trials:
         runs.reopen_run(stored.tracking_uri, parent)
-    logger.info("resuming study %s (%d of %d trials finished)", study.study_name,
-                len(TrialBudget(n_trials).finished(study)), n_trials)
+    logger.info(
+        "resuming study %s (%d of %d trials finished)",
+        study.study_name,
+        len(TrialBudget(n_trials).finished(study)),
+        n_trials,
+    )
     return study
 
 
@@ -208,7 +234,7 @@ def run_worker(study: optuna.Study, objective) -> int:
     """Run trials until the study's budget is spent; returns how many this worker ran. A failing
     trial is recorded (FAIL, with its reason) and the worker goes on with the next one. A stop signal
     (SIGTERM, SIGINT, SIGUSR1) ends the worker with `RunInterrupted`: during a trial once the trial is
-    saved and re-queued (tuning/objective.py), between trials before the next one starts."""
+    saved and re-queued (objective.py), between trials before the next one starts."""
     ran = 0
     with StopSignals() as stop:
         while True:
@@ -222,8 +248,9 @@ def run_worker(study: optuna.Study, objective) -> int:
                 raise RunInterrupted(stop.name, f"between trials (this worker ran {ran})")
             study.optimize(objective, n_trials=1, catch=(Exception,))  # a RunInterrupted passes through
             ran += 1
-    logger.info("worker done: ran %d trials; %d of %d finished in the study", ran, len(budget.finished(study)),
-                budget.n_trials)
+    logger.info(
+        "worker done: ran %d trials; %d of %d finished in the study", ran, len(budget.finished(study)), budget.n_trials
+    )
     return ran
 
 

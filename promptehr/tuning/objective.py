@@ -4,7 +4,7 @@
 Every validation is reported to Optuna (`trial.report(value, epoch)`); when the pruner says so the
 `on_validate` callback raises `TrainingPruned`, the child run ends KILLED and Optuna records the
 trial as PRUNED. A divergence fails the trial at once (its reason in `failure_reason`). On a stop
-signal the trial is recorded FAIL with `resumable` and re-queued under a new number (tuning/storage.py
+signal the trial is recorded FAIL with `resumable` and re-queued under a new number (storage.py
 `requeue`), and the worker stops; a retry (also of a trial whose worker died) resumes the first
 attempt's newest checkpoint (`training.resume_from=auto` in its folder) and reopens its MLflow run.
 """
@@ -19,10 +19,10 @@ import optuna
 
 from promptehr.run_status import RunInterrupted, outcome_of
 from promptehr.train import TrainingPruned, train
-from tuning import runs
-from tuning.storage import requeue
-from tuning.space import suggest, trial_config
-from tuning.study import OBJECTIVES, StudySettings, TrialBudget
+from promptehr.tuning import runs
+from promptehr.tuning.space import suggest, trial_config
+from promptehr.tuning.storage import requeue
+from promptehr.tuning.study import OBJECTIVES, StudySettings, TrialBudget
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,10 @@ class Objective:
         values = suggest(trial, self.settings.space)
         frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
         retry_of = frozen.system_attrs.get("failed_trial")  # set by `requeue`: the first attempt's number
-        overrides = {**values, "training.checkpoint_dir": str(self.checkpoint_dir(retry_of if retry_of is not None else trial.number))}
+        overrides = {
+            **values,
+            "training.checkpoint_dir": str(self.checkpoint_dir(retry_of if retry_of is not None else trial.number)),
+        }
         tags = {"optuna.study_name": self.study_name, "optuna.trial_number": trial.number}
         resume_run_id = None
         if retry_of is not None:  # continue the first attempt: its checkpoint folder, its MLflow run
@@ -58,14 +61,24 @@ class Objective:
             resume_run_id = frozen.user_attrs.get("mlflow_run_id")  # copied from the attempt it retries
         cfg = trial_config(self.settings.base_config, overrides)
         tracking = cfg.tracking
-        tracker = runs.TrialTracker(tracking.tracking_uri, tracking.experiment_name,
-                                    registered_model_name=tracking.registered_model_name, register_model=False,
-                                    log_system_metrics=tracking.log_system_metrics)
-        run_id = runs.start_trial_run(tracker.tracking_uri, self.parent_run_id, self.experiment_id, trial.number, tags,
-                                      resume_run_id)
+        tracker = runs.TrialTracker(
+            tracking.tracking_uri,
+            tracking.experiment_name,
+            registered_model_name=tracking.registered_model_name,
+            register_model=False,
+            log_system_metrics=tracking.log_system_metrics,
+        )
+        run_id = runs.start_trial_run(
+            tracker.tracking_uri, self.parent_run_id, self.experiment_id, trial.number, tags, resume_run_id
+        )
         trial.set_user_attr("mlflow_run_id", run_id)
-        logger.info("trial %d (run %s)%s: %s", trial.number, run_id,
-                    f", retrying trial {retry_of}" if retry_of is not None else "", values)
+        logger.info(
+            "trial %d (run %s)%s: %s",
+            trial.number,
+            run_id,
+            f", retrying trial {retry_of}" if retry_of is not None else "",
+            values,
+        )
 
         best = min(frozen.intermediate_values.values(), default=math.inf)  # a retry inherits the reports so far
 
@@ -75,8 +88,9 @@ class Objective:
             best = min(best, value)
             trial.report(value, metrics["epoch"])  # step = epochs trained (Hyperband's resource)
             if trial.should_prune():
-                raise TrainingPruned(f"trial {trial.number} pruned after epoch {metrics['epoch']}: "
-                                     f"{self.settings.objective} {value:.4f}")
+                raise TrainingPruned(
+                    f"trial {trial.number} pruned after epoch {metrics['epoch']}: {self.settings.objective} {value:.4f}"
+                )
 
         error = None
         try:
@@ -111,7 +125,8 @@ class Objective:
         outcome = outcome_of(exc)
         if outcome.resumable:
             requeue(trial.study, next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number))
-            logger.warning("trial %d stopped by %s; re-queued to resume from %s", trial.number, exc.signal_name,
-                           exc.checkpoint)
+            logger.warning(
+                "trial %d stopped by %s; re-queued to resume from %s", trial.number, exc.signal_name, exc.checkpoint
+            )
         trial.set_user_attr("resumable", outcome.resumable)  # after requeue: the retry copies the user attrs
         trial.set_user_attr("failure_reason", outcome.reason[:1000])

@@ -2,7 +2,7 @@
 
 The best trial's best checkpoint is logged as a pyfunc model in the parent run and registered as a
 version of the registered model; it takes alias `champion` only if it beats the current champion on
-the same data (`promptehr.tracking.promote_champion`). Running it again (a resumed study) adds
+the same data (`promptehr.registry.promote_champion`). Running it again (a resumed study) adds
 points to the counts and registers a new version only if the best trial changed.
 """
 
@@ -18,8 +18,8 @@ import optuna
 from optuna.trial import TrialState
 
 from promptehr.checkpoint import read_metadata
-from tuning import runs
-from tuning.study import StudySettings, TrialBudget
+from promptehr.tuning import runs
+from promptehr.tuning.study import StudySettings, TrialBudget
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +62,24 @@ def finalize(study: optuna.Study) -> dict:
     parent = study.user_attrs["mlflow_parent_run_id"]
     trials = study.get_trials(deepcopy=False)
     finished = TrialBudget(study.user_attrs["n_trials"]).finished(study)
-    counts = {state: sum(t.state == getattr(TrialState, state.upper()) for t in finished)
-              for state in ("complete", "pruned", "fail")}
-    summary = {"study_name": study.study_name, "n_trials": study.user_attrs["n_trials"], "n_finished": len(finished),
-               **{f"n_{k}": v for k, v in counts.items()}}
+    counts = {
+        state: sum(t.state == getattr(TrialState, state.upper()) for t in finished)
+        for state in ("complete", "pruned", "fail")
+    }
+    summary = {
+        "study_name": study.study_name,
+        "n_trials": study.user_attrs["n_trials"],
+        "n_finished": len(finished),
+        **{f"n_{k}": v for k, v in counts.items()},
+    }
     if len(finished) < summary["n_trials"]:
-        logger.warning("study %s: only %d of %d trials finished (%d running or waiting)", study.study_name,
-                       len(finished), summary["n_trials"],
-                       sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials))
+        logger.warning(
+            "study %s: only %d of %d trials finished (%d running or waiting)",
+            study.study_name,
+            len(finished),
+            summary["n_trials"],
+            sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials),
+        )
     metrics = {f"trials/{k}": v for k, v in counts.items()}
     tags: dict = {"optuna.n_trials": summary["n_trials"]}
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,13 +91,25 @@ def finalize(study: optuna.Study) -> dict:
             best = study.best_trial
             summary.update(best_trial=best.number, best_value=best.value, best_params=best.params)
             metrics[f"best/{settings.objective}"] = best.value
-            tags.update({"best_trial": best.number, "best_trial_run_id": best.user_attrs.get("mlflow_run_id", ""),
-                         **{f"best_params.{k}": v for k, v in best.params.items()}})
-            (tmp / "best_params.json").write_text(json.dumps(
-                {"trial": best.number, settings.objective: best.value, "params": best.params}, indent=2))
+            tags.update(
+                {
+                    "best_trial": best.number,
+                    "best_trial_run_id": best.user_attrs.get("mlflow_run_id", ""),
+                    **{f"best_params.{k}": v for k, v in best.params.items()},
+                }
+            )
+            (tmp / "best_params.json").write_text(
+                json.dumps({"trial": best.number, settings.objective: best.value, "params": best.params}, indent=2)
+            )
             artifacts[str(tmp / "best_params.json")] = "study"
-            logger.info("study %s: best trial %d, %s %.4f, %s", study.study_name, best.number, settings.objective,
-                        best.value, best.params)
+            logger.info(
+                "study %s: best trial %d, %s %.4f, %s",
+                study.study_name,
+                best.number,
+                settings.objective,
+                best.value,
+                best.params,
+            )
         else:
             logger.warning("study %s has no complete trial: no best value, no model", study.study_name)
         runs.log_study_summary(uri, parent, metrics, tags, artifacts, step=len(finished))
@@ -100,6 +122,7 @@ def finalize(study: optuna.Study) -> dict:
 def lazy_scorer(checkpoint: str, metric: str):
     """score(folder): a checkpoint's `metric` on the validation protocol of `checkpoint`'s own config
     and data; the data are loaded only if the champion gate needs to re-score (rarely)."""
+
     def score(folder) -> float:
         from promptehr.checkpoint import load_checkpoint, load_config_from_checkpoint
         from promptehr.data import load_patients, split_patients
@@ -130,12 +153,24 @@ def register_best(study: optuna.Study, settings: StudySettings, uri: str, parent
         logger.info("best trial %d was registered already (version %s)", best.number, done.get("version"))
         return done
     meta = read_metadata(checkpoint)
-    model = runs.log_champion(uri, parent, checkpoint, tracking.registered_model_name, float(meta["best_score"]), {
-        "data_source": meta["data_source"], "data_fingerprint": meta["data_fingerprint"],
-        "protocol_id": meta["protocol_id"], "selection_metric": meta["selection_metric"],
-        "val_loss": meta.get("best_metrics", {}).get("loss"),
-        "run_id": best.user_attrs.get("mlflow_run_id", ""), "optuna.study_name": study.study_name,
-        "optuna.trial_number": best.number}, rescore=lazy_scorer(checkpoint, meta["selection_metric"]))
+    model = runs.log_champion(
+        uri,
+        parent,
+        checkpoint,
+        tracking.registered_model_name,
+        float(meta["best_score"]),
+        {
+            "data_source": meta["data_source"],
+            "data_fingerprint": meta["data_fingerprint"],
+            "protocol_id": meta["protocol_id"],
+            "selection_metric": meta["selection_metric"],
+            "val_loss": meta.get("best_metrics", {}).get("loss"),
+            "run_id": best.user_attrs.get("mlflow_run_id", ""),
+            "optuna.study_name": study.study_name,
+            "optuna.trial_number": best.number,
+        },
+        rescore=lazy_scorer(checkpoint, meta["selection_metric"]),
+    )
     study.set_user_attr("registered_trial", {"trial": best.number, **model})
     runs.log_study_summary(uri, parent, {}, {"registered_version": model["version"], "champion": model["champion"]}, {}, 0)
     return model

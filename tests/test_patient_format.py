@@ -1,0 +1,120 @@
+"""The patient format: row layout, padding, and one grammar in two forms (vectorised for teacher-forced
+labels, step by step for sampling) that must agree."""
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from promptehr.collator import EHRDataCollator, EHRPatientDataset
+from promptehr.data import split_patients
+from promptehr.patient_format import (
+    VisitGrammar,
+    grammar_mask,
+    hidden_visit_row,
+    pad_batch,
+    row_lengths,
+    whole_patient_row,
+    with_closing_token,
+)
+from promptehr.tokenizer import DiagnosisCodeTokenizer
+
+
+@pytest.fixture(scope="module")
+def split(cohort):
+    train, val = split_patients(cohort, 0.2, 0)
+    return DiagnosisCodeTokenizer.from_patients(train), train
+
+
+def loader(tok, patients, batch_size=32):
+    return DataLoader(
+        EHRPatientDataset(patients, tok), batch_size=batch_size, shuffle=False, collate_fn=EHRDataCollator(tok, seed=0)
+    )
+
+
+def test_rows_have_the_lengths_the_sampler_plans_with(split):
+    tok, train = split
+    ds = EHRPatientDataset(train[:50], tok)
+    for visits in ds.visits:
+        lengths = np.array([len(v) for v in visits])
+        enc, labels = whole_patient_row(tok, visits)
+        assert (len(enc), len(labels)) == row_lengths(lengths, -1)
+        for k in range(len(visits)):
+            enc, labels, start = hidden_visit_row(tok, visits, k)
+            assert (len(enc), len(labels)) == row_lengths(lengths, k)
+            assert labels[start - 1] == tok.visit_open_id and list(labels[start : start + len(visits[k])]) == list(visits[k])
+
+
+def test_the_scored_positions_are_the_hidden_visit_and_its_close(split):
+    tok, train = split
+    visits = EHRPatientDataset(train[:1], tok).visits[0] + [np.array([tok.n_special + 1, tok.n_special + 2])]
+    enc, labels, start = hidden_visit_row(tok, visits, len(visits) - 1)
+    batch = pad_batch(tok, [enc], [labels], [start], [2], [50.0], [0])
+    scored = torch.nonzero(with_closing_token(batch["target_mask"])[0]).flatten().tolist()
+    assert scored == [start, start + 1, start + 2] and labels[start + 2] == tok.visit_close_id
+
+
+def reference_grammar_mask(labels, tok, vocab):
+    """The patient format's rules, one position at a time (what `grammar_mask` vectorises)."""
+    out = torch.zeros((*labels.shape, vocab), dtype=torch.bool)
+    for b, row in enumerate(labels.tolist()):
+        inside, emitted = False, []
+        for t, label in enumerate(row):
+            allowed = set()
+            if inside:
+                allowed = set(range(tok.n_special, vocab)) - {c for c in emitted if c >= tok.n_special}
+                if emitted:
+                    allowed.add(tok.visit_close_id)
+            else:
+                allowed = {tok.visit_open_id, tok.eos_token_id}
+            if label >= 0:
+                allowed.add(label)
+            else:
+                allowed.add(tok.pad_token_id)
+            out[b, t] = torch.tensor([v not in allowed for v in range(vocab)])
+            if label == tok.visit_open_id:
+                inside, emitted = True, []
+            elif label == tok.visit_close_id:
+                inside = False
+            elif inside and label >= 0:
+                emitted.append(label)
+    return out
+
+
+def test_grammar_mask_is_the_patient_format(split):
+    tok, train = split
+    batch = next(iter(loader(tok, train, batch_size=16)))
+    labels = batch["labels"].clone()
+    labels[0, 1] = tok.unk_token_id  # an unknown code in a visit: allowed as the label, counts as a code
+    mask = grammar_mask(labels, tok, len(tok))
+    assert torch.equal(mask, reference_grammar_mask(labels, tok, len(tok)))
+    # the rules bite: repeats inside a visit and closing an empty visit are banned
+    first_code = labels[:, 1]
+    assert mask[:, 2].gather(1, first_code.unsqueeze(1)).all()
+    assert mask[:, 1, tok.visit_close_id].all()
+
+
+def test_the_sampler_grammar_is_the_vectorised_grammar(split):
+    """Feeding a label row's visits token by token through `VisitGrammar` bans, at every position
+    inside a visit and at the token after it, exactly what `grammar_mask` bans there."""
+    tok, train = split
+    labels = next(iter(loader(tok, train, batch_size=16)))["labels"]
+    mask = grammar_mask(labels, tok, len(tok))
+    checked = 0
+    for row, row_mask in zip(labels.tolist(), mask):
+        row = [t for t in row if t >= 0]
+        opens = [i for i, t in enumerate(row) if t == tok.visit_open_id]
+        for i in opens:  # write each visit from its first position, revealing nothing
+            grammar = VisitGrammar.start(tok, [[]], len(tok), max_codes=40, device="cpu")
+            t = i + 1
+            while True:
+                banned = grammar.banned()[0]
+                allowed_label = banned.clone()
+                allowed_label[row[t]] = False  # grammar_mask never bans the label itself
+                assert torch.equal(allowed_label, row_mask[t]), (t, row[t])
+                checked += 1
+                grammar.advance(torch.tensor([row[t]]))
+                if grammar.done[0] or t + 1 >= len(row):
+                    break
+                t += 1
+    assert checked > 100
