@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,23 @@ needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared/data (M
 @pytest.fixture(autouse=True)
 def _quiet_logs(caplog):
     caplog.set_level(logging.WARNING)
+
+
+@pytest.fixture(autouse=True)
+def _no_mlflow_experiment_left_active():
+    """A test that calls mlflow.set_experiment leaves that experiment active in the process (and in
+    MLFLOW_EXPERIMENT_ID), and MLflow then refuses to resume a run of another experiment in a later
+    test: put both back as they were."""
+    before = {k: os.environ.get(k) for k in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
+    yield
+    fluent = sys.modules.get("mlflow.tracking.fluent")
+    if fluent is not None:
+        fluent._active_experiment_id = None
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture
