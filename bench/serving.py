@@ -17,7 +17,6 @@ import argparse
 import importlib.util
 import json
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ def _load_test_helpers():
 
 servers = _load_test_helpers()
 clean_env, free_port, post_json, running = servers.clean_env, servers.free_port, servers.post_json, servers.running
+serve_command = servers.serve_command
 
 logger = logging.getLogger("bench.serving")
 
@@ -75,23 +75,7 @@ def main() -> None:
         visits = out["n_visits"].mean()
 
         port = free_port()
-        cmd = [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "models",
-            "serve",
-            "-m",
-            model_uri,
-            "--env-manager",
-            "local",
-            "-p",
-            str(port),
-            "-h",
-            "127.0.0.1",
-            "-t",
-            "600",
-        ]
+        cmd = serve_command(model_uri, port)
         url = f"http://127.0.0.1:{port}/invocations"
         body = json.dumps({"dataframe_split": json.loads(df.to_json(orient="split", index=False)), "params": {"seed": 1}})
         with running(

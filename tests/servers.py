@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -17,6 +18,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def serve_command(model_uri: str, port: int) -> list[str]:
+    """`mlflow models serve` as the README starts it: this Python, no new environment, request timeout 600 s."""
+    return [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+            "-p", str(port), "-h", "127.0.0.1", "-t", "600"]  # fmt: skip
 
 
 def clean_env(**extra) -> dict:

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from mlflow.exceptions import MlflowException
-from servers import clean_env, free_port, post_json, running
+from servers import clean_env, free_port, post_json, running, serve_command
 
 from promptehr.checkpoint import save_checkpoint
 from promptehr.config import load_config
@@ -226,23 +226,7 @@ def test_rest_server_answers_bad_rows_with_the_message_and_a_large_request_with_
     body holds the one message and no trace; 20,000 rows -> 200 with 20,000 patients."""
     uri, _, short_uri, _ = logged
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "models",
-        "serve",
-        "-m",
-        short_uri,
-        "--env-manager",
-        "local",
-        "-p",
-        str(port),
-        "-h",
-        "127.0.0.1",
-        "-t",
-        "600",
-    ]
+    cmd = serve_command(short_uri, port)
     with running(
         cmd, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log", cwd=tmp_path, env=clean_env(MLFLOW_TRACKING_URI=uri)
     ):
