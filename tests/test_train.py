@@ -258,3 +258,29 @@ def test_compiled_training_matches_eager(tmp_path):
     e, c = eager["final_metrics"], compiled["final_metrics"]
     for key in ("loss", "lm_loss", "tpl"):
         assert c[key] == pytest.approx(e[key], rel=1e-3), key
+
+
+def test_output_bias_starts_from_training_patients_only(tmp_path, monkeypatch):
+    """The output bias is initialised from the codes of the training split: held-out patients' codes
+    (the ones validation scores) must not leak into the model's starting frequencies."""
+    from collections import Counter
+
+    from promptehr.data import load_patients, split_for_training
+    from promptehr.model import PromptBartWithDemographicPrediction
+
+    seen = {}
+    original = PromptBartWithDemographicPrediction.init_output_bias
+
+    def spy(self, counts):
+        seen["counts"] = list(counts)
+        return original(self, counts)
+
+    monkeypatch.setattr(PromptBartWithDemographicPrediction, "init_output_bias", spy)
+    cfg = tiny(tmp_path, "model.output_bias=true", "training.num_epochs=1", "training.quality_report=false")
+    result = train(cfg, Tracker())
+    train_patients, val_patients = split_for_training(load_patients(cfg.data)[0], cfg.data)
+    codes = load_checkpoint(result["best_checkpoint"])[1].codes
+    expected = Counter(c for p in train_patients for v in p.visits for c in v)
+    with_held_out = expected + Counter(c for p in val_patients for v in p.visits for c in v)
+    assert seen["counts"] == [expected[c] for c in codes]
+    assert seen["counts"] != [with_held_out[c] for c in codes]
