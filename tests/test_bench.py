@@ -212,3 +212,24 @@ def test_quality_diagnose_on_each_mimic_scale_generator(generator, tmp_path, cap
         assert "not available for data.synthetic.generator=transition" in out
     else:
         assert "first code of" in out and "KL(optimum || model)" in out
+
+
+def test_learnability_reference_needs_the_hidden_states_and_improves_with_patients():
+    """bench/cohorts.py's known-state estimate: re-estimated from the small cohort's training visits with their
+    true hidden states it comes close to the exact optimum on later patients, closer with more patients, and
+    with shuffled states (the states carry no information) it is far from it."""
+    cohorts = load_bench("cohorts")
+    model = cohort_model("small")
+    patients, states = model.sample_with_states(6000, seed=3)
+    heldout = patients[5000:]
+    share = {}
+    for n in (500, 5000):
+        nll = cohorts.next_visit_nll(cohorts.known_state_estimate(model, patients[:n], states[:n]), patients[:n], heldout)
+        exact = cohorts.next_visit_nll(model, patients[:n], heldout)
+        share[n] = (exact["frequency"] - nll["optimum"]) / (exact["frequency"] - exact["optimum"])
+    rng = np.random.default_rng(0)
+    shuffled = [list(rng.integers(0, model.n_states, len(s))) for s in states[:5000]]
+    nll = cohorts.next_visit_nll(cohorts.known_state_estimate(model, patients[:5000], shuffled), patients[:5000], heldout)
+    share_shuffled = (exact["frequency"] - nll["optimum"]) / (exact["frequency"] - exact["optimum"])
+    assert share[5000] > 0.9 and share[5000] > share[500] + 0.02, share
+    assert share_shuffled < share[5000] - 0.2, (share_shuffled, share)
