@@ -44,30 +44,60 @@ def shape(patients) -> dict[str, float]:
     }
 
 
+def scored_events(train, heldout) -> list[tuple[int, int]]:
+    """(patient, k) of the next visits (k >= 1) of `heldout` that are scored: visits holding a code outside
+    the training patients' codes are left out, as in bench/quality.py."""
+    known = {c for p in train for v in p.visits for c in v}
+    return [(i, k) for i, p in enumerate(heldout) for k in range(1, len(p.visits)) if set(p.visits[k]) <= known]
+
+
+def model_nll(model, heldout, events) -> float:
+    """Mean -log P(visit k | visits < k, age, sex, visit k exists) of `events` under a cohort model."""
+    cache: dict[int, np.ndarray] = {}
+    return float(np.mean([-cache.setdefault(i, model.next_visit_log_probs(heldout[i]))[k] for i, k in events]))
+
+
+def gap_closed(nll: dict[str, float], estimate: float) -> float:
+    """The share of the gap between the frequency prior and the optimum of `nll` that `estimate` closes."""
+    return (nll["frequency"] - estimate) / (nll["frequency"] - nll["optimum"])
+
+
 def next_visit_nll(model, train, heldout) -> dict[str, float]:
-    """Mean NLL per next visit (k >= 1) of `heldout`: the next-visit frequency prior and repeat + prior
-    of `promptehr.baselines` (fitted on the training patients' next visits, as bench/quality.py) and
-    the exact optimum; visits holding a code outside the training vocabulary are left out, as there."""
+    """Mean NLL per next visit (k >= 1) of `heldout` (`scored_events`): the next-visit frequency prior and
+    repeat + prior of `promptehr.baselines` (fitted on the training patients' next visits, as
+    bench/quality.py) and the exact optimum."""
     codes = sorted({c for p in train for v in p.visits for c in v})
-    known = set(codes)
-    events = [(i, k) for i, p in enumerate(heldout) for k in range(1, len(p.visits)) if set(p.visits[k]) <= known]
+    events = scored_events(train, heldout)
     baselines = NextVisitBaselines.fit(train, codes)
     index = {c: j for j, c in enumerate(codes)}
     pairs = VisitPairs.from_visits(
         [(heldout[i].visits[k], heldout[i].visits[k - 1], heldout[i].age, heldout[i].sex) for i, k in events], index
     )
     scores = baselines.score(pairs)
-    frequency, repeat = scores["frequency"], scores["repeat"]
-    cache: dict[int, np.ndarray] = {}
-    optimum = np.array([-cache.setdefault(i, model.next_visit_log_probs(heldout[i]))[k] for i, k in events])
-    return {
+    out = {
         "events": len(events),
-        "frequency": frequency.mean(),
-        "repeat": repeat.mean(),
+        "frequency": scores["frequency"].mean(),
+        "repeat": scores["repeat"].mean(),
         "repeat weight": baselines.repeat_weight,
-        "optimum": optimum.mean(),
-        "repeat gap share": (frequency.mean() - repeat.mean()) / (frequency.mean() - optimum.mean()),
+        "optimum": model_nll(model, heldout, events),
     }
+    out["repeat gap share"] = gap_closed(out, out["repeat"])
+    return out
+
+
+def add_code_counts(model: CohortModel, patient, visit_idx, weights, hits: np.ndarray, seen: np.ndarray) -> None:
+    """The code counts of one patient for estimating `code_prob`: visit k adds `weights[k]` (one weight per
+    state) to `seen` for every code allowed for the patient's age and sex and not boosted by visit k-1 (a
+    chronic code present there persists whatever the state), and to `hits` for those of them it holds."""
+    allowed = model.allowed_mask(patient.age, patient.sex)
+    chronic = model.persistence > 0
+    for k, (idx, w) in enumerate(zip(visit_idx, weights)):
+        clean = allowed.copy()
+        if k:
+            prev = visit_idx[k - 1]
+            clean[prev[chronic[prev]]] = 0.0
+        seen += w[:, None] * clean[None, :]
+        hits[:, idx[clean[idx] > 0]] += w[:, None]
 
 
 def known_state_estimate(model: CohortModel, train, train_states, shrinkage: float = 8.0) -> CohortModel:
@@ -76,20 +106,10 @@ def known_state_estimate(model: CohortModel, train, train_states, shrinkage: flo
     counting only visits where the code was allowed (age/sex) and not boosted by the previous visit
     (persistence). Everything else (states, transitions, persistence) stays exact, so this is an
     optimistic reference for what a learner can reach from these patients, not a bound."""
-    S, C = model.n_states, model.n_codes
-    hits, seen = np.zeros((S, C)), np.zeros((S, C))
-    chronic = model.persistence > 0
+    hits, seen = np.zeros_like(model.code_prob), np.zeros_like(model.code_prob)
+    one_hot = np.eye(model.n_states)
     for patient, states in zip(train, train_states):
-        allowed = model.allowed_mask(patient.age, patient.sex)
-        prev = None
-        for visit, z in zip(patient.visits, states):
-            idx = np.array(sorted({model.code_index(c) for c in visit}), dtype=np.int64)
-            clean = allowed.copy()
-            if prev is not None:
-                clean[prev[chronic[prev]]] = 0.0
-            seen[z] += clean
-            hits[z, idx[clean[idx] > 0]] += 1
-            prev = idx
+        add_code_counts(model, patient, [model._visit_indices(v) for v in patient.visits], one_hot[states], hits, seen)
     rate = hits.sum(0) / np.maximum(seen.sum(0), 1.0)
     estimate = (hits + shrinkage * rate[None, :]) / (seen + shrinkage)
     code_prob = np.where(model.code_prob > 0, np.clip(estimate, 1e-9, 0.95), 0.0)  # the exact zeros stay zero
@@ -102,7 +122,7 @@ def em_estimate(model: CohortModel, train, n_states: int, iterations: int = 10, 
     code probabilities are learned; of `model` it keeps only the vocabulary, the age/sex code rules and the
     chronic codes' persistence. No state is age- or sex-specific."""
     S = n_states
-    index = [[np.array(sorted({model.code_index(c) for c in v}), dtype=np.int64) for v in p.visits] for p in train]
+    index = [[model._visit_indices(v) for v in p.visits] for p in train]
     counts = np.zeros(model.n_codes)
     for visits in index:
         for idx in visits:
@@ -122,7 +142,6 @@ def em_estimate(model: CohortModel, train, n_states: int, iterations: int = 10, 
         code_prob=np.clip(rate[None, :] * rng.lognormal(0.0, 1.0, (S, model.n_codes)), 1e-7, 0.9),
         continue_prob=np.full(S, 0.2),
     )
-    chronic = model.persistence > 0
     for _ in range(iterations):
         log_init = fit.init_logit - logsumexp(fit.init_logit)
         log_t = np.log(fit.transition)
@@ -148,13 +167,7 @@ def em_estimate(model: CohortModel, train, n_states: int, iterations: int = 10, 
                 moves += np.exp(fwd[k][:, None] + log_t + (emit[k + 1] + bwd[k + 1])[None, :] - total)
             stays += post[:-1].sum(0)
             visits_in += post.sum(0)
-            allowed = model.allowed_mask(patient.age, patient.sex)
-            for k in range(K):
-                clean = allowed.copy()  # codes boosted by the previous visit say nothing of the state
-                if k:
-                    clean[idx[k - 1][chronic[idx[k - 1]]]] = 0.0
-                seen += post[k][:, None] * clean[None, :]
-                hits[:, idx[k][clean[idx[k]] > 0]] += post[k][:, None]
+            add_code_counts(model, patient, idx, post, hits, seen)
         transition = moves + 1e-3
         fit = replace(
             fit,
@@ -201,21 +214,20 @@ def main(argv=None) -> int:
             f"{nll['repeat gap share']:.1%} of the gap), optimum {nll['optimum']:.2f}"
         )
         if states is not None:
-            estimate = known_state_estimate(model, patients[:cut], states[:cut])
-            learned = next_visit_nll(estimate, patients[:cut], patients[cut:])["optimum"]
-            share = (nll["frequency"] - learned) / (nll["frequency"] - nll["optimum"])
+            events = scored_events(patients[:cut], patients[cut:])
+            learned = model_nll(known_state_estimate(model, patients[:cut], states[:cut]), patients[cut:], events)
             print(
                 f"  learnability reference (the exact model, code probabilities re-estimated from the {cut} training "
-                f"patients with their hidden states known): {learned:.2f} nats/visit, closes {share:.1%} of the gap"
+                f"patients with their hidden states known): {learned:.2f} nats/visit, closes {gap_closed(nll, learned):.1%} "
+                "of the gap"
             )
             t = time.perf_counter()
-            estimate = em_estimate(model, patients[:cut], model.n_states, args.em_iterations)
-            learned = next_visit_nll(estimate, patients[:cut], patients[cut:])["optimum"]
-            share = (nll["frequency"] - learned) / (nll["frequency"] - nll["optimum"])
+            fitted = em_estimate(model, patients[:cut], model.n_states, args.em_iterations)
+            learned = model_nll(fitted, patients[cut:], events)
             print(
                 f"  a {model.n_states}-state hidden-Markov model fitted to the training patients by EM from a random start "
                 f"({args.em_iterations} iterations, {time.perf_counter() - t:.0f}s): {learned:.2f} nats/visit, closes "
-                f"{share:.1%} of the gap"
+                f"{gap_closed(nll, learned):.1%} of the gap"
             )
     return 0
 
