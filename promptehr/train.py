@@ -563,7 +563,7 @@ def validate(run: Run, epoch: int, on_validate) -> None:
     s.last_metrics = metrics
     tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step=s.global_step)
     log_validation(epoch, metrics, run.selection)
-    stuck = copy_warning(metrics)
+    stuck = copy_warning(metrics, s.global_step)
     if stuck:
         logger.warning(stuck)
         tracker.set_tags({"promptehr.stuck": f"epoch {epoch + 1}: {stuck}"})

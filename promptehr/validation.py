@@ -28,11 +28,13 @@ from promptehr.patient_format import pad_batch, unseen_labels, with_closing_toke
 logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
-# A run that has not learned to copy the encoder into the decoder by its 3rd validation is stuck: its
-# reconstruction rows' perplexity stays near what a model that ignores the encoder scores there.
-# Measured (bench/README.md, Recipe): stuck runs 0.09-0.26 of that level at epochs 2-4, healthy ones
-# 0.004-0.012 by epoch 3; the threshold sits between.
+# A run that has not learned to copy the encoder into the decoder by its 3rd validation and 750th
+# optimizer step is stuck: its reconstruction rows' perplexity stays near what a model that ignores the
+# encoder scores there. Measured (bench/LOG.md, bench/copying.py): stuck runs 0.09-0.26 of that level at
+# epochs 2-4, healthy ones 0.004-0.012 by epoch 3 (750 steps) at 20,000 patients; a healthy run of 5,000
+# patients was still at 0.096 by its 3rd epoch (189 steps), hence the step count.
 COPY_CHECK_EPOCH = 3
+COPY_CHECK_STEPS = 750
 COPY_RATIO_LIMIT = 0.05
 SELECTION_METRIC = "next_visit_nll"  # lower is better
 NEXT, FIRST = TASK_ID["next_visit_prediction"], TASK_ID["first_visit"]
@@ -249,14 +251,15 @@ class ValidationProtocol:
         }
 
 
-def copy_warning(metrics: dict) -> str | None:
-    """A one-line warning when the run has not learned to copy by validation epoch
-    `COPY_CHECK_EPOCH` (a stuck run: its next-visit predictions stay near the frequency prior), else None."""
+def copy_warning(metrics: dict, steps: int) -> str | None:
+    """A one-line warning when the run has not learned to copy by validation epoch `COPY_CHECK_EPOCH`
+    and optimizer step `COPY_CHECK_STEPS` (`steps`: the steps so far; a stuck run's next-visit
+    predictions stay near the frequency prior), else None."""
     ratio = metrics["perplexity_reconstruction"] / metrics["perplexity_reconstruction_frequency"]
-    if metrics.get("epoch", 0) < COPY_CHECK_EPOCH or ratio < COPY_RATIO_LIMIT:
+    if metrics.get("epoch", 0) < COPY_CHECK_EPOCH or steps < COPY_CHECK_STEPS or ratio < COPY_RATIO_LIMIT:
         return None
     return (
-        f"training looks stuck: after {metrics['epoch']} epochs the reconstruction rows' perplexity is "
+        f"training looks stuck: after {metrics['epoch']} epochs ({steps} steps) the reconstruction rows' perplexity is "
         f"{metrics['perplexity_reconstruction']:.1f}, {ratio:.0%} of the "
         f"{metrics['perplexity_reconstruction_frequency']:.0f} "
         f"a model that ignores the encoder scores (healthy runs: below {COPY_RATIO_LIMIT:.0%}); the model has not "

@@ -250,3 +250,50 @@ def test_em_reference_learns_the_cohort_from_a_random_start():
         nll = cohorts.next_visit_nll(fitted, train, heldout)["optimum"]
         share[n_states] = (exact["frequency"] - nll) / (exact["frequency"] - exact["optimum"])
     assert share[model.n_states] > 0.75 and share[model.n_states] > share[1] + 0.2, share
+
+
+copying = load_bench("copying")
+
+
+@pytest.mark.parametrize("name", ["mimic3", "mimic4"])
+def test_copying_bench_keeps_a_gpu_configs_recipe_and_scales_only_data_and_schedule(name):
+    """The reduced-size run of a bart-base config: its shape, learning rate and batch size stay the
+    config's; the cohort replaces its MIMIC data; warmup and schedule fit the shorter run."""
+    path = ROOT / "experiments" / f"{name}.yaml"
+    full = load_config(path, ["data.path=/nowhere"])
+    cfg = load_config(path, copying.run_overrides(full, "hmm", 2, patients=1500, epochs=4, warmup_share=0.03, cpu=True))
+    assert cfg.model == full.model and cfg.model.d_model == 768
+    assert (cfg.training.learning_rate, cfg.training.batch_size) == (full.training.learning_rate, full.training.batch_size)
+    assert (cfg.data.source, cfg.data.synthetic.generator, cfg.data.synthetic.n_patients) == ("synthetic", "hmm", 1500)
+    assert (cfg.training.seed, cfg.training.num_epochs, cfg.training.precision) == (2, 4, "fp32")
+    steps = 4 * math.ceil(1500 * 0.8 / 32)
+    assert cfg.training.warmup_steps == round(0.03 * steps) < full.training.warmup_steps
+    # without a warmup share the run keeps the config's warmup
+    kept = load_config(path, copying.run_overrides(full, "hmm", 2, patients=1500, epochs=4, warmup_share=None, cpu=True))
+    assert kept.training.warmup_steps == full.training.warmup_steps
+
+
+def test_copying_bench_trains_every_generator_and_seed(capsys):
+    """End to end on the smoke-test shape: one row per run and epoch, each run with its own seed (the
+    runs differ), and the summary counts the runs that copied (this tiny model never does: exit 1)."""
+    code = copying.main(
+        ["--config", str(ROOT / "experiments" / "tiny.yaml"), "--generators", "small", "--seeds", "1", "2"]
+        + ["--patients", "200", "--epochs", "5", "--stop-after", "2"]
+    )
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith("small ")]
+    # 160 training patients in batches of 16: 10 steps per epoch; stopped after 2 of the schedule's 5 epochs
+    assert [(r[1], r[2], r[3]) for r in rows] == [("1", "1", "10"), ("1", "2", "20"), ("2", "1", "10"), ("2", "2", "20")]
+    assert rows[1][4:] != rows[3][4:]  # the seed reaches training
+    assert "schedule of 5 epochs" in out
+    assert code == 1 and "0 of 2 runs learned to copy within 2 epochs" in out
+
+
+def test_first_copying_epoch_uses_the_stuck_warnings_limit():
+    from promptehr.validation import COPY_RATIO_LIMIT
+
+    def m(epoch, ratio):
+        return {"epoch": epoch, "perplexity_reconstruction": ratio * 400, "perplexity_reconstruction_frequency": 400}
+
+    assert copying.first_copying_epoch([m(1, 0.5), m(2, COPY_RATIO_LIMIT * 0.9), m(3, 0.001)]) == 2
+    assert copying.first_copying_epoch([m(1, 0.5), m(2, COPY_RATIO_LIMIT)]) is None

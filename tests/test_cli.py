@@ -76,7 +76,7 @@ def test_a_benchmark_runs_through_promptehr_bench_and_a_missing_one_is_named(tmp
     missing = promptehr("bench", "qualty", cwd=tmp_path)
     assert missing.returncode == 2
     [line] = error_lines(missing.stderr)
-    assert "promptehr bench qualty: no " in line and "benchmarks: cohorts, generation, quality" in line
+    assert "promptehr bench qualty: no " in line and "benchmarks: cohorts, copying, generation, quality" in line
 
 
 @pytest.mark.parametrize(

@@ -305,20 +305,24 @@ def test_baselines_are_fitted_on_training_patients_never_on_the_scored_visits():
 
 
 def test_copy_warning_thresholds():
-    from promptehr.validation import COPY_CHECK_EPOCH, COPY_RATIO_LIMIT, copy_warning
+    from promptehr.validation import COPY_CHECK_EPOCH, COPY_CHECK_STEPS, COPY_RATIO_LIMIT, copy_warning
 
     healthy = {"perplexity_reconstruction": 3.0, "perplexity_reconstruction_frequency": 770.0, "epoch": COPY_CHECK_EPOCH}
     stuck = {**healthy, "perplexity_reconstruction": 157.0}
-    assert copy_warning(healthy) is None
-    assert "stuck" in copy_warning(stuck) and "learning_rate" in copy_warning(stuck)
-    assert copy_warning({**stuck, "epoch": COPY_CHECK_EPOCH - 1}) is None  # too early to tell
+    steps = COPY_CHECK_STEPS
+    assert copy_warning(healthy, steps) is None
+    assert "stuck" in copy_warning(stuck, steps) and "learning_rate" in copy_warning(stuck, steps)
+    assert copy_warning({**stuck, "epoch": COPY_CHECK_EPOCH - 1}, steps) is None  # too early to tell
+    assert copy_warning(stuck, COPY_CHECK_STEPS - 1) is None  # 3 short epochs of a small cohort: too early
+    assert copy_warning({**stuck, "epoch": COPY_CHECK_EPOCH + 5}, 10 * steps) is not None
     border = {**healthy, "perplexity_reconstruction": 770.0 * COPY_RATIO_LIMIT * 1.01}
-    assert copy_warning(border) is not None
+    assert copy_warning(border, steps) is not None
 
 
 def test_a_stuck_run_says_so_in_the_log_and_on_the_run(tmp_path, caplog):
-    """A run that cannot learn (learning rate ~0) is still at the frequency level by its 3rd
-    validation: a warning in the log and a `promptehr.stuck` tag on the MLflow run."""
+    """A run that cannot learn (learning rate ~0) is still at the frequency level once it has had
+    3 validations and COPY_CHECK_STEPS optimizer steps: a warning in the log and a `promptehr.stuck`
+    tag on the MLflow run, at the first epoch past both (120 training patients, batch 1: epoch 7)."""
     import logging
 
     import mlflow
@@ -328,7 +332,8 @@ def test_a_stuck_run_says_so_in_the_log_and_on_the_run(tmp_path, caplog):
     cfg = tiny(
         f"training.checkpoint_dir={tmp_path / 'ck'}",
         "data.synthetic.n_patients=150",
-        "training.num_epochs=3",
+        "training.batch_size=1",
+        "training.num_epochs=7",
         "training.learning_rate=1e-9",
         "validation.jaccard_patients=0",
         "training.quality_report=false",
@@ -337,6 +342,7 @@ def test_a_stuck_run_says_so_in_the_log_and_on_the_run(tmp_path, caplog):
     )
     with caplog.at_level(logging.WARNING, logger="promptehr.train"):
         result = train(cfg, MLflowTracker(uri, "stuck", register_model=False))
-    assert "training looks stuck: after 3 epochs" in caplog.text
+    assert "training looks stuck: after 7 epochs (840 steps)" in caplog.text
+    assert "after 6 epochs" not in caplog.text  # 720 steps: too early
     tags = mlflow.MlflowClient(uri).get_run(result["run_id"]).data.tags
-    assert tags["promptehr.stuck"].startswith("epoch 3:")
+    assert tags["promptehr.stuck"].startswith("epoch 7:")
