@@ -127,6 +127,7 @@ def main(argv=None) -> int:
     base = load_config(args.config, overrides_of(args))
     epochs = args.epochs or base.training.num_epochs
     per_epoch = steps_per_epoch(base, args.patients)
+    stop_after = min(args.stop_after, epochs)
     cpu = args.device == "cpu"
     results = []
     warmup = (
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
         f"shape d_model {base.model.d_model}, {base.model.encoder_layers}+{base.model.decoder_layers} layers; "
         f"learning rate {base.training.learning_rate:g}, batch {base.training.batch_size}; {args.patients} patients, "
         f"{per_epoch} steps per epoch, schedule of {epochs} epochs, warmup {warmup}; "
-        f"stopped after epoch {args.stop_after}; copy ratio limit {COPY_RATIO_LIMIT}"
+        f"stopped after epoch {stop_after}; copy ratio limit {COPY_RATIO_LIMIT}"
     )
     columns = ("steps", "copy ratio", "recon ppl", "next-visit NLL", "frequency", "repeat")
     print(f"\n{'generator':<11} {'seed':>4} {'epoch':>5} " + " ".join(f"{c:>10}" for c in columns) + "  stuck warning")
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
                 *run_overrides(base, generator, seed, args.patients, epochs, args.warmup_share, cpu),
                 f"training.device={args.device}",
             ]
-            validations, minutes = train_one(args.config, overrides, args.stop_after)
+            validations, minutes = train_one(args.config, overrides, stop_after)
             for m in validations:
                 steps = m["epoch"] * per_epoch
                 values = (copy_ratio(m), m["perplexity_reconstruction"], m["next_visit_nll"])
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
     for generator, seed, epoch, minutes in results:
         print(f"  {generator:<11} seed {seed}: {epoch if epoch else 'none'} ({minutes:.1f} min)")
     copied = sum(epoch is not None for _, _, epoch, _ in results)
-    print(f"{copied} of {len(results)} runs learned to copy within {args.stop_after} epochs")
+    print(f"{copied} of {len(results)} runs learned to copy within {stop_after} epochs")
     return 0 if copied == len(results) else 1
 
 

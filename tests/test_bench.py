@@ -287,6 +287,12 @@ def test_copying_bench_trains_every_generator_and_seed(capsys):
     assert rows[1][4:] != rows[3][4:]  # the seed reaches training
     assert "schedule of 5 epochs" in out
     assert code == 1 and "0 of 2 runs learned to copy within 2 epochs" in out
+    # a schedule shorter than --stop-after: the runs end with it, and the summary says so
+    copying.main(
+        ["--config", str(ROOT / "experiments" / "tiny.yaml"), "--generators", "small", "--seeds", "1"]
+        + ["--patients", "200", "--epochs", "1"]
+    )
+    assert "0 of 1 runs learned to copy within 1 epochs" in capsys.readouterr().out
 
 
 def test_first_copying_epoch_uses_the_stuck_warnings_limit():
