@@ -74,9 +74,9 @@ def copy_ratio(metrics: dict) -> float:
     return metrics["perplexity_reconstruction"] / metrics["perplexity_reconstruction_frequency"]
 
 
-def train_one(config: str, overrides: list[str], stop_after: int) -> tuple[list[dict], float]:
+def train_one(config: str, overrides: list[str], stop_after: int, show=None) -> tuple[list[dict], float]:
     """Train `config` with `overrides` in a temporary folder for at most `stop_after` epochs: the
-    validation metrics of every epoch, minutes."""
+    validation metrics of every epoch (each also handed to `show` as it comes), minutes."""
     from promptehr.tracking import Tracker
     from promptehr.train import TrainingPruned, train
 
@@ -84,6 +84,8 @@ def train_one(config: str, overrides: list[str], stop_after: int) -> tuple[list[
 
     def record(epoch, metrics):
         epochs.append(dict(metrics, epoch=epoch + 1))
+        if show is not None:
+            show(epochs[-1])
         if epoch + 1 >= stop_after:
             raise TrainingPruned(f"stopped after epoch {epoch + 1}")
 
@@ -149,8 +151,8 @@ def main(argv=None) -> int:
                 *run_overrides(base, generator, seed, args.patients, epochs, args.warmup_share, cpu),
                 f"training.device={args.device}",
             ]
-            validations, minutes = train_one(args.config, overrides, stop_after)
-            for m in validations:
+
+            def show(m, generator=generator, seed=seed):
                 steps = m["epoch"] * per_epoch
                 values = (copy_ratio(m), m["perplexity_reconstruction"], m["next_visit_nll"])
                 baselines = (m["next_visit_nll_frequency"], m["next_visit_nll_repeat"])
@@ -160,6 +162,8 @@ def main(argv=None) -> int:
                     + f"  {'yes' if copy_warning(m, steps) else '-'}",
                     flush=True,
                 )
+
+            validations, minutes = train_one(args.config, overrides, stop_after, show)
             results.append((generator, seed, first_copying_epoch(validations), minutes))
     print("\nfirst epoch below the copy ratio limit (none: the run never learned to copy):")
     for generator, seed, epoch, minutes in results:
