@@ -30,9 +30,9 @@ logger = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
 # A run that has not learned to copy the encoder into the decoder by its 3rd validation and 750th
 # optimizer step is stuck: its reconstruction rows' perplexity stays near what a model that ignores the
-# encoder scores there. Measured (bench/LOG.md, bench/copying.py): stuck runs 0.09-0.26 of that level at
-# epochs 2-4, healthy ones 0.004-0.012 by epoch 3 (750 steps) at 20,000 patients; a healthy run of 5,000
-# patients was still at 0.096 by its 3rd epoch (189 steps), hence the step count.
+# encoder scores there. Measured (bench/README.md, Learning to copy): stuck runs 0.09-0.26 of that level
+# at epochs 2-4, healthy ones 0.002-0.012 by epoch 3 (750 steps) at 20,000 patients; a healthy run of
+# 5,000 patients was still at 0.096 by its 3rd epoch (189 steps), hence the step count.
 COPY_CHECK_EPOCH = 3
 COPY_CHECK_STEPS = 750
 COPY_RATIO_LIMIT = 0.05
