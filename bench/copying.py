@@ -34,11 +34,9 @@ from pathlib import Path
 
 from promptehr.cli import add_config_arguments, overrides_of, setup_logging
 from promptehr.config import load_config
-from promptehr.validation import COPY_CHECK_EPOCH, COPY_RATIO_LIMIT, copy_warning
+from promptehr.validation import COPY_CHECK_EPOCH, COPY_RATIO_LIMIT, copy_ratio, copy_warning
 
 ROOT = Path(__file__).resolve().parents[1]
-
-logger = logging.getLogger("bench.copying")
 
 GENERATORS = ("hmm", "transition", "small")
 
@@ -69,10 +67,6 @@ def run_overrides(
     if cpu:
         out += ["training.precision=fp32", "training.num_workers=0", "training.compile=false"]
     return out
-
-
-def copy_ratio(metrics: dict) -> float:
-    return metrics["perplexity_reconstruction"] / metrics["perplexity_reconstruction_frequency"]
 
 
 def train_one(config: str, overrides: list[str], stop_after: int, show=None) -> tuple[list[dict], float]:

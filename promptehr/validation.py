@@ -251,11 +251,16 @@ class ValidationProtocol:
         }
 
 
+def copy_ratio(metrics: dict) -> float:
+    """The reconstruction rows' perplexity over that of a model that ignores the encoder (copying: near 0)."""
+    return metrics["perplexity_reconstruction"] / metrics["perplexity_reconstruction_frequency"]
+
+
 def copy_warning(metrics: dict, steps: int) -> str | None:
     """A one-line warning when the run has not learned to copy by validation epoch `COPY_CHECK_EPOCH`
     and optimizer step `COPY_CHECK_STEPS` (`steps`: the steps so far; a stuck run's next-visit
     predictions stay near the frequency prior), else None."""
-    ratio = metrics["perplexity_reconstruction"] / metrics["perplexity_reconstruction_frequency"]
+    ratio = copy_ratio(metrics)
     if metrics.get("epoch", 0) < COPY_CHECK_EPOCH or steps < COPY_CHECK_STEPS or ratio < COPY_RATIO_LIMIT:
         return None
     return (
