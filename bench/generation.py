@@ -53,7 +53,7 @@ def build_checkpoint(shape: str, train_steps: int, random_init: bool, folder: Pa
     if random_init:
         patients, _, _ = load_patients(cfg.data)
         train_patients, _ = split_patients(patients, cfg.data.val_fraction, cfg.data.split_seed)
-        tok = DiagnosisCodeTokenizer.from_patients(train_patients)
+        tok = DiagnosisCodeTokenizer.from_patients(train_patients, cfg.model.visit_order)
         model = PromptBartWithDemographicPrediction(tok, cfg)
         return save_checkpoint(
             folder / "random", model, None, None, cfg, tok, {"demographics": demographics_histogram(train_patients)}

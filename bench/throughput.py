@@ -184,7 +184,7 @@ def measure_shape(name: str, args, peak: float) -> dict:
     seed_everything(tcfg.seed)
     patients, _, _ = load_patients(cfg.data)
     train_patients, val_patients = split_patients(patients, cfg.data.val_fraction, cfg.data.split_seed)
-    tokenizer = DiagnosisCodeTokenizer.from_patients(train_patients)
+    tokenizer = DiagnosisCodeTokenizer.from_patients(train_patients, cfg.model.visit_order)
     train_loader, _, train_collator, _ = build_loader(cfg, tokenizer, train_patients)
     vocab = len(tokenizer)
 

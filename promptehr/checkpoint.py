@@ -97,7 +97,9 @@ def save_checkpoint(
     if loop_state is not None:
         state["loop"] = loop_state
     torch.save(state, tmp / "training_state.pt")
-    (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    saved = to_dict(cfg)
+    saved["model"]["visit_order"] = tokenizer.visit_order  # what the vocabulary is (it decides the grammar)
+    (tmp / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     tokenizer.save(tmp / "vocab.json")
     meta = {
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -214,6 +216,11 @@ def load_checkpoint(folder, device="cpu"):
     folder = check_folder(folder)
     cfg = load_config_from_checkpoint(folder)
     tokenizer = DiagnosisCodeTokenizer.load(folder / "vocab.json")
+    if tokenizer.visit_order != cfg.model.visit_order:
+        raise ValueError(
+            f"{folder}: vocab.json has visit_order {tokenizer.visit_order!r} but config.yaml model.visit_order "
+            f"{cfg.model.visit_order!r}: the two files are not of the same checkpoint"
+        )
     model = PromptBartWithDemographicPrediction(tokenizer, cfg)
     load_model(model, str(folder / "model.safetensors"), device=str(device))
     model.to(device).eval()

@@ -7,8 +7,10 @@ row layout, padding and grammar live in `promptehr.patient_format`):
     (span infilling with Poisson(lambda_poisson) spans, deletion, replacement by random codes);
   - next_visit_prediction (2+ visits): the encoder sees visits[:k] and a `<v> <mask> </v>` placeholder;
   - first_visit (share `first_visit_prob`): the encoder sees only the placeholder.
-Labels are always the CLEAN patient (pad = -100); a next-visit row's labels stop after visit k plus
-the token that follows it (`<v>` if more visits come, `</s>` if not), so the model learns when to stop.
+A visit's codes are written in id order for an ordered vocabulary (`tokenizer.ordered`), else shuffled
+per row (`shuffle_codes`). Labels are always the CLEAN patient (pad = -100); a next-visit row's labels
+stop after visit k plus the token that follows it (`<v>` if more visits come, `</s>` if not), so the
+model learns when to stop.
 Training batches come from `RowBucketSampler` (rows planned per epoch, batched by length: little
 padding); `LengthBucketSampler` batches whole patients (`bucket_by_length: false`).
 """
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from promptehr.patient_format import hidden_visit_row, pad_batch, row_lengths, whole_patient_row
+from promptehr.patient_format import arrange_visits, hidden_visit_row, pad_batch, row_lengths, whole_patient_row
 from promptehr.schema import SEXES, Patient
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 
@@ -63,6 +65,8 @@ class EHRPatientDataset(Dataset):
                 self.report["visits_truncated"] += 1
             if not visits:
                 raise ValueError(f"patient #{i} has no visits")
+            if tokenizer.ordered:  # the one order the grammar admits (`patient_format`)
+                visits = [np.sort(v) for v in visits]
             self.visits.append(visits)
             self.ages[i] = p.age
             self.sexes[i] = SEXES.index(p.sex)
@@ -185,8 +189,8 @@ class EHRDataCollator:
     def build_row(self, visits: list[np.ndarray], task: int, k: int, rng: np.random.Generator, shuffle: bool = True):
         """One planned row: (encoder ids, label ids, first target label position or -1, task name)."""
         tok = self.tok
-        if self.shuffle_codes and shuffle:
-            visits = [rng.permutation(v) for v in visits]
+        if (self.shuffle_codes or self.tok.ordered) and shuffle:
+            visits = arrange_visits(self.tok, visits, rng)
         name = TASK_TYPES[task]
         if k >= 0:
             return (*hidden_visit_row(tok, visits, k), name)
@@ -196,8 +200,8 @@ class EHRDataCollator:
     def rows_for_patient(self, visits: list[np.ndarray], rng: np.random.Generator):
         """Yield (encoder ids, label ids, first target label position or -1, task name) for every row
         of `plan_rows`; the codes of each visit are shuffled once for all of the patient's rows."""
-        if self.shuffle_codes:
-            visits = [rng.permutation(v) for v in visits]
+        if self.shuffle_codes or self.tok.ordered:
+            visits = arrange_visits(self.tok, visits, rng)
         for task, k in self.plan_rows(len(visits), rng):
             yield self.build_row(visits, task, k, rng, shuffle=False)
 

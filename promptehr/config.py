@@ -59,7 +59,7 @@ class CollatorConfig:
     first_visit_prob: float = (
         0.3  # per patient: chance of a first-visit row (placeholder only; teaches generation from scratch)
     )
-    shuffle_codes: bool = True  # codes inside a visit are a set: shuffle their order in training
+    shuffle_codes: bool = True  # model.visit_order "random": shuffle a visit's codes per row (else their given order)
     max_length: int = 512  # encoder/decoder tokens per row (earliest visits dropped beyond it)
 
 
@@ -85,6 +85,8 @@ class ModelConfig:
     tie_embeddings: bool = True  # the output layer shares the code embeddings (false: its own weights)
     scale_embedding: bool = False  # multiply token embeddings by sqrt(d_model) (BART's option)
     output_bias: bool = True  # a learned per-token output bias, initialised at the log frequency of the training codes
+    # a visit's codes in one order, most frequent first: exact set likelihoods ("random": shuffled per row)
+    visit_order: str = "frequency"
 
 
 @dataclass
@@ -226,6 +228,7 @@ MOVED_KEYS = {
 ABSENT_MEANS = {
     "data.synthetic.generator": "small",  # the only built-in cohort before there was a choice
     "model.output_bias": False,  # models before the option had no output bias
+    "model.visit_order": "random",  # models before the option wrote a visit's codes in random order
 }
 
 
@@ -417,6 +420,7 @@ def _value_rules() -> dict[str, tuple]:
         },
         **{f"model.{k}": _at_least(0) for k in ("age_loss_weight", "sex_loss_weight")},
         "model.target_visit_loss_weight": (lambda v: v > 0, "> 0"),
+        "model.visit_order": _one_of("frequency", "random"),
         **{
             f"training.{k}": _at_least(1)
             for k in ("batch_size", "num_epochs", "save_every_n_epochs", "log_every_n_steps", "validate_every_n_epochs")

@@ -3,7 +3,8 @@
 One step of `sample_visit_batch` writes one new visit per row (rows of `patient_format.generation_rows`,
 the model's incremental decoder `start_decoding` / `decode_step`): codes until `</v>`, then `<v>`
 (another visit follows) or `</s>` (the patient ends), under the patient format's grammar
-(`patient_format.VisitGrammar`: no code twice in a visit, delimiters where they belong).
+(`patient_format.VisitGrammar`: no code twice in a visit, codes in id order for an ordered vocabulary,
+delimiters where they belong).
 
 Unconditional generation takes demographics, or draws them with `sample_demographics` from the
 (sex, age bin) histogram of the training patients that `train()` stores in the checkpoint's
@@ -123,8 +124,10 @@ def sample_visit_batch(
     grammar = VisitGrammar.start(tok, revealed, len(tok), sampling.max_codes_per_visit, device)
     new_codes: list[list[int]] = [[] for _ in range(n)]
     for step in range(sampling.max_codes_per_visit + 2):
+        if step == 0 and grammar.ids["ordered"]:  # any code the visit could still hold, not only the next in order
+            first_logits = logits.masked_fill(grammar.banned(ordered=False), float("-inf"))
         logits = logits.masked_fill(grammar.banned(), float("-inf"))
-        if step == 0:
+        if step == 0 and not grammar.ids["ordered"]:
             first_logits = logits
         logits = _filter_logits(logits / max(sampling.temperature, 1e-6), sampling.top_k, sampling.top_p)
         token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)

@@ -7,9 +7,12 @@ Rows. A patient's labels are `<v> c c </v> <v> c </v> </s>` and its encoder row 
 encoder `<s> history <v> revealed <mask> </v> </s>` and the decoder `<s> history <v> revealed`.
 
 Grammar. Inside a visit only codes and `</v>` may come, `</v>` only after a code, a code only once
-per visit; after `</v>` only `<v>` or `</s>`. `grammar_mask` applies these rules to teacher-forced
-label rows at once (training, validation); `VisitGrammar` applies them token by token while a visit
-is sampled. Both live here so they cannot drift apart.
+per visit; after `</v>` only `<v>` or `</s>`. With an ordered vocabulary (`tokenizer.ordered`: codes
+numbered most frequent first) a visit's codes come in increasing id order: after code c only codes
+above c (or `</v>`), so each code set has exactly one token sequence and its probability is the set's
+(no order to sum over). `grammar_mask` applies these rules to teacher-forced label rows at once
+(training, validation); `VisitGrammar` applies them token by token while a visit is sampled. Both live
+here so they cannot drift apart.
 """
 
 from __future__ import annotations
@@ -23,6 +26,14 @@ BANNED_LOGIT = -1e9  # finite: x * 0 stays 0 where ignored positions are multipl
 
 
 # ------------------------------------------------------------------ rows
+
+
+def arrange_visits(tok, visits, rng: np.random.Generator) -> list[np.ndarray]:
+    """The visits (arrays of code ids) as a row writes them: in id order for an ordered vocabulary,
+    else each visit's codes in a random order."""
+    if getattr(tok, "ordered", False):
+        return [np.sort(v) for v in visits]
+    return [rng.permutation(v) for v in visits]
 
 
 def visit_tokens(tok, visits) -> list[int]:
@@ -73,10 +84,15 @@ def row_lengths(visit_lengths: np.ndarray, k: int) -> tuple[int, int]:
 
 def generation_rows(tok, history, revealed) -> tuple[list[int], list[int]]:
     """(encoder ids, decoder prefix) for writing the next visit after `history` (visits of code ids)
-    with the codes `revealed` already in it."""
+    with the codes `revealed` in it. Unordered vocabulary: the decoder prefix holds the revealed codes
+    and the sampler continues after them; ordered: they come in id order among the sampled ones, so the
+    prefix stops at `<v>` and `VisitGrammar` writes them where they belong."""
+    ordered = getattr(tok, "ordered", False)
+    if ordered:
+        history, revealed = [np.sort(v) for v in history], sorted(revealed)
     h = visit_tokens(tok, history)
     enc = [tok.bos_token_id, *h, tok.visit_open_id, *revealed, tok.mask_token_id, tok.visit_close_id, tok.eos_token_id]
-    return enc, [tok.bos_token_id, *h, tok.visit_open_id, *revealed]
+    return enc, [tok.bos_token_id, *h, tok.visit_open_id, *([] if ordered else revealed)]
 
 
 def unseen_labels(tok, enc: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -171,6 +187,7 @@ def grammar_token_ids(tok) -> dict[str, int]:
         "eos": tok.eos_token_id,
         "unk": tok.unk_token_id,
         "n_special": tok.n_special,
+        "ordered": bool(getattr(tok, "ordered", False)),
     }
 
 
@@ -206,13 +223,24 @@ def grammar_mask(labels: torch.Tensor, tok, vocab_size: int) -> torch.Tensor:
     # codes already in the visit: scatter labels[s] into row t; where s was no code, scatter <pad>, which
     # is banned at every position anyway
     mask.scatter_(2, torch.where(emitted, labels.clamp(min=0).unsqueeze(1), ids["pad"]), True)
+    if ids.get("ordered"):  # after code c only codes above c: c is the label before t, inside the visit
+        before = torch.cat([labels.new_full((b, 1), -100), labels[:, :-1]], dim=1)
+        after_code = inside & (before >= ids["n_special"])
+        last = torch.where(after_code, before, torch.zeros_like(before))  # 0: no ban
+        codes = torch.arange(vocab_size, device=dev)
+        mask |= (codes <= last.unsqueeze(-1)) & (codes >= ids["n_special"])
     return mask.scatter_(2, labels.clamp(min=0).unsqueeze(-1), False)  # (ignored positions: unbans pad)
 
 
 @dataclass
 class VisitGrammar:
-    """The same rules, token by token, for n rows each writing one visit after its revealed codes:
-    `banned()` is the (n, V) mask of the next token, `advance(token)` takes the sampled tokens."""
+    """The same rules, token by token, for n rows each writing one visit with its revealed codes:
+    `banned()` is the (n, V) mask of the next token, `advance(token)` takes the sampled tokens.
+
+    Unordered vocabulary: the revealed codes are in the decoder's prefix and banned from the rest of the
+    visit. Ordered: the visit is written in id order from its start, the revealed codes at their places:
+    the next code lies above the last one written and at or below the next revealed code not yet written
+    (`</v>` only once every revealed code is written), so the sampled visit always holds them."""
 
     banned_codes: torch.Tensor  # (n, V) specials and the codes already in the visit
     n_in_visit: torch.Tensor  # (n,) codes in the visit so far
@@ -221,40 +249,84 @@ class VisitGrammar:
     more: torch.Tensor  # (n,) that token was `<v>`: another visit follows
     max_codes: int
     ids: dict
+    last: torch.Tensor  # (n,) ordered: the last code written (0: none yet)
+    pending: torch.Tensor  # (n, R + 1) ordered: revealed codes in id order, then the vocabulary size
+    written: torch.Tensor  # (n,) ordered: revealed codes written so far
 
     @classmethod
     def start(cls, tok, revealed: list[list[int]], vocab: int, max_codes: int, device) -> VisitGrammar:
         n = len(revealed)
+        ids = grammar_token_ids(tok)
         banned = torch.zeros((n, vocab), dtype=torch.bool, device=device)
         banned[:, : tok.n_special] = True
+        width = max((len(r) for r in revealed), default=0)
+        pending = torch.full((n, width + 1), vocab, dtype=torch.long, device=device)
         for i, rev in enumerate(revealed):
-            if rev:
+            if not rev:
+                continue
+            if ids["ordered"]:  # an `<unk>` revealed code has no place in the order: the encoder shows it
+                known = sorted(c for c in rev if c >= tok.n_special)
+                pending[i, : len(known)] = torch.tensor(known, dtype=torch.long, device=device)
+            else:
                 banned[i, torch.tensor(rev, device=device)] = True
         flags = torch.zeros(n, dtype=torch.bool, device=device)
+        counts = torch.zeros(n, dtype=torch.long, device=device)
         return cls(
             banned,
-            torch.tensor([len(r) for r in revealed], device=device),
+            counts if ids["ordered"] else torch.tensor([len(r) for r in revealed], device=device),
             ~flags,
             flags.clone(),
             flags.clone(),
             max_codes,
-            grammar_token_ids(tok),
+            ids,
+            counts.clone(),
+            pending,
+            counts.clone(),
         )
 
-    def banned(self) -> torch.Tensor:
+    def _next_revealed(self) -> torch.Tensor:
+        return self.pending.gather(1, self.written.unsqueeze(1)).squeeze(1)  # the vocabulary size: none left
+
+    def banned(self, ordered: bool = True) -> torch.Tensor:
+        """`ordered=False`: an ordered vocabulary's rules without the order (a revealed code banned, any
+        other code allowed): which codes the visit could still hold, for ranking them."""
         close = self.ids["visit_close"]
         visit_ban = self.banned_codes.clone()
-        visit_ban[:, close] = ~(self.in_visit & (self.n_in_visit > 0))
-        full = self.in_visit & (self.n_in_visit >= self.max_codes)  # a visit of max_codes codes must close
-        visit_ban[full] = True
-        visit_ban[full, close] = False
+        n_written = self.n_in_visit
+        if self.ids["ordered"]:
+            vocab = visit_ban.shape[1]
+            nxt = self._next_revealed()
+            left = (self.pending < vocab).sum(1) - self.written  # revealed codes still to write
+            if ordered:
+                codes = torch.arange(vocab, device=visit_ban.device)
+                visit_ban |= (codes <= self.last.unsqueeze(1)) | (codes > nxt.unsqueeze(1))
+            else:
+                visit_ban.scatter_(1, self.pending.clamp(max=vocab - 1), self.pending < vocab)
+            n_written = self.n_in_visit + left  # the revealed codes count toward max_codes
+            visit_ban[:, close] = ~(self.in_visit & (self.n_in_visit > 0) & (left == 0))
+        else:
+            visit_ban[:, close] = ~(self.in_visit & (self.n_in_visit > 0))
+        full = self.in_visit & (n_written >= self.max_codes)  # a visit of max_codes codes must close
+        if self.ids["ordered"] and ordered:
+            visit_ban[full] |= torch.arange(visit_ban.shape[1], device=visit_ban.device) != nxt[full].unsqueeze(1)
+            visit_ban[full & (left == 0), close] = False
+        else:
+            visit_ban[full] = True
+            visit_ban[full, close] = False
         after_visit = torch.ones(visit_ban.shape[1], dtype=torch.bool, device=visit_ban.device)
         after_visit[[self.ids["visit_open"], self.ids["eos"]]] = False
         return torch.where(self.in_visit.unsqueeze(1), visit_ban, after_visit.unsqueeze(0))
 
     def advance(self, token: torch.Tensor) -> torch.Tensor:
-        """Take the sampled `token` (n,); returns which rows wrote a new code with it."""
+        """Take the sampled `token` (n,); returns which rows wrote a new code with it (a revealed code
+        that an ordered visit writes at its place is not new)."""
         is_code = self.in_visit & ~self.done & (token >= self.ids["n_special"])
+        new = is_code
+        if self.ids["ordered"]:
+            revealed = is_code & (token == self._next_revealed())
+            self.written = self.written + revealed.long()
+            self.last = torch.where(is_code, token, self.last)
+            new = is_code & ~revealed
         self.banned_codes[is_code, token[is_code]] = True
         self.n_in_visit = self.n_in_visit + is_code.long()
         closing = self.in_visit & (token == self.ids["visit_close"])
@@ -262,4 +334,4 @@ class VisitGrammar:
         self.more = torch.where(finishing, token == self.ids["visit_open"], self.more)
         self.done = self.done | finishing
         self.in_visit = self.in_visit & ~closing
-        return is_code
+        return new

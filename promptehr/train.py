@@ -336,7 +336,7 @@ def setup(cfg: Config, tracker: Tracker, stop: StopSignals) -> Run:
         check_resume(meta, resume_from, cfg, split.fingerprint)
         tokenizer = DiagnosisCodeTokenizer.load(resume_from / "vocab.json")
     else:
-        tokenizer = DiagnosisCodeTokenizer.from_patients(split.train)
+        tokenizer = DiagnosisCodeTokenizer.from_patients(split.train, cfg.model.visit_order)
     split.report.log()
     logger.info("split: %d train / %d validation patients, %d codes", len(split.train), len(split.val), tokenizer.n_codes)
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from promptehr.baselines import NextVisitBaselines, VisitPairs
 from promptehr.collator import TASK_ID, TASK_TYPES, EHRDataCollator, EHRPatientDataset
 from promptehr.metrics import compute_perplexity, compute_reconstruction_jaccard
-from promptehr.patient_format import pad_batch, unseen_labels, with_closing_token
+from promptehr.patient_format import arrange_visits, pad_batch, unseen_labels, with_closing_token
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class ValidationProtocol:
         rows = []
         for i in range(len(dataset)):
             _, visits, age, sex = dataset[i]
-            visits = [rng.permutation(v) for v in visits]
+            visits = arrange_visits(self.tok, visits, rng)
             whole = "denoising" if rng.random() < self.collator.corruption_prob else "reconstruction"
             plan = [(TASK_ID[whole], -1), *((NEXT, k) for k in range(1, len(visits))), (FIRST, 0)]
             for task, k in plan:
@@ -138,7 +138,8 @@ class ValidationProtocol:
             names = [[tok.id_to_token[c] for c in v] for v in (visits[k], visits[k - 1])]
             p = self.val_patients[i]
             pairs.append((names[0], names[1], p.age, p.sex))
-        self.log_fact = np.array([math.lgamma(len(visit) + 1) for visit, *_ in pairs])
+        # a set of n codes in random order: its sequence NLL less log n! (an upper bound); ordered: exact
+        self.log_fact = np.array([0.0 if tok.ordered else math.lgamma(len(visit) + 1) for visit, *_ in pairs])
         index = {c: j for j, c in enumerate(tok.codes)}
         return VisitPairs.from_visits(pairs, index), n_next, n_next - len(pairs)
 

@@ -138,7 +138,7 @@ def test_timed_epoch_runs_every_batch_of_a_new_epoch():
     cfg = load_config(ROOT / "experiments" / "tiny.yaml", ["data.synthetic.n_patients=120"])
     patients, _, _ = load_patients(cfg.data)
     train_p, val_p = split_patients(patients, cfg.data.val_fraction, cfg.data.split_seed)
-    tok = DiagnosisCodeTokenizer.from_patients(train_p)
+    tok = DiagnosisCodeTokenizer.from_patients(train_p, cfg.model.visit_order)
     loader, sampler, collator, _ = build_loader(cfg, tok, train_p)
     model = PromptBartWithDemographicPrediction(tok, cfg)
     device = torch.device("cpu")
@@ -157,18 +157,19 @@ def test_timed_epoch_runs_every_batch_of_a_new_epoch():
     assert not torch.equal(before, model.age_head[0].weight)
 
 
-def score_checkpoint(generator: str, tmp_path, capsys, *flags: str) -> str:
+def score_checkpoint(generator: str, tmp_path, capsys, *flags: str, overrides=()) -> str:
     """An untrained tiny model's checkpoint on `generator`'s cohort (its tokenizer from the training
     split, as train() makes it) scored by bench/quality.py; returns what it printed."""
     from promptehr.checkpoint import save_checkpoint
     from promptehr.data import load_patients, split_patients
 
     cfg = load_config(
-        ROOT / "experiments" / "tiny.yaml", [f"data.synthetic.generator={generator}", "data.synthetic.n_patients=1000"]
+        ROOT / "experiments" / "tiny.yaml",
+        [f"data.synthetic.generator={generator}", "data.synthetic.n_patients=1000", *overrides],
     )
     patients, _, _ = load_patients(cfg.data)
     train_patients, _ = split_patients(patients, cfg.data.val_fraction, cfg.data.split_seed)
-    tok = DiagnosisCodeTokenizer.from_patients(train_patients)
+    tok = DiagnosisCodeTokenizer.from_patients(train_patients, cfg.model.visit_order)
     save_checkpoint(tmp_path / "ck", PromptBartWithDemographicPrediction(tok, cfg), None, None, cfg, tok, {"epoch": 0})
     try:
         assert quality.main(["--checkpoint", str(tmp_path / "ck"), "--orders", "1", *flags]) == 0
@@ -205,13 +206,14 @@ def test_quality_scores_fresh_patients_of_the_checkpoints_generator(tmp_path, ca
 @pytest.mark.parametrize("generator", ["transition", "hmm"])
 def test_quality_diagnose_on_each_mimic_scale_generator(generator, tmp_path, capsys):
     """`--diagnose` scores first visits and training patients for either generator; the first-code
-    diagnosis needs an HMM's hidden states and says so for the transition cohort."""
+    diagnosis needs an HMM's hidden states and a random code order (it compares random first codes), and
+    says so for the transition cohort and for an ordered vocabulary."""
     out = score_checkpoint(generator, tmp_path, capsys, "--fresh-patients", "600", "--diagnose")
     assert len(optimum_nll(out)) == 4  # held-out, first visits, training patients, fresh patients
-    if generator == "transition":
-        assert "not available for data.synthetic.generator=transition" in out
-    else:
-        assert "first code of" in out and "KL(optimum || model)" in out
+    assert "model, exact set NLL (codes in id order)" in out and "first code of held-out next visits: not available" in out
+    if generator == "hmm":
+        out = score_checkpoint(generator, tmp_path, capsys, "--diagnose", overrides=["model.visit_order=random"])
+        assert "first code of" in out and "KL(optimum || model)" in out and "mean of 1 orders" in out
 
 
 def test_learnability_reference_needs_the_hidden_states_and_improves_with_patients():
@@ -334,3 +336,25 @@ def test_first_copying_epoch_uses_the_stuck_warnings_limit():
 
     assert copying.first_copying_epoch([m(1, 0.5), m(2, COPY_RATIO_LIMIT * 0.9), m(3, 0.001)]) == 2
     assert copying.first_copying_epoch([m(1, 0.5), m(2, COPY_RATIO_LIMIT)]) is None
+
+
+def test_an_ordered_models_quality_score_is_its_validation_next_visit_nll(tmp_path):
+    """Two implementations of one number: with `model.visit_order: frequency` both the validation
+    protocol's val/next_visit_nll and bench/quality.py's model NLL are the exact NLL of the held-out
+    next visits' code sets (one order, no log n!), so on the same held-out split they agree."""
+    from promptehr.data import load_patients, split_patients
+    from promptehr.validation import ValidationProtocol
+
+    cfg = load_config(ROOT / "experiments" / "tiny.yaml", ["data.synthetic.n_patients=600"])
+    assert cfg.model.visit_order == "frequency"
+    patients, _, _ = load_patients(cfg.data)
+    train_p, val_p = split_patients(patients, cfg.data.val_fraction, cfg.data.split_seed)
+    tok = DiagnosisCodeTokenizer.from_patients(train_p, "frequency")
+    torch.manual_seed(0)
+    model = PromptBartWithDemographicPrediction(tok, cfg).eval()
+    val_nll = ValidationProtocol(cfg, tok, train_p, val_p).evaluate(model, "cpu", jaccard=False)["next_visit_nll"]
+    events, _ = quality.next_visit_events(val_p, tok)
+    with torch.no_grad():
+        mean_order, tight = quality.model_visit_nll(model, tok, val_p, events, orders=4)
+    assert len(events) >= 20 and np.array_equal(mean_order, tight)
+    assert mean_order.mean() == pytest.approx(val_nll, abs=1e-3)

@@ -27,7 +27,7 @@ def parts(cohort):
     from promptehr.tokenizer import DiagnosisCodeTokenizer
 
     cfg = load_config(ROOT / "experiments" / "tiny.yaml")
-    tokenizer = DiagnosisCodeTokenizer.from_patients(cohort[:50])
+    tokenizer = DiagnosisCodeTokenizer.from_patients(cohort[:50], cfg.model.visit_order)
     return PromptBartWithDemographicPrediction(tokenizer, cfg), cfg, tokenizer
 
 
@@ -113,7 +113,10 @@ def test_resume_after_a_crash_between_the_renames_falls_back_with_a_warning(tmp_
 
 def test_a_checkpoint_of_an_earlier_version_loads_as_it_was_trained(cohort, tmp_path):
     """A checkpoint saved before some keys existed or moved loads with what the code did then: no output
-    bias (its weights have none), the 389-code cohort, validation settings found under training.*."""
+    bias (its weights have none), the 389-code cohort, codes in random order (an alphabetical vocabulary
+    saved without `visit_order`), validation settings found under training.*."""
+    import json
+
     import yaml
 
     from promptehr.model import PromptBartWithDemographicPrediction
@@ -125,11 +128,39 @@ def test_a_checkpoint_of_an_earlier_version_loads_as_it_was_trained(cohort, tmp_
         tmp_path / "old", PromptBartWithDemographicPrediction(tokenizer, cfg), None, None, cfg, tokenizer, {"epoch": 0}
     )
     saved = yaml.safe_load((folder / "config.yaml").read_text())
-    del saved["model"]["output_bias"], saved["data"]["synthetic"]["generator"]
+    del saved["model"]["output_bias"], saved["data"]["synthetic"]["generator"], saved["model"]["visit_order"]
+    vocab = json.loads((folder / "vocab.json").read_text())
+    del vocab["visit_order"]
+    (folder / "vocab.json").write_text(json.dumps(vocab))
     saved["training"]["prompt_prob"] = saved["validation"].pop("prompt_prob")
     (folder / "config.yaml").write_text(yaml.safe_dump(saved))
 
-    model, _, loaded, _ = ck.load_checkpoint(folder)
+    model, tok, loaded, _ = ck.load_checkpoint(folder)
     assert loaded.model.output_bias is False and loaded.data.synthetic.generator == "small"
+    assert loaded.model.visit_order == "random" and not tok.ordered and not model.grammar_ids["ordered"]
     assert loaded.validation.prompt_prob == 0.3
     assert load_config(None).model.output_bias is True  # what a new run gets
+    assert load_config(None).model.visit_order == "frequency"
+
+
+def test_a_checkpoint_records_the_visit_order_of_its_vocabulary(cohort, tmp_path):
+    """config.yaml's model.visit_order is the vocabulary's own (it decides the grammar), whatever the
+    config object said; a hand-edited pair that disagrees is refused, naming the folder."""
+    import yaml
+
+    from promptehr.model import PromptBartWithDemographicPrediction
+    from promptehr.tokenizer import DiagnosisCodeTokenizer
+
+    cfg = load_config(ROOT / "experiments" / "tiny.yaml")
+    assert cfg.model.visit_order == "frequency"
+    tokenizer = DiagnosisCodeTokenizer.from_patients(cohort[:50], "random")
+    folder = ck.save_checkpoint(
+        tmp_path / "ck", PromptBartWithDemographicPrediction(tokenizer, cfg), None, None, cfg, tokenizer, {"epoch": 0}
+    )
+    model, tok, loaded, _ = ck.load_checkpoint(folder)
+    assert loaded.model.visit_order == "random" and not tok.ordered and not model.grammar_ids["ordered"]
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    saved["model"]["visit_order"] = "frequency"
+    (folder / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(ValueError, match=r"ck: vocab.json has visit_order 'random' but config.yaml"):
+        ck.load_checkpoint(folder)

@@ -86,7 +86,7 @@ def test_jsonl_matches_the_tables(cohort, tmp_path):
 def checkpoint_folder(tmp_path, cohort):
     """A random-init tiny model saved as a checkpoint with the cohort's demographics histogram."""
     cfg = load_config(ROOT / "experiments" / "tiny.yaml")
-    tok = DiagnosisCodeTokenizer.from_patients(cohort)
+    tok = DiagnosisCodeTokenizer.from_patients(cohort, cfg.model.visit_order)
     torch.manual_seed(0)
     model = PromptBartWithDemographicPrediction(tok, cfg)
     with torch.no_grad():  # an untrained model closes a visit only at 40 codes: make it ~8, as a trained one

@@ -452,3 +452,34 @@ def test_registered_model_predicts_and_serves(tmp_path):
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, 9)
+
+
+def test_an_ordered_vocabulary_samples_visits_in_id_order_holding_every_revealed_code():
+    """`model.visit_order: frequency`: sampled visits come in increasing id order, and a conditional
+    visit holds its revealed codes wherever they fall in that order (an unknown revealed code is shown
+    to the encoder only)."""
+    cfg = load_config(ROOT / "experiments" / "tiny.yaml")
+    tok = DiagnosisCodeTokenizer([f"C{i:02d}" for i in range(12)], ordered=True)
+    torch.manual_seed(0)
+    model = PromptBartWithDemographicPrediction(tok, cfg).eval()
+    sampling = SamplingConfig(temperature=2.0, max_codes_per_visit=40, max_visits=4)
+    patients = generate_patients(model, tok, [60.0] * 32, ["M", "F"] * 16, sampling, seed=0)
+    visits = [[tok.encode_code(c) for c in v] for p in patients for v in p.visits]
+    assert len(visits) > 32 and max(len(v) for v in visits) >= 4
+    assert all(v == sorted(set(v)) for v in visits)  # written in id order, no repeats
+    history = [[[tok.n_special + 2, tok.n_special + 9]]] * 4
+    revealed = [[tok.n_special + 7], [tok.n_special + 11, tok.n_special], [tok.unk_token_id, tok.n_special + 3], []]
+    for seed in range(5):
+        codes, _ = sample_visit_batch(
+            model, tok, history, revealed, [50.0] * 4, [0, 1, 0, 1], sampling, torch.Generator().manual_seed(seed)
+        )
+        for rev, new in zip(revealed, codes):
+            known = [c for c in rev if c >= tok.n_special]
+            assert new == sorted(new) and not set(new) & set(rev) and new + known
+    res = generate_conditional_batch(
+        model, tok, [Patient("x", 50.0, "F", [[f"C{i:02d}" for i in (1, 4, 6, 10)]])] * 8, 0.5, sampling, seed=2
+    )
+    for r in res:
+        gen = r["generated"][0]
+        assert len(gen) == len(set(gen)) and set(r["prompts"][0]) <= set(gen) and r["prompts"][0]
+        assert len(r["ranked"][0]) == 4 and not set(r["ranked"][0]) & set(r["prompts"][0])

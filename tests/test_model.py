@@ -263,3 +263,48 @@ def test_output_bias_starts_at_the_log_frequency_and_is_learned(parts, tmp_path)
     save_checkpoint(tmp_path / "ck", model, None, None, cfg, tok, {"epoch": 0})
     loaded = load_checkpoint(tmp_path / "ck")[0]
     assert torch.equal(loaded.output_bias, model.output_bias)
+
+
+def set_probabilities(model, tok, history, age=60.0, sex=0):
+    """P(next visit = S | history) for every non-empty code set S, teacher-forced through the training
+    forward: the visit written as `patient_format.hidden_visit_row` writes it, its codes and `</v>`."""
+    import itertools
+
+    import numpy as np
+
+    from promptehr.patient_format import arrange_visits, hidden_visit_row, pad_batch, with_closing_token
+
+    codes = range(tok.n_special, len(tok))
+    sets = [s for n in range(1, len(codes) + 1) for s in itertools.combinations(codes, n)]
+    rows = []
+    for s in sets:
+        visits = arrange_visits(tok, [np.array(v) for v in history] + [np.array(s)], np.random.default_rng(0))
+        rows.append(hidden_visit_row(tok, visits, len(visits) - 1))
+    batch = pad_batch(tok, *zip(*rows), [2] * len(rows), [age] * len(rows), [sex] * len(rows))
+    with torch.no_grad():
+        logp = model(**batch)["logits"].log_softmax(-1)
+    token = logp.gather(-1, batch["labels"].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return sets, (token * with_closing_token(batch["target_mask"])).sum(1).exp()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_an_ordered_vocabulary_gives_each_code_set_one_sequence_and_the_sets_a_distribution(seed):
+    """`model.visit_order: frequency`: the grammar admits one token order per code set, so the
+    teacher-forced probability of a visit's codes in id order is the probability of its code set, and
+    over all 31 non-empty sets of 5 codes they sum to 1 (an untrained model: nothing learned helps)."""
+    cfg = load_config(Path(__file__).resolve().parents[1] / "experiments" / "tiny.yaml")
+    patients = [type("P", (), {"visits": [[f"C{i}"] for i in range(5)]})()]
+    tok = DiagnosisCodeTokenizer.from_patients(patients, "frequency")
+    assert tok.ordered
+    torch.manual_seed(seed)
+    model = PromptBartWithDemographicPrediction(tok, cfg).eval()
+    history = [[tok.n_special + 1, tok.n_special + 3]]
+    sets, p = set_probabilities(model, tok, history)
+    assert len(sets) == 31 and p.min() > 0
+    assert float(p.sum()) == pytest.approx(1.0, abs=1e-4)
+    # the same model read as unordered (any order allowed) spreads a set's mass over its orders: the
+    # sorted sequences alone no longer hold it all
+    tok.ordered = False
+    model.grammar_ids["ordered"] = False
+    _, p_any = set_probabilities(model, tok, history)
+    assert float(p_any.sum()) < 0.9

@@ -20,10 +20,11 @@ from promptehr.patient_format import (
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 
 
-@pytest.fixture(scope="module")
-def split(cohort):
+@pytest.fixture(scope="module", params=["random", "frequency"])
+def split(cohort, request):
+    """(tokenizer, training patients), for each visit order (`model.visit_order`)."""
     train, val = split_patients(cohort, 0.2, 0)
-    return DiagnosisCodeTokenizer.from_patients(train), train
+    return DiagnosisCodeTokenizer.from_patients(train, request.param), train
 
 
 def loader(tok, patients, batch_size=32):
@@ -63,6 +64,8 @@ def reference_grammar_mask(labels, tok, vocab):
             allowed = set()
             if inside:
                 allowed = set(range(tok.n_special, vocab)) - {c for c in emitted if c >= tok.n_special}
+                if tok.ordered and emitted and emitted[-1] >= tok.n_special:  # only codes above the last one
+                    allowed -= set(range(emitted[-1] + 1))
                 if emitted:
                     allowed.add(tok.visit_close_id)
             else:
@@ -92,6 +95,12 @@ def test_grammar_mask_is_the_patient_format(split):
     first_code = labels[:, 1]
     assert mask[:, 2].gather(1, first_code.unsqueeze(1)).all()
     assert mask[:, 1, tok.visit_close_id].all()
+    if tok.ordered:  # rows write each visit in id order, and after code c every code up to c is banned
+        pairs = (labels[:, :-1] >= tok.n_special) & (labels[:, 1:] >= tok.n_special)
+        assert pairs.sum() > 50 and (labels[:, 1:] > labels[:, :-1])[pairs].all()
+        for b, c in enumerate(first_code.tolist()):
+            if c >= tok.n_special:
+                assert mask[b, 2, tok.n_special : c + 1].all() and not mask[b, 2, c + 1 :].all()
 
 
 def test_the_sampler_grammar_is_the_vectorised_grammar(split):
@@ -105,6 +114,8 @@ def test_the_sampler_grammar_is_the_vectorised_grammar(split):
         row = [t for t in row if t >= 0]
         opens = [i for i, t in enumerate(row) if t == tok.visit_open_id]
         for i in opens:  # write each visit from its first position, revealing nothing
+            if i + 1 == len(row):  # a next-visit row's labels end with the `<v>` of the visit after
+                continue
             grammar = VisitGrammar.start(tok, [[]], len(tok), max_codes=40, device="cpu")
             t = i + 1
             while True:
@@ -118,3 +129,29 @@ def test_the_sampler_grammar_is_the_vectorised_grammar(split):
                     break
                 t += 1
     assert checked > 100
+
+
+def test_an_ordered_visit_writes_its_revealed_codes_at_their_places():
+    """Ordered vocabulary, revealed codes r1 < r2: the next code lies above the last one written and at
+    or below the next revealed code; `</v>` waits for every revealed code; a revealed code written at its
+    place is not a new code."""
+    tok = DiagnosisCodeTokenizer([f"C{i:02d}" for i in range(12)], ordered=True)
+    s, close = tok.n_special, tok.visit_close_id
+    grammar = VisitGrammar.start(tok, [[s + 7, s + 3]], len(tok), max_codes=40, device="cpu")
+
+    def allowed():
+        return set(torch.nonzero(~grammar.banned()[0]).flatten().tolist())
+
+    assert allowed() == set(range(s, s + 4))  # up to r1 = s + 3, no `</v>` yet
+    assert grammar.advance(torch.tensor([s + 1])).tolist() == [True]
+    assert allowed() == {s + 2, s + 3}
+    assert grammar.advance(torch.tensor([s + 3])).tolist() == [False]  # r1: revealed, not new
+    assert allowed() == set(range(s + 4, s + 8))
+    grammar.advance(torch.tensor([s + 7]))
+    assert allowed() == set(range(s + 8, s + 12)) | {close}  # every revealed code written: may close
+    # a visit at max_codes must write its remaining revealed codes, then close
+    grammar = VisitGrammar.start(tok, [[s + 9]], len(tok), max_codes=2, device="cpu")
+    grammar.advance(torch.tensor([s + 2]))
+    assert allowed() == {s + 9}
+    grammar.advance(torch.tensor([s + 9]))
+    assert allowed() == {close}

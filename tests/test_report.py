@@ -46,7 +46,7 @@ class RecordingTracker(Tracker):
 @pytest.fixture(scope="module")
 def tiny(cohort):
     cfg = load_config(ROOT / "experiments" / "tiny.yaml")
-    tok = DiagnosisCodeTokenizer.from_patients(cohort[:400])
+    tok = DiagnosisCodeTokenizer.from_patients(cohort[:400], cfg.model.visit_order)
     torch.manual_seed(0)
     model = PromptBartWithDemographicPrediction(tok, cfg).eval()
     with torch.no_grad():  # an untrained model closes a visit only at 40 codes: make it ~8, as a trained one

@@ -340,7 +340,7 @@ def test_auto_never_picks_a_run_another_process_holds(tmp_path, caplog):
 
     cfg = tiny(tmp_path / "ck", "training.resume_from=auto")
     train_p, val_p = split_patients(load_patients(cfg.data)[0], cfg.data.val_fraction, cfg.data.split_seed)
-    tokenizer = DiagnosisCodeTokenizer.from_patients(train_p)
+    tokenizer = DiagnosisCodeTokenizer.from_patients(train_p, cfg.model.visit_order)
     fingerprint = split_fingerprint(train_p, val_p)
     run = tmp_path / "ck" / "untracked-live"
     save_checkpoint(

@@ -31,6 +31,7 @@ OVERRIDES = [  # every setting the numbers depend on, written out so a changed d
     "training.warmup_steps=10",
     "training.batch_size=16",
     "model.output_bias=false",
+    "model.visit_order=random",
     "model.tie_embeddings=true",
     "model.scale_embedding=false",
     "model.dropout=0.1",

@@ -38,3 +38,18 @@ def test_rejects_bad_vocabularies():
         DiagnosisCodeTokenizer(["4019", "<mask>"])
     with pytest.raises(ValueError, match="duplicates"):
         DiagnosisCodeTokenizer(["4019", "4019"])
+
+
+def test_a_frequency_ordered_vocabulary_numbers_codes_most_frequent_first_and_keeps_its_order(tmp_path):
+    patients = [Patient("a", 50, "M", [["4019", "0389"], ["V5861", "4019"]]), Patient("b", 3, "F", [["0389", "4019"]])]
+    tok = DiagnosisCodeTokenizer.from_patients(patients, "frequency")
+    assert tok.ordered and tok.codes == ["4019", "0389", "V5861"]  # 3, 2, 1 occurrences
+    tok.save(tmp_path / "vocab.json")
+    again = DiagnosisCodeTokenizer.load(tmp_path / "vocab.json")
+    assert again.ordered and again.codes == tok.codes
+    assert not DiagnosisCodeTokenizer.from_patients(patients).ordered  # the default: random order, alphabetical
+    with pytest.raises(ValueError, match="visit_order"):
+        DiagnosisCodeTokenizer.from_patients(patients, "alphabetical")
+    (tmp_path / "bad.json").write_text((tmp_path / "vocab.json").read_text().replace('"frequency"', '"sorted"'))
+    with pytest.raises(ValueError, match="bad.json: visit_order"):
+        DiagnosisCodeTokenizer.load(tmp_path / "bad.json")
