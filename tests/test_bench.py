@@ -283,6 +283,20 @@ def test_noisy_or_reference_learns_the_transition_cohort():
         fit = fitted if shrinkage == 0 else cohorts.noisy_or_em_estimate(model, train, 10, shrinkage)[0]
         share[shrinkage] = cohorts.gap_closed(exact, cohorts.model_nll(fit, heldout, cohorts.scored_events(train, heldout)))
     assert 0 < share[0.0] < share[8.0] < 1.05 and share[8.0] > 0.6, share
+    # the generic learner: the support is every pair the training patients show, no entry of T known
+    observed = cohorts.with_observed_support(model, train)
+    pairs = {
+        (j, model.code_index(c))
+        for p in train
+        for a, b in zip(p.visits, p.visits[1:])
+        for j in {model.code_index(x) for x in a}
+        for c in b
+    }
+    o_indptr, o_indices, _ = observed.transition
+    assert set(zip(np.repeat(np.arange(model.n_codes), np.diff(o_indptr)).tolist(), o_indices.tolist())) == pairs
+    generic = cohorts.noisy_or_em_estimate(observed, train, 10, 32.0)[0]
+    share["generic"] = cohorts.gap_closed(exact, cohorts.model_nll(generic, heldout, cohorts.scored_events(train, heldout)))
+    assert 0 < share["generic"] < share[8.0], share
 
 
 copying = load_bench("copying")
