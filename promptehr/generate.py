@@ -159,7 +159,9 @@ def generate_conditional_batch(model, tokenizer, patients, prompt_prob=0.5, samp
     true earlier visits, batched over patients (all visits of each). Each result holds "prompts",
     "generated" and "target" (lists of code lists per visit) and "ranked": per visit, the codes the model
     finds most likely to come next after the revealed ones (by the first sampled position's distribution;
-    revealed codes excluded), as many as the visit has codes, most likely first."""
+    revealed codes excluded), as many as the visit has codes, most likely first. With an ordered vocabulary
+    the first position is the visit's first code in id order, before the order's constraint: a guess
+    that favours frequent codes."""
     sampling = sampling or SamplingConfig()
     rng = np.random.default_rng(seed)
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
