@@ -59,7 +59,7 @@ from promptehr.resume import RunLock, config_differences, resume_checkpoint
 from promptehr.run_status import RunInterrupted, StopSignals, TrainingDiverged, TrainingPruned, end_run, outcome_of
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 from promptehr.tracking import Tracker
-from promptehr.validation import ValidationProtocol, copy_warning
+from promptehr.validation import ValidationProtocol, copy_warning, repeat_warning
 
 logger = logging.getLogger(__name__)
 
@@ -606,6 +606,10 @@ def finish(run: Run) -> None:
                 max_length=cfg.collator.max_length,
                 released_patients=tcfg.quality_report_released_patients,
             )
+    below_repeat = repeat_warning(s.best_metrics)
+    if below_repeat:
+        logger.warning(below_repeat)
+        run.tracker.set_tags({"promptehr.below_repeat": below_repeat})
     if run.best_dir.exists():  # a stop signal now waits: a half-registered model would be registered twice
         run.tracker.set_tags({f"best_{run.selection}": s.best_score, "best_epoch": s.best_metrics.get("epoch")})
         s.model_info = run.tracker.log_model(

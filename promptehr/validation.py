@@ -271,3 +271,16 @@ def copy_warning(metrics: dict, steps: int) -> str | None:
         f"a model that ignores the encoder scores (healthy runs: below {COPY_RATIO_LIMIT:.0%}); the model has not "
         "learned to copy what the encoder shows. Try a lower training.learning_rate or another training.seed"
     )
+
+
+def repeat_warning(metrics: dict) -> str | None:
+    """A one-line warning when a model (its validation `metrics`) predicts held-out next visits no better
+    than the repeat baseline ("the previous visit's codes, mixed with the next-visit prior"), else None."""
+    model, repeat = metrics.get("next_visit_nll", math.nan), metrics.get("next_visit_nll_repeat", math.nan)
+    if not (math.isfinite(model) and math.isfinite(repeat)) or model < repeat:
+        return None
+    return (
+        f"the best model predicts held-out next visits no better than repeating the previous visit: "
+        f"{model:.2f} nats per visit against the repeat baseline's {repeat:.2f} (val/next_visit_nll_repeat); "
+        "its synthetic next visits are no more realistic than that baseline's"
+    )

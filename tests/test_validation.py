@@ -346,3 +346,16 @@ def test_a_stuck_run_says_so_in_the_log_and_on_the_run(tmp_path, caplog):
     assert "after 6 epochs" not in caplog.text  # 720 steps: too early
     tags = mlflow.MlflowClient(uri).get_run(result["run_id"]).data.tags
     assert tags["promptehr.stuck"].startswith("epoch 7:")
+    # and its best model is no better than repeating the previous visit: said once, at the end
+    assert caplog.text.count("no better than repeating the previous visit") == 1
+    assert tags["promptehr.below_repeat"].startswith("the best model predicts held-out next visits no better")
+
+
+def test_repeat_warning_compares_the_model_with_the_repeat_baseline():
+    from promptehr.validation import repeat_warning
+
+    assert repeat_warning({"next_visit_nll": 50.0, "next_visit_nll_repeat": 54.1}) is None
+    said = repeat_warning({"next_visit_nll": 59.8, "next_visit_nll_repeat": 54.1})
+    assert "59.80 nats per visit against the repeat baseline's 54.10" in said
+    assert repeat_warning({"next_visit_nll": float("nan"), "next_visit_nll_repeat": 54.1}) is None  # nothing scored
+    assert repeat_warning({}) is None
