@@ -301,7 +301,8 @@ class VisitGrammar:
                 codes = torch.arange(vocab, device=visit_ban.device)
                 visit_ban |= (codes <= self.last.unsqueeze(1)) | (codes > nxt.unsqueeze(1))
             else:
-                visit_ban.scatter_(1, self.pending.clamp(max=vocab - 1), self.pending < vocab)
+                revealed = torch.zeros((visit_ban.shape[0], vocab + 1), dtype=torch.bool, device=visit_ban.device)
+                visit_ban |= revealed.scatter_(1, self.pending, True)[:, :vocab]  # padding lands in the extra column
             n_written = self.n_in_visit + left  # the revealed codes count toward max_codes
             visit_ban[:, close] = ~(self.in_visit & (self.n_in_visit > 0) & (left == 0))
         else:

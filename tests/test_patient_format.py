@@ -155,3 +155,14 @@ def test_an_ordered_visit_writes_its_revealed_codes_at_their_places():
     assert allowed() == {s + 9}
     grammar.advance(torch.tensor([s + 9]))
     assert allowed() == {close}
+
+
+def test_the_ranking_mask_of_an_ordered_visit_bans_every_revealed_code():
+    """`banned(ordered=False)` (what the ranked guess reads): every revealed code banned, the last id of
+    the vocabulary included when another row reveals more codes (padding must not unban it)."""
+    tok = DiagnosisCodeTokenizer([f"C{i:02d}" for i in range(12)], ordered=True)
+    s, last = tok.n_special, len(tok) - 1
+    grammar = VisitGrammar.start(tok, [[last], [last, s + 2, s + 4]], len(tok), max_codes=40, device="cpu")
+    banned = grammar.banned(ordered=False)
+    assert banned[0, last] and banned[1, [last, s + 2, s + 4]].all()
+    assert not banned[0, s:last].any() and not banned[1, s + 3]
