@@ -189,7 +189,7 @@ class EHRDataCollator:
     def build_row(self, visits: list[np.ndarray], task: int, k: int, rng: np.random.Generator, shuffle: bool = True):
         """One planned row: (encoder ids, label ids, first target label position or -1, task name)."""
         tok = self.tok
-        if (self.shuffle_codes or self.tok.ordered) and shuffle:
+        if self.shuffle_codes and not self.tok.ordered and shuffle:  # ordered: the dataset holds them sorted
             visits = arrange_visits(self.tok, visits, rng)
         name = TASK_TYPES[task]
         if k >= 0:
@@ -200,7 +200,7 @@ class EHRDataCollator:
     def rows_for_patient(self, visits: list[np.ndarray], rng: np.random.Generator):
         """Yield (encoder ids, label ids, first target label position or -1, task name) for every row
         of `plan_rows`; the codes of each visit are shuffled once for all of the patient's rows."""
-        if self.shuffle_codes or self.tok.ordered:
+        if self.shuffle_codes and not self.tok.ordered:  # ordered: the dataset holds them sorted
             visits = arrange_visits(self.tok, visits, rng)
         for task, k in self.plan_rows(len(visits), rng):
             yield self.build_row(visits, task, k, rng, shuffle=False)
