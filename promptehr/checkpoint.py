@@ -79,10 +79,12 @@ def save_checkpoint(
     tokenizer: DiagnosisCodeTokenizer,
     metadata: dict,
     loop_state: dict | None = None,
+    average: dict | None = None,
 ) -> Path:
     """Write a checkpoint folder crash-safely: into `<folder>.tmp`, then `folder` -> `<folder>.old`,
     `<folder>.tmp` -> `folder`, and `<folder>.old` removed. A crash at any point leaves `folder` or
-    `<folder>.old` complete (`newest_complete` finds it). `loop_state`: the loop's place in its epoch."""
+    `<folder>.old` complete (`newest_complete` finds it). `loop_state`: the loop's place in its epoch; `average`: the weight average's state
+    (`engine.WeightAverage.state_dict`)."""
     folder = Path(folder)
     tmp, old = _sibling(folder, ".tmp"), _sibling(folder, ".old")
     if tmp.exists():
@@ -96,6 +98,8 @@ def save_checkpoint(
         state["scheduler"] = scheduler.state_dict()
     if loop_state is not None:
         state["loop"] = loop_state
+    if average is not None:
+        state["average"] = average
     torch.save(state, tmp / "training_state.pt")
     saved = to_dict(cfg)
     saved["model"]["visit_order"] = tokenizer.visit_order  # what the vocabulary is (it decides the grammar)
@@ -227,11 +231,12 @@ def load_checkpoint(folder, device="cpu"):
     return model, tokenizer, cfg, read_metadata(folder)
 
 
-def load_training_state(folder, optimizer, scheduler) -> dict | None:
+def load_training_state(folder, optimizer, scheduler) -> tuple[dict | None, dict | None]:
     """Restore optimizer, scheduler and RNG states (safe loader: tensors and containers only); returns
-    the loop state saved with them (None for a checkpoint saved at the end of an epoch)."""
+    the loop state saved with them (None for a checkpoint saved at the end of an epoch) and the weight
+    average's state (None when the run kept none)."""
     state = torch.load(Path(folder) / "training_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
-    return state.get("loop")
+    return state.get("loop"), state.get("average")

@@ -98,6 +98,8 @@ class TrainingConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 1000
     max_grad_norm: float | None = 1.0  # gradient clipping norm (null: no clipping)
+    # exponential moving average of the weights (0: off): validation scores it, best_model keeps it
+    ema_decay: float = 0.999
     seed: int = 42  # model init, shuffling, corruption and dropout
     checkpoint_dir: str = "checkpoints"
     save_every_n_epochs: int = 10
@@ -427,6 +429,7 @@ def _value_rules() -> dict[str, tuple]:
         },
         "training.learning_rate": (lambda v: 0.0 < v < float("inf"), "> 0"),
         "training.weight_decay": _at_least(0),
+        "training.ema_decay": (lambda v: 0.0 <= v < 1.0, "0 <= value < 1 (0: off)"),
         "training.warmup_steps": _at_least(0),
         "training.max_grad_norm": (lambda v: v is None or 0.0 < v < float("inf"), "> 0, or null for no clipping"),
         "training.num_workers": _at_least(0),

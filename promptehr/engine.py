@@ -23,6 +23,7 @@ __all__ = [
     "LOSS_PARTS",
     "LogWindow",
     "ResumableBatches",
+    "WeightAverage",
     "autocast_context",
     "build_loader",
     "build_optimizer",
@@ -153,6 +154,49 @@ def training_step(model, step_model, batch, optimizer, scheduler, max_grad_norm,
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return losses
+
+
+class WeightAverage:
+    """An exponential moving average of a model's parameters (Polyak averaging): after step t,
+    average <- d_t * average + (1 - d_t) * weights with d_t = min(decay, (1 + t) / (10 + t)), so the
+    first steps are not held near the random initialisation. Validation scores the average and
+    best_model keeps it (`swapped_in`); checkpoints carry it (`state_dict`), so a resumed run
+    continues the same average."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.average = [p.detach().clone() for p in self.params]
+        self.steps = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - d)
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "average": [a.detach().cpu().clone() for a in self.average]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["average"]) != len(self.average):
+            raise ValueError(f"weight average of {len(state['average'])} tensors, the model has {len(self.average)}")
+        with torch.no_grad():
+            for a, saved in zip(self.average, state["average"]):
+                a.copy_(saved)
+        self.steps = int(state["steps"])
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The model holds the averaged weights inside the block, its own weights again after it."""
+        own = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self.average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, own)
 
 
 @dataclass

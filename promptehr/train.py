@@ -10,6 +10,7 @@ as it trains is a `RunState`; how the run ends (FINISHED, KILLED and resumable, 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -42,6 +43,7 @@ from promptehr.config import Config, ConfigError, check_config, flatten, to_yaml
 from promptehr.data import held_out_subject_ids, load_patients, split_fingerprint, split_for_training
 from promptehr.engine import (
     LogWindow,
+    WeightAverage,
     autocast_context,
     build_loader,
     build_optimizer,
@@ -216,6 +218,12 @@ class Run:
     run_id: str | None = None
     ckpt_dir: Path | None = None
     lock: RunLock | None = None
+    average: WeightAverage | None = None  # training.ema_decay > 0: the weights validation scores
+
+    def averaged_weights(self):
+        """Inside the block the model holds the weights validation scores and best_model keeps: the
+        weight average when the run keeps one, else its own."""
+        return self.average.swapped_in() if self.average is not None else contextlib.nullcontext()
 
     @property
     def selection(self) -> str:
@@ -266,6 +274,7 @@ class Run:
                 "demographics": split.demographics,
             },
             loop_state=None if window is None else {"window": window.state()},
+            average=None if self.average is None else self.average.state_dict(),
         )
 
     def result(self) -> dict:
@@ -377,6 +386,7 @@ def setup(cfg: Config, tracker: Tracker, stop: StopSignals) -> Run:
         collator=collator,
         state=RunState(),
         resume_from=resume_from,
+        average=WeightAverage(model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None,
     )
     if meta:
         restore(run, meta)
@@ -396,7 +406,14 @@ def restore(run: Run, meta: dict) -> None:
     """Weights, optimizer, schedule and `RunState` from the checkpoint the run resumes."""
     folder, s = run.resume_from, run.state
     load_model(run.model, str(folder / "model.safetensors"), device=str(run.device))
-    loop_state = load_training_state(folder, run.optimizer, run.scheduler) or {}
+    loop_state, average = load_training_state(folder, run.optimizer, run.scheduler)
+    loop_state = loop_state or {}
+    if run.average is not None:
+        if average is None:  # the checkpoint's run kept no average: start one from its weights
+            logger.warning("resume: %s holds no weight average; training.ema_decay starts one from its weights", folder)
+            run.average = WeightAverage(run.model, run.cfg.training.ema_decay)
+        else:
+            run.average.load_state_dict(average)
     s.window, s.rng = loop_state.get("window"), rng_state()
     (s.start_epoch, s.start_batch), s.global_step = position(meta), meta["global_step"]
     run.run_id, s.last_metrics = meta.get("run_id"), meta.get("metrics", {})
@@ -522,6 +539,8 @@ def step(run: Run, batch: dict, epoch: int, batch_number: int, window: LogWindow
             f"learning rate {lr:.3g}"
         )
         raise
+    if run.average is not None:
+        run.average.update()
     s.global_step += 1
     window.add(losses, batch["labels"].shape[0])
     if s.global_step % tcfg.log_every_n_steps == 0:
@@ -556,7 +575,16 @@ def end_epoch(run: Run, epoch: int, on_validate) -> None:
 
 def validate(run: Run, epoch: int, on_validate) -> None:
     """Score the protocol, log it (with a warning when the model has not learned to copy), log a few
-    synthetic patients, keep `best_model`, and let `on_validate` report or prune."""
+    synthetic patients, keep `best_model`, and let `on_validate` report or prune. With
+    `training.ema_decay` all of it sees the weight average (`Run.averaged_weights`)."""
+    with run.averaged_weights():
+        scored(run, epoch)
+    if on_validate is not None:
+        on_validate(epoch, run.state.last_metrics)
+
+
+def scored(run: Run, epoch: int) -> None:
+    """`validate` with the weights it scores in place."""
     s, tracker = run.state, run.tracker
     metrics = run.protocol.evaluate(run.step_model, run.device, run.autocast)
     metrics["epoch"] = epoch + 1
@@ -583,8 +611,6 @@ def validate(run: Run, epoch: int, on_validate) -> None:
     if metrics[run.selection] < s.best_score:
         s.best_score, s.best_metrics = metrics[run.selection], dict(metrics)
         run.checkpoint(run.best_dir, epoch, metrics)
-    if on_validate is not None:
-        on_validate(epoch, metrics)
 
 
 def finish(run: Run) -> None:

@@ -121,6 +121,7 @@ BAD_SETTINGS = [  # (override, what the one line must say)
     ("data.icd_versions=11", "data.icd_versions=11: must be one of 9, 10, both"),
     ("data.synthetic.generator=markov", "data.synthetic.generator=markov: must be one of"),
     ("model.visit_order=alphabetical", "model.visit_order=alphabetical: must be one of frequency, random"),
+    ("training.ema_decay=1.0", "training.ema_decay=1.0: must be 0 <= value < 1 (0: off)"),
     ("data.synthetic.n_patients=1", "data.synthetic.n_patients=1: must be >= 2"),
     ("collator.corruption_prob=1.5", "collator.corruption_prob=1.5: must be 0 <= value <= 1"),
     ("collator.lambda_poisson=0", "collator.lambda_poisson=0.0: must be > 0"),

@@ -29,6 +29,7 @@ OVERRIDES = [  # every setting the numbers depend on, written out so a changed d
     "training.seed=42",
     "training.learning_rate=1e-3",
     "training.warmup_steps=10",
+    "training.ema_decay=0.0",
     "training.batch_size=16",
     "model.output_bias=false",
     "model.visit_order=random",

@@ -1,5 +1,6 @@
 """The training recipe end to end: metrics, checkpoints, exact resume, MLflow run and registry."""
 
+import contextlib
 import json
 import math
 import os
@@ -20,6 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 class Interrupted(Exception):
     pass
+
+
+QUIET = ("validation.jaccard_patients=0", "training.quality_report=false")
 
 
 def tiny(tmp_path, *overrides):
@@ -110,9 +114,98 @@ def test_bf16_autocast_trains_like_fp32(tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
-def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
+def test_weight_average_math_and_swap():
+    """training.ema_decay: average <- d_t * average + (1 - d_t) * weights, d_t = min(d, (1+t)/(10+t));
+    `swapped_in` lends the model the average and gives its own weights back, even on an error."""
+    from promptehr.engine import WeightAverage
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    average = WeightAverage(model, 0.5)
+    expected = [p.detach().clone() for p in model.parameters()]
+    for t in range(1, 6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        average.update()
+        d = min(0.5, (1 + t) / (10 + t))
+        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, model.parameters())]
+    for a, e in zip(average.average, expected):
+        torch.testing.assert_close(a, e)
+    own = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError):
+        with average.swapped_in():
+            for p, e in zip(model.parameters(), expected):
+                torch.testing.assert_close(p.detach(), e)
+            raise RuntimeError
+    for p, o in zip(model.parameters(), own):
+        assert torch.equal(p.detach(), o)
+    again = WeightAverage(model, 0.5)
+    again.load_state_dict(average.state_dict())
+    assert again.steps == 5 and all(torch.equal(a, b) for a, b in zip(again.average, average.average))
+
+
+def test_best_model_keeps_the_weight_average_that_validation_scored(tmp_path):
+    """With training.ema_decay the checkpoints carry the average beside the raw weights; best_model
+    holds the average (what validation scored), and its validation metrics are the average's."""
+    from safetensors.torch import load_file
+
+    from promptehr.validation import ValidationProtocol
+
+    cfg = tiny(tmp_path, "training.num_epochs=1", "training.ema_decay=0.9", *QUIET)
+    result = train(cfg, Tracker())
+    run_dir = Path(result["checkpoint_dir"])
+    state = torch.load(run_dir / "last" / "training_state.pt", weights_only=True)
+    assert state["average"]["steps"] == result["global_step"]
+    raw = load_file(run_dir / "last" / "model.safetensors")
+    best = load_file(run_dir / "best_model" / "model.safetensors")
+    model, tok, _, _ = load_checkpoint(run_dir / "best_model")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    averaged = dict(zip(names, state["average"]["average"]))
+    assert any(not torch.equal(raw[n], best[n]) for n in names if n in raw)
+    for n in names:
+        if n in best:
+            assert torch.equal(best[n], averaged[n]), n
+    from promptehr.data import load_patients, split_patients
+
+    train_p, val_p = split_patients(load_patients(cfg.data)[0], cfg.data.val_fraction, cfg.data.split_seed)
+    again = ValidationProtocol(cfg, tok, train_p, val_p).evaluate(model, torch.device("cpu"), contextlib.nullcontext)
+    assert again["next_visit_nll"] == pytest.approx(result["best_metrics"]["next_visit_nll"], rel=1e-5)
+
+
+def test_resuming_a_checkpoint_without_a_weight_average_starts_one_with_a_warning(tmp_path, caplog):
+    """A checkpoint of a run that kept no average (training.ema_decay=0, or saved before the option)
+    resumes with the average started from its weights, and says so."""
+    common = ("training.save_every_n_epochs=1", *QUIET)
+
+    def stop_in_second(epoch, metrics):
+        if epoch == 1:
+            raise Interrupted
+
+    cfg = tiny(tmp_path, "training.num_epochs=2", "training.ema_decay=0.0", *common)
+    with pytest.raises(Interrupted):  # during epoch 2's validation: `last` is the end of epoch 1
+        train(cfg, Tracker(), on_validate=stop_in_second)
+    (last,) = Path(cfg.training.checkpoint_dir).glob("*/last")
+    assert "average" not in torch.load(last / "training_state.pt", weights_only=True)
+    caplog.set_level("WARNING", logger="promptehr.train")
+    resumed = train(
+        tiny(tmp_path, "training.num_epochs=2", "training.ema_decay=0.9", f"training.resume_from={last}", *common),
+        Tracker(),
+    )
+    assert "holds no weight average" in caplog.text
+    state = torch.load(Path(resumed["checkpoint_dir"]) / "last" / "training_state.pt", weights_only=True)
+    assert state["average"]["steps"] == resumed["global_step"] // 2  # started at the resume, half-way
+
+
+@pytest.mark.parametrize("ema", ["0.0", "0.9"])
+def test_resumed_run_matches_an_uninterrupted_one(ema, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    common = ("training.num_epochs=3", "training.save_every_n_epochs=1", "data.synthetic.n_patients=150")
+    common = (
+        "training.num_epochs=3",
+        "training.save_every_n_epochs=1",
+        "data.synthetic.n_patients=150",
+        f"training.ema_decay={ema}",
+    )
     full = train(tiny(tmp_path / "a", *common), MLflowTracker(uri, "resume-test", register_model=False))
 
     def stop_after_second(epoch, metrics):
