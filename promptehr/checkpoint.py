@@ -83,8 +83,8 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint folder crash-safely: into `<folder>.tmp`, then `folder` -> `<folder>.old`,
     `<folder>.tmp` -> `folder`, and `<folder>.old` removed. A crash at any point leaves `folder` or
-    `<folder>.old` complete (`newest_complete` finds it). `loop_state`: the loop's place in its epoch; `average`: the weight average's state
-    (`engine.WeightAverage.state_dict`)."""
+    `<folder>.old` complete (`newest_complete` finds it). `loop_state`: the loop's place in its epoch;
+    `average`: the weight average's state (`engine.WeightAverage.state_dict`)."""
     folder = Path(folder)
     tmp, old = _sibling(folder, ".tmp"), _sibling(folder, ".old")
     if tmp.exists():
