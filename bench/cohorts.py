@@ -113,7 +113,7 @@ def known_state_estimate(model: CohortModel, train, train_states, shrinkage: flo
     hits, seen = np.zeros_like(model.code_prob), np.zeros_like(model.code_prob)
     one_hot = np.eye(model.n_states)
     for patient, states in zip(train, train_states):
-        add_code_counts(model, patient, [model._visit_indices(v) for v in patient.visits], one_hot[states], hits, seen)
+        add_code_counts(model, patient, [model.visit_indices(v) for v in patient.visits], one_hot[states], hits, seen)
     rate = hits.sum(0) / np.maximum(seen.sum(0), 1.0)
     estimate = (hits + shrinkage * rate[None, :]) / (seen + shrinkage)
     code_prob = np.where(model.code_prob > 0, np.clip(estimate, 1e-9, 0.95), 0.0)  # the exact zeros stay zero
@@ -126,7 +126,7 @@ def em_estimate(model: CohortModel, train, n_states: int, iterations: int = 10, 
     code probabilities are learned; of `model` it keeps only the vocabulary, the age/sex code rules and the
     chronic codes' persistence. No state is age- or sex-specific."""
     S = n_states
-    index = [[model._visit_indices(v) for v in p.visits] for p in train]
+    index = [[model.visit_indices(v) for v in p.visits] for p in train]
     counts = np.zeros(model.n_codes)
     for visits in index:
         for idx in visits:

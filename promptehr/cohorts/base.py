@@ -22,6 +22,13 @@ def logsumexp(x: np.ndarray, axis=None) -> np.ndarray:
     return np.squeeze(out, axis=axis) if axis is not None else out.reshape(())[()]
 
 
+def visit_indices(index: dict, visit) -> np.ndarray | None:
+    """Sorted distinct vocabulary indices (`index`: code -> index) of `visit`, or None if a code is
+    outside the vocabulary."""
+    idx = {index.get(c, -1) for c in visit}
+    return None if -1 in idx else np.array(sorted(idx), dtype=np.int64)
+
+
 def demographic_key(age: float, sex: str) -> tuple[bool, bool, bool]:
     """The facts the code rules depend on: (female, newborn age, pregnancy age)."""
     return (sex == "F", age < NEWBORN_AGE_LIMIT, PREGNANCY_AGE_RANGE[0] <= age <= PREGNANCY_AGE_RANGE[1])

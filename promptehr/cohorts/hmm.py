@@ -48,6 +48,7 @@ from promptehr.cohorts.base import (
     key_from_bits,
     logsumexp,
     sample_categorical,
+    visit_indices,
 )
 from promptehr.schema import MAX_AGE, Patient
 from promptehr.validity import code_restriction
@@ -192,15 +193,9 @@ class CohortModel:
                 p[idx] = 1.0 - (1.0 - p[idx]) * (1.0 - self.persistence[idx])
         return p * self.allowed_mask(age, sex)
 
-    def _visit_indices(self, visit) -> np.ndarray | None:
+    def visit_indices(self, visit) -> np.ndarray | None:
         """Sorted distinct vocabulary indices of `visit`, or None if a code is outside the vocabulary."""
-        idx = set()
-        for c in visit:
-            i = self._index.get(c)
-            if i is None:
-                return None
-            idx.add(i)
-        return np.array(sorted(idx), dtype=np.int64)
+        return visit_indices(self._index, visit)
 
     def visit_log_prob(self, visit, state: int, age: float, sex: str, previous_visit=None) -> float:
         """log P(the visit's code set | state, age, sex, previous visit, the visit is non-empty).
@@ -208,7 +203,7 @@ class CohortModel:
         `visit` is treated as a set; an empty visit or one holding a code outside the vocabulary or
         forbidden for this age/sex has probability 0 (returns -inf)."""
         p = self.code_probs(state, age, sex, previous_visit)
-        idx = self._visit_indices(visit)
+        idx = self.visit_indices(visit)
         if idx is None or idx.size == 0 or not np.all(p[idx] > 0):
             return float("-inf")
         with np.errstate(divide="ignore"):
@@ -284,7 +279,7 @@ class CohortModel:
             else:
                 w = log_post + log_q  # P(z_{k-1}, visit k exists | history)
                 log_prior = logsumexp(w[:, None] + logT, axis=0) - logsumexp(w)
-            idx = self._visit_indices(patient.visits[k])
+            idx = self.visit_indices(patient.visits[k])
             ll = self._visit_loglik_states(idx, prev_idx, age, sex)
             joint = log_prior + ll
             out = float(logsumexp(joint))

@@ -49,6 +49,7 @@ from promptehr.cohorts.base import (
     key_from_bits,
     logsumexp,
     sample_categorical,
+    visit_indices,
 )
 from promptehr.cohorts.hmm import DEFAULT_MAX_VISITS
 from promptehr.cohorts.icd9 import STRUCTURE_SEED, Vocabulary, mimic_vocabulary, phenotype_weights, read_phenotypes
@@ -144,10 +145,9 @@ class TransitionModel:
         """(C,) 1.0 where `code_allowed(code, age, sex)`, else 0.0."""
         return self._key_mask(demographic_key(age, sex))
 
-    def _visit_indices(self, visit) -> np.ndarray | None:
+    def visit_indices(self, visit) -> np.ndarray | None:
         """Sorted distinct vocabulary indices of `visit`, or None if a code is outside the vocabulary."""
-        idx = {self._index.get(c, -1) for c in visit}
-        return None if -1 in idx else np.array(sorted(idx), dtype=np.int64)
+        return visit_indices(self._index, visit)
 
     def _targets(self, prev_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(position in prev_idx, target code, T value) of every stored entry of the rows `prev_idx`."""
@@ -227,7 +227,7 @@ class TransitionModel:
         out = np.full(len(patient.visits), np.nan)
         prev = None
         for k, visit in enumerate(patient.visits):
-            idx = self._visit_indices(visit)
+            idx = self.visit_indices(visit)
             if idx is None or idx.size == 0:
                 out[k] = -np.inf
             elif k == 0:
@@ -249,7 +249,7 @@ class TransitionModel:
 
     def continue_prob(self, visit, k: int) -> float:
         """P(another visit follows visit k, whose codes are `visit`) (before the max_visits cap)."""
-        idx = self._visit_indices(visit)
+        idx = self.visit_indices(visit)
         logit = self.continue_logit + self.continue_logit_later * (k >= 1) + self.continue_code_logit[idx].sum()
         return float(1.0 / (1.0 + np.exp(-logit)))
 
