@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from promptehr.validity import NEWBORN_AGE_LIMIT, PREGNANCY_AGE_RANGE
+from promptehr.validity import NEWBORN_AGE_LIMIT, PREGNANCY_AGE_RANGE, code_restriction
 
 N_DEMOGRAPHIC_KEYS = 8  # (female, newborn age, pregnancy age) as bits 4, 2, 1
 
@@ -20,13 +20,6 @@ def logsumexp(x: np.ndarray, axis=None) -> np.ndarray:
     with np.errstate(divide="ignore"):
         out = np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True)) + m
     return np.squeeze(out, axis=axis) if axis is not None else out.reshape(())[()]
-
-
-def visit_indices(index: dict, visit) -> np.ndarray | None:
-    """Sorted distinct vocabulary indices (`index`: code -> index) of `visit`, or None if a code is
-    outside the vocabulary."""
-    idx = {index.get(c, -1) for c in visit}
-    return None if -1 in idx else np.array(sorted(idx), dtype=np.int64)
 
 
 def demographic_key(age: float, sex: str) -> tuple[bool, bool, bool]:
@@ -90,3 +83,36 @@ def emit_visits(cur: np.ndarray, codes: np.ndarray, rng: np.random.Generator) ->
     names = codes[c[order]].tolist()
     ends = np.cumsum(cur.sum(1)).tolist()
     return [names[start:end] for start, end in zip([0, *ends[:-1]], ends)]
+
+
+class CodeLookup:
+    """What both cohort models do with their vocabulary `self.codes`: code -> index, and the codes a
+    patient's age and sex allow (`validity.code_restriction`, masks cached per demographic key).
+    A model calls `_index_codes()` once its codes are checked."""
+
+    def _index_codes(self) -> None:
+        self._index = {c: i for i, c in enumerate(self.codes)}
+        self._restriction = [code_restriction(c) for c in self.codes]
+        self._mask_cache = {}
+
+    @property
+    def n_codes(self) -> int:
+        return len(self.codes)
+
+    def code_index(self, code: str) -> int:
+        return self._index[code]
+
+    def visit_indices(self, visit) -> np.ndarray | None:
+        """Sorted distinct vocabulary indices of `visit`, or None if a code is outside the vocabulary."""
+        idx = {self._index.get(c, -1) for c in visit}
+        return None if -1 in idx else np.array(sorted(idx), dtype=np.int64)
+
+    def _key_mask(self, key: tuple[bool, bool, bool]) -> np.ndarray:
+        mask = self._mask_cache.get(key)
+        if mask is None:
+            mask = self._mask_cache[key] = allowed_for_key(self._restriction, key)
+        return mask
+
+    def allowed_mask(self, age: float, sex: str) -> np.ndarray:
+        """(C,) 1.0 where `code_allowed(code, age, sex)`, else 0.0."""
+        return self._key_mask(demographic_key(age, sex))

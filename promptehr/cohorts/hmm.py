@@ -39,7 +39,7 @@ import numpy as np
 
 from promptehr.cohorts.base import (
     N_DEMOGRAPHIC_KEYS,
-    allowed_for_key,
+    CodeLookup,
     demographic_key,
     demographic_keys,
     draw_demographics,
@@ -48,16 +48,14 @@ from promptehr.cohorts.base import (
     key_from_bits,
     logsumexp,
     sample_categorical,
-    visit_indices,
 )
 from promptehr.schema import MAX_AGE, Patient
-from promptehr.validity import code_restriction
 
 DEFAULT_MAX_VISITS = 20
 
 
 @dataclass
-class CohortModel:
+class CohortModel(CodeLookup):
     """A hidden-Markov patient model; see the module docstring for the generative process.
 
     S = len(state_names) hidden states, C = len(codes) codes. All arrays are float64.
@@ -89,7 +87,7 @@ class CohortModel:
     sample_block_rows: int = 8192  # patients per vectorised draw in `sample` (memory ~ rows x codes x 8 bytes
     # x a few); part of the draw sequence, so it is fixed per cohort
 
-    _index: dict[str, int] = field(init=False, repr=False)
+    _index: dict[str, int] = field(init=False, repr=False)  # CodeLookup's
     _restriction: list[str | None] = field(init=False, repr=False)
     _mask_cache: dict[tuple, np.ndarray] = field(init=False, repr=False)
     _emission_cache: dict[tuple, tuple] = field(init=False, repr=False)
@@ -121,9 +119,7 @@ class CohortModel:
                 raise ValueError(f"{name} must lie in [0, 1)")
         if self.max_visits < 1:
             raise ValueError("max_visits must be >= 1")
-        self._index = {c: i for i, c in enumerate(self.codes)}
-        self._restriction = [code_restriction(c) for c in self.codes]
-        self._mask_cache = {}
+        self._index_codes()
         self._emission_cache = {}
 
     # -- sizes and lookups --------------------------------------------------------------------
@@ -132,24 +128,7 @@ class CohortModel:
     def n_states(self) -> int:
         return len(self.state_names)
 
-    @property
-    def n_codes(self) -> int:
-        return len(self.codes)
-
-    def code_index(self, code: str) -> int:
-        return self._index[code]
-
     # -- demographics -------------------------------------------------------------------------
-
-    def _key_mask(self, key: tuple[bool, bool, bool]) -> np.ndarray:
-        mask = self._mask_cache.get(key)
-        if mask is None:
-            mask = self._mask_cache[key] = allowed_for_key(self._restriction, key)
-        return mask
-
-    def allowed_mask(self, age: float, sex: str) -> np.ndarray:
-        """(C,) 1.0 where `code_allowed(code, age, sex)`, else 0.0."""
-        return self._key_mask(demographic_key(age, sex))
 
     def eligible_states(self, age: float, sex: str) -> np.ndarray:
         """(S,) bool: states the patient can be in (age window and sex)."""
@@ -192,10 +171,6 @@ class CohortModel:
             if idx.size:
                 p[idx] = 1.0 - (1.0 - p[idx]) * (1.0 - self.persistence[idx])
         return p * self.allowed_mask(age, sex)
-
-    def visit_indices(self, visit) -> np.ndarray | None:
-        """Sorted distinct vocabulary indices of `visit`, or None if a code is outside the vocabulary."""
-        return visit_indices(self._index, visit)
 
     def visit_log_prob(self, visit, state: int, age: float, sex: str, previous_visit=None) -> float:
         """log P(the visit's code set | state, age, sex, previous visit, the visit is non-empty).

@@ -40,7 +40,7 @@ import numpy as np
 from promptehr.cohorts import small
 from promptehr.cohorts.base import (
     N_DEMOGRAPHIC_KEYS,
-    allowed_for_key,
+    CodeLookup,
     demographic_key,
     demographic_keys,
     draw_demographics,
@@ -49,16 +49,14 @@ from promptehr.cohorts.base import (
     key_from_bits,
     logsumexp,
     sample_categorical,
-    visit_indices,
 )
 from promptehr.cohorts.hmm import DEFAULT_MAX_VISITS
 from promptehr.cohorts.icd9 import STRUCTURE_SEED, Vocabulary, mimic_vocabulary, phenotype_weights, read_phenotypes
 from promptehr.schema import MAX_AGE, Patient
-from promptehr.validity import code_restriction
 
 
 @dataclass
-class TransitionModel:
+class TransitionModel(CodeLookup):
     """A first-order code-to-code patient model; see the module docstring. K profiles, C codes, B age bands."""
 
     codes: list[str]  # (C,)
@@ -88,8 +86,9 @@ class TransitionModel:
     age_beta_b: float = 1.6
     sample_block_rows: int = 1024  # patients per vectorised draw (memory ~ rows x codes x 8 bytes x a few)
 
-    _index: dict[str, int] = field(init=False, repr=False)
+    _index: dict[str, int] = field(init=False, repr=False)  # CodeLookup's
     _restriction: list[str | None] = field(init=False, repr=False)
+    _mask_cache: dict[tuple, np.ndarray] = field(init=False, repr=False)
     _cache: dict[tuple, object] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -115,39 +114,17 @@ class TransitionModel:
             raise ValueError("profile_sex needs one of None/'M'/'F' per profile")
         if np.any(np.diff(self.age_band_edges) <= 0) or self.max_visits < 1:
             raise ValueError("age_band_edges must increase and max_visits must be >= 1")
-        self._index = {c: i for i, c in enumerate(self.codes)}
-        self._restriction = [code_restriction(c) for c in self.codes]
+        self._index_codes()
         self._cache = {}
 
     # -- sizes and lookups --------------------------------------------------------------------
 
     @property
-    def n_codes(self) -> int:
-        return len(self.codes)
-
-    @property
     def n_profiles(self) -> int:
         return len(self.profile_names)
 
-    def code_index(self, code: str) -> int:
-        return self._index[code]
-
     def age_band(self, age: float) -> int:
         return int(np.searchsorted(self.age_band_edges, age, side="right"))
-
-    def _key_mask(self, key: tuple[bool, bool, bool]) -> np.ndarray:
-        mask = self._cache.get(("mask", key))
-        if mask is None:
-            mask = self._cache[("mask", key)] = allowed_for_key(self._restriction, key)
-        return mask
-
-    def allowed_mask(self, age: float, sex: str) -> np.ndarray:
-        """(C,) 1.0 where `code_allowed(code, age, sex)`, else 0.0."""
-        return self._key_mask(demographic_key(age, sex))
-
-    def visit_indices(self, visit) -> np.ndarray | None:
-        """Sorted distinct vocabulary indices of `visit`, or None if a code is outside the vocabulary."""
-        return visit_indices(self._index, visit)
 
     def _targets(self, prev_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(position in prev_idx, target code, T value) of every stored entry of the rows `prev_idx`."""
