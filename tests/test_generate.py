@@ -4,12 +4,6 @@ and the registered model's predict() and `mlflow models serve`."""
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from mlflow.exceptions import MlflowException
+from servers import clean_env, free_port, post_json, running, serve_command
 
 from promptehr.checkpoint import load_checkpoint, save_checkpoint
 from promptehr.config import load_config
@@ -365,12 +360,6 @@ def test_predict_honours_n_visits_row_seeds_and_params(pyfunc_model):
         pyfunc_model.predict(None, pd.DataFrame({"age": [30.0], "sex": ["X"]}))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_registered_model_predicts_and_serves(tmp_path):
     """Train and register a tiny model, predict through the registry, then `mlflow models serve` it."""
@@ -398,60 +387,21 @@ def test_registered_model_predicts_and_serves(tmp_path):
     )
     assert list(out["n_visits"]) == [2, 3] and [len(json.loads(v)) for v in out["visits"]] == [2, 3]
 
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["MLFLOW_TRACKING_URI"] = uri
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "models",
-            "serve",
-            "-m",
-            "models:/promptehr@champion",
-            "--env-manager",
-            "local",
-            "-p",
-            str(port),
-            "-h",
-            "127.0.0.1",
-        ],
+    port = free_port()
+    body = {"dataframe_split": {"columns": ["age", "sex"], "data": [[70, "M"], [30, "F"]]}, "params": {"seed": 1}}
+    with running(
+        serve_command("models:/promptehr@champion", port),
+        f"http://127.0.0.1:{port}/ping",
+        tmp_path / "serve.log",
+        timeout=150,
         cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "serve.log", "w"),
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 150
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.time() < deadline, "server did not answer /ping in time"
-            time.sleep(1)
-        body = {"dataframe_split": {"columns": ["age", "sex"], "data": [[70, "M"], [30, "F"]]}, "params": {"seed": 1}}
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=120) as r:
-            answer = json.loads(r.read())
-        rows = answer["predictions"]
-        assert len(rows) == 2 and [r["sex"] for r in rows] == ["M", "F"]
-        assert all(r["n_visits"] >= 1 and len(json.loads(r["visits"])) == r["n_visits"] for r in rows)
-    finally:
-        os.killpg(server.pid, 15)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, 9)
+        env=clean_env(MLFLOW_TRACKING_URI=uri),
+    ):
+        status, text = post_json(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(), timeout=120)
+    assert status == 200, text[-3000:]
+    rows = json.loads(text)["predictions"]
+    assert len(rows) == 2 and [r["sex"] for r in rows] == ["M", "F"]
+    assert all(r["n_visits"] >= 1 and len(json.loads(r["visits"])) == r["n_visits"] for r in rows)
 
 
 def test_an_ordered_vocabulary_samples_visits_in_id_order_holding_every_revealed_code():
