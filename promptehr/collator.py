@@ -186,10 +186,16 @@ class EHRDataCollator:
             rows.append((TASK_ID["first_visit"], 0))
         return rows
 
+    @property
+    def shuffles(self) -> bool:
+        """Whether rows shuffle a visit's codes: `shuffle_codes` with a random-order vocabulary (an
+        ordered one's visits are held sorted by the dataset)."""
+        return self.shuffle_codes and not self.tok.ordered
+
     def build_row(self, visits: list[np.ndarray], task: int, k: int, rng: np.random.Generator, shuffle: bool = True):
         """One planned row: (encoder ids, label ids, first target label position or -1, task name)."""
         tok = self.tok
-        if self.shuffle_codes and not self.tok.ordered and shuffle:  # ordered: the dataset holds them sorted
+        if shuffle and self.shuffles:
             visits = arrange_visits(self.tok, visits, rng)
         name = TASK_TYPES[task]
         if k >= 0:
@@ -200,7 +206,7 @@ class EHRDataCollator:
     def rows_for_patient(self, visits: list[np.ndarray], rng: np.random.Generator):
         """Yield (encoder ids, label ids, first target label position or -1, task name) for every row
         of `plan_rows`; the codes of each visit are shuffled once for all of the patient's rows."""
-        if self.shuffle_codes and not self.tok.ordered:  # ordered: the dataset holds them sorted
+        if self.shuffles:
             visits = arrange_visits(self.tok, visits, rng)
         for task, k in self.plan_rows(len(visits), rng):
             yield self.build_row(visits, task, k, rng, shuffle=False)
