@@ -176,7 +176,7 @@ class WeightAverage:
         torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - d)
 
     def state_dict(self) -> dict:
-        return {"steps": self.steps, "average": [a.detach().cpu().clone() for a in self.average]}
+        return {"steps": self.steps, "average": [a.detach().to("cpu", copy=True) for a in self.average]}
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["average"]) != len(self.average):
