@@ -16,17 +16,22 @@ KV cache, each row's true positions), so nothing outside this module reaches int
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import BartConfig, BartForConditionalGeneration
-from transformers.models.bart.modeling_bart import shift_tokens_right
+from transformers.models.bart.modeling_bart import BartDecoder, shift_tokens_right
 
 from promptehr.patient_format import BANNED_LOGIT, grammar_mask, grammar_token_ids, with_closing_token
 from promptehr.schema import MAX_AGE, SEXES
 from promptehr.tokenizer import DiagnosisCodeTokenizer
+
+# transformers 5 calls the decoder's key/value cache `cache` (argument and output field); 4.x called it
+# `past_key_values`, which 5.x still accepts with a FutureWarning until its removal.
+_CACHE = "cache" if "cache" in inspect.signature(BartDecoder.forward).parameters else "past_key_values"
 
 N_PROMPTS = 2  # age, sex
 
@@ -152,7 +157,7 @@ class PromptBartWithDemographicPrediction(nn.Module):
         )
         lengths = decoder_attention_mask.sum(1) + N_PROMPTS  # each row's true length, prompts included
         last = out.last_hidden_state[torch.arange(n, device=hidden.device), lengths - 1]
-        state = DecodeState(hidden, hidden_mask, out.past_key_values, attn, lengths, attn.shape[1])
+        state = DecodeState(hidden, hidden_mask, getattr(out, _CACHE), attn, lengths, attn.shape[1])
         return self.lm_logits(last).float(), state
 
     @torch.no_grad()
@@ -170,10 +175,10 @@ class PromptBartWithDemographicPrediction(nn.Module):
             attention_mask=state.attn,
             encoder_hidden_states=state.hidden,
             encoder_attention_mask=state.hidden_mask,
-            past_key_values=state.past,
             use_cache=True,
+            **{_CACHE: state.past},
         )
-        state.past = out.past_key_values
+        state.past = getattr(out, _CACHE)
         state.step += 1
         return self.lm_logits(out.last_hidden_state[:, -1]).float()
 
