@@ -25,12 +25,15 @@ Prints mean NLL (nats per visit) +- standard error, ratios to the optimum, model
 the share of the gap between the next-visit prior and the optimum the model closes (patient-bootstrap
 95% intervals), on the held-out split and on `--fresh-patients` (5,000) new cohort patients: the
 configs were chosen on the held-out split, so the fresh-patient headline is the figure that counts.
-Visits holding a code outside the training vocabulary are left out of every estimator (counted).
+Visits holding a code outside the training vocabulary are left out of every estimator (counted). A
+history longer than the model's rows (`collator.max_length` tokens) loses its earliest visits for (a),
+as `EHRPatientDataset` trims a training patient (counted); (b) and (c) keep it.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import sys
@@ -93,22 +96,46 @@ def scored_batch(tok, rows) -> tuple[dict, torch.Tensor]:
     return batch, with_closing_token(batch["target_mask"])
 
 
+def history_start(visits, k: int, max_length: int) -> int:
+    """The first visit of the history the model can hold in the row hiding visit k: the earliest visits
+    go, as `EHRPatientDataset` trims a patient, until `<s>`, visits start..k and `</s>` fit `max_length`
+    tokens (0 when the whole history fits)."""
+    budget = max_length - 2
+    start, tokens = 0, sum(len(v) + 2 for v in visits[: k + 1])
+    while tokens > budget and start < k:
+        tokens -= len(visits[start]) + 2
+        start += 1
+    if tokens > budget:
+        raise ValueError(f"a visit of {len(visits[k])} codes does not fit a row of collator.max_length={max_length} tokens")
+    return start
+
+
 @torch.no_grad()
 def model_visit_nll(
-    model, tok, patients, events, orders: int = 4, seed: int = 0, batch_size: int = 128, device="cpu"
+    model,
+    tok,
+    patients,
+    events,
+    orders: int = 4,
+    seed: int = 0,
+    batch_size: int = 128,
+    device="cpu",
+    max_length: int = 512,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per event: (mean over `orders` random code orders of the sequence NLL minus log n!,
-    -log(mean of the order probabilities) - log n!). Histories are shuffled too (teacher-forced).
-    An ordered vocabulary: both are the exact set NLL of the visit written in id order."""
+    -log(mean of the order probabilities) - log n!). Histories are shuffled too (teacher-forced) and
+    hold the latest visits that fit `max_length` (`history_start`). An ordered vocabulary: both are the
+    exact set NLL of the visit written in id order."""
     rng = np.random.default_rng(seed)
     orders = 1 if tok.ordered else orders
     rows = []  # (encoder ids, label ids, first code position, age, sex id), `orders` per event
     for i, k in events:
         p = patients[i]
         ids = [np.array([tok.token_to_id.get(c, tok.unk_token_id) for c in v], dtype=np.int64) for v in p.visits]
+        start = history_start(ids, k, max_length)
         for _ in range(orders):
-            visits = arrange_visits(tok, ids[: k + 1], rng) + ids[k + 1 :]  # later visits: only their count matters
-            rows.append((*hidden_visit_row(tok, visits, k), p.age, SEXES.index(p.sex)))
+            visits = arrange_visits(tok, ids[start : k + 1], rng) + ids[k + 1 :]  # later visits: only their count matters
+            rows.append((*hidden_visit_row(tok, visits, k - start), p.age, SEXES.index(p.sex)))
     nll = np.zeros(len(rows))
     for s in range(0, len(rows), batch_size):
         batch, scored = scored_batch(tok, rows[s : s + batch_size])
@@ -170,14 +197,20 @@ def bootstrap(groups, columns, statistic, n_boot=2000, seed=0) -> tuple[float, f
     return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
 
 
-def score(model, tokenizer, train_patients, eval_patients, orders, seed, device="cpu", first=False, *, cohort) -> dict:
+def score(
+    model, tokenizer, train_patients, eval_patients, orders, seed, device="cpu", first=False, *, cohort, max_length
+) -> dict:
     """All estimators on the next visits of `eval_patients` (with `first`: on their first visits, the
     baselines then fitted on training first visits, where "repeat" equals the prior); per-event arrays.
-    `cohort`: the generator of the data, whose exact next-visit likelihood is the optimum."""
+    `cohort`: the generator of the data, whose exact next-visit likelihood is the optimum; `max_length`:
+    the model's row length (`collator.max_length`), which bounds the history it is scored with."""
     events, skipped = next_visit_events(eval_patients, tokenizer, first)
     if not events:
         raise ValueError("no held-out patient has 2+ visits")
-    model_nll, model_tight = model_visit_nll(model, tokenizer, eval_patients, events, orders, seed, device=device)
+    model_nll, model_tight = model_visit_nll(
+        model, tokenizer, eval_patients, events, orders, seed, device=device, max_length=max_length
+    )
+    trimmed = sum(history_start(eval_patients[i].visits, k, max_length) > 0 for i, k in events)
     index = {c: j for j, c in enumerate(tokenizer.codes)}
     fitted = NextVisitBaselines.fit(train_patients, tokenizer.codes, first=first)
     pairs = VisitPairs.from_visits(
@@ -196,6 +229,7 @@ def score(model, tokenizer, train_patients, eval_patients, orders, seed, device=
     return {
         "events": events,
         "skipped": skipped,
+        "trimmed": trimmed,
         "repeat_weight": fitted.repeat_weight,
         "model": model_nll,
         "model_tight": model_tight,
@@ -216,6 +250,11 @@ def report(title: str, s: dict, orders: int) -> dict:
     print(
         f"\n{title}: {len(s['events'])} visits of {n_pat} patients, "
         f"{s['n_codes'].mean():.2f} codes per visit; {s['skipped']} visits with an unknown code left out"
+        + (
+            f"; {s['trimmed']} scored with only the latest visits of a history longer than the model's rows"
+            if s["trimmed"]
+            else ""
+        )
     )
     print(f"{'estimator':<52} {'NLL nats/visit':>16} {'/ optimum':>10}")
     if s["ordered"]:
@@ -266,7 +305,15 @@ def report(title: str, s: dict, orders: int) -> dict:
 
 @torch.no_grad()
 def first_code_persistence(
-    model, tok, cohort_model, patients, events, samples: int = 400, seed: int = 0, batch_size: int = 64
+    model,
+    tok,
+    cohort_model,
+    patients,
+    events,
+    samples: int = 400,
+    seed: int = 0,
+    batch_size: int = 64,
+    max_length: int = 512,
 ) -> dict[str, float]:
     """What the model and the optimum predict for the FIRST code of next visit k (random order).
 
@@ -282,7 +329,8 @@ def first_code_persistence(
     for i, k in events:
         p = patients[i]
         ids = [np.array([tok.token_to_id.get(c, tok.unk_token_id) for c in v], dtype=np.int64) for v in p.visits]
-        rows.append((*hidden_visit_row(tok, ids, k), p.age, SEXES.index(p.sex)))
+        start = history_start(ids, k, max_length)
+        rows.append((*hidden_visit_row(tok, ids[start:], k - start), p.age, SEXES.index(p.sex)))
     out = {"model_chronic": [], "optimum_chronic": [], "model_acute": [], "optimum_acute": [], "kl": []}
     for s in range(0, len(rows), batch_size):
         batch, _ = scored_batch(tok, rows[s : s + batch_size])
@@ -388,7 +436,17 @@ def main(argv=None) -> int:
     train_patients, val_patients = split_patients(patients, cfg.data.val_fraction, cfg.data.split_seed)
     t = time.perf_counter()
     cohort = cohort_model_for(cfg.data)  # the generator of data.synthetic.generator: the exact optimum
-    s = score(model, tokenizer, train_patients, val_patients, args.orders, args.seed, cohort=cohort)
+    scored = functools.partial(
+        score,
+        model,
+        tokenizer,
+        train_patients,
+        orders=args.orders,
+        seed=args.seed,
+        cohort=cohort,
+        max_length=cfg.collator.max_length,
+    )  # the estimators on the next visits (or first visits) of a set of patients
+    s = scored(val_patients)
     m = meta.get("metrics", {})
     print(f"\nconfig {args.checkpoint or args.config} {' '.join(overrides)}")
     print(
@@ -407,12 +465,12 @@ def main(argv=None) -> int:
     if args.diagnose:
         report(
             "held-out patients, FIRST visits k = 0 given demographics (repeat = prior)",
-            score(model, tokenizer, train_patients, val_patients, args.orders, args.seed, first=True, cohort=cohort),
+            scored(val_patients, first=True),
             args.orders,
         )
         report(
             "TRAINING patients (in-sample), next visits k >= 1",
-            score(model, tokenizer, train_patients, train_patients, args.orders, args.seed, cohort=cohort),
+            scored(train_patients),
             args.orders,
         )
         events, _ = next_visit_events(val_patients, tokenizer)
@@ -428,7 +486,9 @@ def main(argv=None) -> int:
                 f"{cfg.data.synthetic.generator} (it needs the hidden states of an HMM cohort: hmm or small)"
             )
         else:
-            d = first_code_persistence(model, tokenizer, cohort, val_patients, events, seed=args.seed)
+            d = first_code_persistence(
+                model, tokenizer, cohort, val_patients, events, seed=args.seed, max_length=cfg.collator.max_length
+            )
             print(
                 f"\nfirst code of {len(events)} held-out next visits (random order), model vs optimum (400 posterior "
                 f"draws each):\n  mass on the previous visit's chronic codes {d['model_chronic']:.3f} vs "
@@ -440,7 +500,7 @@ def main(argv=None) -> int:
         h = report(
             f"{args.fresh_patients} FRESH patients from the cohort model, next visits k >= 1 (the figure "
             "that counts: the config was not chosen on them)",
-            score(model, tokenizer, train_patients, fresh, args.orders, args.seed, cohort=cohort),
+            scored(fresh),
             args.orders,
         )
         print(

@@ -3,6 +3,7 @@ print are only as good as these pieces."""
 
 import importlib.util
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,27 @@ def test_model_nll_bounds_and_optimum_are_finite(small):
     # an untrained model is far from the optimum: ~log(vocab) nats per code
     optimum = quality.optimum_visit_nll(cohort_model("small"), patients, events[:10])
     assert np.all(optimum > 0) and mean_order.mean() > optimum.mean() + 5
+
+
+def test_a_history_longer_than_the_models_rows_is_scored_on_its_latest_visits(small):
+    """A patient whose history does not fit `collator.max_length` is scored as training sees it: its
+    earliest visits dropped (without that, BART's position table overflows); the optimum keeps it all."""
+    patients, tok = small
+    cfg = load_config(ROOT / "experiments" / "tiny.yaml")
+    torch.manual_seed(0)
+    model = PromptBartWithDemographicPrediction(tok, cfg).eval()
+    long = replace(patients[0], visits=[v for p in patients for v in p.visits])
+    k = len(long.visits) - 1
+    assert sum(len(v) + 2 for v in long.visits) > cfg.model.max_position_embeddings  # would overflow
+    start = quality.history_start(long.visits, k, cfg.collator.max_length)
+    assert start > 0 and sum(len(v) + 2 for v in long.visits[start:]) <= cfg.collator.max_length - 2
+    assert sum(len(v) + 2 for v in long.visits[start - 1 :]) > cfg.collator.max_length - 2  # no more dropped than needed
+    latest = replace(long, visits=long.visits[start:])
+    with torch.no_grad():
+        got, _ = quality.model_visit_nll(model, tok, [long], [(0, k)], orders=1, max_length=cfg.collator.max_length)
+        want, _ = quality.model_visit_nll(model, tok, [latest], [(0, k - start)], orders=1)
+    assert np.isfinite(got[0]) and got[0] == pytest.approx(want[0], rel=1e-5)
+    assert quality.history_start(long.visits, 1, cfg.collator.max_length) == 0  # a short history is kept whole
 
 
 def test_flop_formula_matches_torch_flop_counter(small):
