@@ -418,7 +418,7 @@ def main(argv=None) -> int:
 
     overrides = ["training.quality_report=false", *overrides_of(args)]  # train()'s cohort report: not needed here
     tmp = None
-    wall = float("nan")
+    wall = None  # scoring a trained checkpoint
     if args.checkpoint:
         folder = Path(args.checkpoint)
     else:
@@ -450,7 +450,8 @@ def main(argv=None) -> int:
     m = meta.get("metrics", {})
     print(f"\nconfig {args.checkpoint or args.config} {' '.join(overrides)}")
     print(
-        f"training wall time {wall / 60:.1f} min; best checkpoint epoch {meta.get('epoch', -1) + 1}, "
+        (f"training wall time {wall / 60:.1f} min; " if wall is not None else "a trained checkpoint; ")
+        + f"best checkpoint epoch {meta.get('epoch', -1) + 1}, "
         f"step {meta.get('global_step')}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
     )
     get = lambda key: m.get(key, float("nan"))  # noqa: E731
