@@ -52,7 +52,13 @@ from promptehr.cohorts import CohortModel, cohort_model_for
 from promptehr.collator import TASK_ID
 from promptehr.config import load_config
 from promptehr.data import load_patients, split_patients
-from promptehr.patient_format import arrange_visits, hidden_visit_row, pad_batch, with_closing_token
+from promptehr.patient_format import (
+    arrange_visits,
+    first_fitting_visit,
+    hidden_visit_row,
+    pad_batch,
+    with_closing_token,
+)
 from promptehr.schema import SEXES
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 
@@ -100,14 +106,9 @@ def history_start(visits, k: int, max_length: int) -> int:
     """The first visit of the history the model can hold in the row hiding visit k: the earliest visits
     go, as `EHRPatientDataset` trims a patient, until `<s>`, visits start..k and `</s>` fit `max_length`
     tokens (0 when the whole history fits)."""
-    budget = max_length - 2
-    start, tokens = 0, sum(len(v) + 2 for v in visits[: k + 1])
-    while tokens > budget and start < k:
-        tokens -= len(visits[start]) + 2
-        start += 1
-    if tokens > budget:
+    if len(visits[k]) + 4 > max_length:  # <s> <v> codes </v> </s>
         raise ValueError(f"a visit of {len(visits[k])} codes does not fit a row of collator.max_length={max_length} tokens")
-    return start
+    return first_fitting_visit(visits[: k + 1], max_length)
 
 
 @torch.no_grad()

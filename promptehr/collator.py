@@ -24,7 +24,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from promptehr.patient_format import arrange_visits, hidden_visit_row, pad_batch, row_lengths, whole_patient_row
+from promptehr.patient_format import (
+    arrange_visits,
+    first_fitting_visit,
+    hidden_visit_row,
+    pad_batch,
+    row_lengths,
+    whole_patient_row,
+)
 from promptehr.schema import SEXES, Patient
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 
@@ -60,11 +67,11 @@ class EHRPatientDataset(Dataset):
                     self.report["codes_truncated"] += len(ids) + 2 - budget
                     ids = ids[: budget - 2]
                 visits.append(ids)
-            while sum(len(v) + 2 for v in visits) > budget:
-                visits.pop(0)
-                self.report["visits_truncated"] += 1
             if not visits:
                 raise ValueError(f"patient #{i} has no visits")
+            start = first_fitting_visit(visits, max_length)  # every visit fits alone (codes truncated above)
+            visits = visits[start:]
+            self.report["visits_truncated"] += start
             if tokenizer.ordered:  # the one order the grammar admits (`patient_format`)
                 visits = [np.sort(v) for v in visits]
             self.visits.append(visits)

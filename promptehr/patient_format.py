@@ -72,6 +72,17 @@ def hidden_visit_row(tok, visits, k: int) -> tuple[np.ndarray, np.ndarray, int]:
     return enc, labels, sum(len(v) + 2 for v in visits[:k]) + 1
 
 
+def first_fitting_visit(visits, max_length: int) -> int:
+    """How many of the earliest visits a row of `max_length` tokens must drop so that `<s>`, the rest
+    (`<v> codes </v>` each) and `</s>` fit; the last visit is never dropped (it may still not fit)."""
+    tokens = sum(len(v) + 2 for v in visits) + 2
+    start = 0
+    while tokens > max_length and start < len(visits) - 1:
+        tokens -= len(visits[start]) + 2
+        start += 1
+    return start
+
+
 def row_lengths(visit_lengths: np.ndarray, k: int) -> tuple[int, int]:
     """(encoder, label) length of a whole-patient row (k < 0) or of the row hiding visit k, from its
     visits' code counts (before corruption)."""
