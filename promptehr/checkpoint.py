@@ -7,6 +7,7 @@
     vocab.json          the tokenizer's codes
     metadata.json       epoch, position in it, run state, metrics, best score, seed, versions, run id
 A folder is replaced by renames only, so a complete checkpoint exists at every instant (`newest_complete`).
+Generation needs only `MODEL_FILES` (a logged MLflow model carries no training_state.pt); a resume needs all.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from promptehr.tokenizer import DiagnosisCodeTokenizer
 
 logger = logging.getLogger(__name__)
 
-FILES = ("model.safetensors", "training_state.pt", "config.yaml", "vocab.json", "metadata.json")
+MODEL_FILES = ("model.safetensors", "config.yaml", "vocab.json", "metadata.json")  # what generation loads
+FILES = (*MODEL_FILES, "training_state.pt")  # what training resumes from
 
 
 def git_commit() -> str | None:
@@ -203,11 +205,11 @@ def load_config_from_checkpoint(folder) -> Config:
     return config_from_dict(migrate_legacy_keys(yaml.safe_load(path.read_text())), str(path))
 
 
-def check_folder(folder) -> Path:
+def check_folder(folder, files=FILES) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {folder}")
-    missing = [f for f in FILES if not (folder / f).exists()]
+    missing = [f for f in files if not (folder / f).exists()]
     if missing:
         raise FileNotFoundError(f"{folder} is not a promptehr checkpoint: missing {', '.join(missing)}")
     return folder
@@ -217,7 +219,7 @@ def load_checkpoint(folder, device="cpu"):
     """(model in eval mode, tokenizer, config, metadata) from a checkpoint folder."""
     from promptehr.model import PromptBartWithDemographicPrediction
 
-    folder = check_folder(folder)
+    folder = check_folder(folder, MODEL_FILES)
     cfg = load_config_from_checkpoint(folder)
     tokenizer = DiagnosisCodeTokenizer.load(folder / "vocab.json")
     if tokenizer.visit_order != cfg.model.visit_order:

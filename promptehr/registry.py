@@ -54,18 +54,31 @@ def pyfunc_signature():
 
 
 def log_pyfunc_model(checkpoint_dir: str, registered_model_name: str | None):
-    """Log `checkpoint_dir` as an `mlflow.pyfunc` model from code (`pyfunc_model.py`)."""
+    """Log `checkpoint_dir` as an `mlflow.pyfunc` model from code (`pyfunc_model.py`). The model carries
+    the checkpoint's `MODEL_FILES` only: the optimizer state and weight average of training_state.pt
+    (three times the weights) serve a resume, not generation."""
+    import shutil
+    import tempfile
+
     import mlflow
 
-    return mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(PYFUNC_CODE),
-        artifacts={"checkpoint": str(checkpoint_dir)},
-        signature=pyfunc_signature(),
-        registered_model_name=registered_model_name,
-        code_paths=[str(Path(__file__).parent)],
-        pip_requirements=_requirements(),
-    )
+    from promptehr.checkpoint import MODEL_FILES, check_folder
+
+    source = check_folder(checkpoint_dir, MODEL_FILES)
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / source.name
+        staged.mkdir()
+        for name in MODEL_FILES:
+            shutil.copy2(source / name, staged / name)
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PYFUNC_CODE),
+            artifacts={"checkpoint": str(staged)},
+            signature=pyfunc_signature(),
+            registered_model_name=registered_model_name,
+            code_paths=[str(Path(__file__).parent)],
+            pip_requirements=_requirements(),
+        )
 
 
 def download_model_checkpoint(model_uri: str, dst_path: str | None = None, tracking_uri: str | None = None) -> Path:

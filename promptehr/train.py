@@ -274,7 +274,8 @@ class Run:
                 "demographics": split.demographics,
             },
             loop_state=None if window is None else {"window": window.state()},
-            average=None if self.average is None else self.average.state_dict(),
+            # best_model's weights ARE the average (saved inside `averaged_weights`): not a second copy
+            average=None if self.average is None or folder == self.best_dir else self.average.state_dict(),
         )
 
     def result(self) -> dict:

@@ -147,7 +147,8 @@ def test_weight_average_math_and_swap():
 
 def test_best_model_keeps_the_weight_average_that_validation_scored(tmp_path):
     """With training.ema_decay the checkpoints carry the average beside the raw weights; best_model
-    holds the average (what validation scored), and its validation metrics are the average's."""
+    holds the average (what validation scored) as its weights, not a second time beside them, and its
+    validation metrics are the average's."""
     from safetensors.torch import load_file
 
     from promptehr.validation import ValidationProtocol
@@ -157,6 +158,7 @@ def test_best_model_keeps_the_weight_average_that_validation_scored(tmp_path):
     run_dir = Path(result["checkpoint_dir"])
     state = torch.load(run_dir / "last" / "training_state.pt", weights_only=True)
     assert state["average"]["steps"] == result["global_step"]
+    assert "average" not in torch.load(run_dir / "best_model" / "training_state.pt", weights_only=True)  # no 2nd copy
     raw = load_file(run_dir / "last" / "model.safetensors")
     best = load_file(run_dir / "best_model" / "model.safetensors")
     model, tok, _, _ = load_checkpoint(run_dir / "best_model")
