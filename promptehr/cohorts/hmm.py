@@ -33,7 +33,7 @@ under exactly this process)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -86,11 +86,6 @@ class CohortModel(CodeLookup):
     age_beta_b: float = 1.6
     sample_block_rows: int = 8192  # patients per vectorised draw in `sample` (memory ~ rows x codes x 8 bytes
     # x a few); part of the draw sequence, so it is fixed per cohort
-
-    _index: dict[str, int] = field(init=False, repr=False)  # CodeLookup's
-    _restriction: list[str | None] = field(init=False, repr=False)
-    _mask_cache: dict[tuple, np.ndarray] = field(init=False, repr=False)
-    _emission_cache: dict[tuple, tuple] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         S, C = len(self.state_names), len(self.codes)

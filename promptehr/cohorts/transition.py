@@ -33,7 +33,7 @@ probability divided by P(non-empty).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -85,11 +85,6 @@ class TransitionModel(CodeLookup):
     age_beta_a: float = 2.4
     age_beta_b: float = 1.6
     sample_block_rows: int = 1024  # patients per vectorised draw (memory ~ rows x codes x 8 bytes x a few)
-
-    _index: dict[str, int] = field(init=False, repr=False)  # CodeLookup's
-    _restriction: list[str | None] = field(init=False, repr=False)
-    _mask_cache: dict[tuple, np.ndarray] = field(init=False, repr=False)
-    _cache: dict[tuple, object] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         K, C = len(self.profile_names), len(self.codes)
