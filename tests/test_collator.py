@@ -121,30 +121,34 @@ def test_replacement_draws_codes_only(setup):
 
 
 def test_next_visit_rows_hide_the_target_visit(setup):
+    """A row hiding visit k: the encoder holds visits[:k] and a `<mask>` placeholder; the labels hold
+    visits[:k + 1] and the token after visit k; target_mask marks visit k."""
     tok, ds = setup
     seen = 0
     for _items, batch in batches(tok, ds):
+        patient = None  # a patient's rows are consecutive, its whole-patient row (clean labels) first
         for r, task in enumerate(batch["task_type"].tolist()):
+            lab = batch["labels"][r][batch["labels"][r] != -100].tolist()
             if task not in (TASK_ID["next_visit_prediction"], TASK_ID["first_visit"]):
                 assert not batch["target_mask"][r].any()
+                patient = split_visits(tok, lab)
                 continue
             seen += 1
             enc = batch["input_ids"][r][batch["attention_mask"][r].bool()].tolist()
-            lab = batch["labels"][r][batch["labels"][r] != -100].tolist()
-            lab_visits = split_visits(tok, lab)
             enc_visits = split_visits(tok, enc)
-            k = len(lab_visits) - 1
+            k = len(enc_visits) - 1
             assert (k >= 1) == (task == TASK_ID["next_visit_prediction"])
             # the encoder holds exactly the history and a placeholder visit with only <mask>
-            assert enc_visits[:-1] == lab_visits[:k] and enc_visits[-1] == [tok.mask_token_id]
-            target = lab_visits[k]
-            history_codes = {c for v in lab_visits[:k] for c in v}
+            assert enc_visits[:-1] == patient[:k] and enc_visits[-1] == [tok.mask_token_id]
+            assert split_visits(tok, lab) == patient[: k + 1]
+            target = patient[k]
+            history_codes = {c for v in patient[:k] for c in v}
             assert not (set(target) - history_codes) & set(enc), "target codes leaked into the encoder"
             # target_mask marks exactly the target visit's codes
             marked = batch["labels"][r][batch["target_mask"][r]].tolist()
             assert marked == target
             # the token after the target visit says whether more visits follow
-            assert lab[-1] in (tok.visit_open_id, tok.eos_token_id)
+            assert lab[-1] == (tok.visit_open_id if k + 1 < len(patient) else tok.eos_token_id)
     assert seen > 30
 
 
