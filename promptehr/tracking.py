@@ -189,9 +189,9 @@ class MLflowTracker(Tracker):
 
         name, source_tags, table, digest = dataset_description(data_cfg, train_patients, val_patients, split_fingerprint)
         with warnings.catch_warnings():  # "integer columns cannot hold missing values": counts never miss
-            warnings.simplefilter("ignore", UserWarning)
+            warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)
             dataset = self.mlflow.data.from_pandas(table, source=CodeDatasetSource(source_tags), name=name, digest=digest)
-        self.mlflow.log_input(dataset, context=context)
+            self.mlflow.log_input(dataset, context=context)  # where MLflow infers the schema, and warns
 
     def flush(self) -> None:
         self.mlflow.flush_async_logging()
