@@ -84,6 +84,9 @@ class ModelConfig:
     )
     tie_embeddings: bool = True  # the output layer shares the code embeddings (false: its own weights)
     scale_embedding: bool = False  # multiply token embeddings by sqrt(d_model) (BART's option)
+    # at a hidden visit's positions the previous visit's codes get a learned logit bonus b + u.E_c + w.h_t
+    # (a code recurs from the last visit: the repeat baseline's form inside the model; `model.RecurrenceBonus`)
+    recurrence_bonus: bool = True
     output_bias: bool = True  # a learned per-token output bias, initialised at the log frequency of the training codes
     # a visit's codes in one order, most frequent first: exact set likelihoods ("random": shuffled per row)
     visit_order: str = "frequency"
@@ -230,6 +233,7 @@ MOVED_KEYS = {
 ABSENT_MEANS = {
     "data.synthetic.generator": "small",  # the only built-in cohort before there was a choice
     "model.output_bias": False,  # models before the option had no output bias
+    "model.recurrence_bonus": False,  # models before the option had no recurrence bonus
     "model.visit_order": "random",  # models before the option wrote a visit's codes in random order
 }
 

@@ -82,6 +82,42 @@ class DemographicPrompt(nn.Module):
         return torch.stack([self.age_proj(age), self.sex_proj(sex)], dim=1)  # (B, 2, d_model)
 
 
+class RecurrenceBonus(nn.Module):
+    """A learned logit bonus for the codes of the visit before the one being written: b + u.E_c + w.h_t
+    for each code c of the previous visit (E_c its token embedding, h_t the decoder state), added at the
+    positions of a hidden visit (next-visit rows, and every visit generation writes).
+
+    A code recurs from one visit to the next (chronic conditions, repeated procedures); through the tied
+    output layer the decoder can raise one copied code at a time (reconstruction), but not a dozen
+    arbitrary codes of the last visit at once without raising their neighbours in embedding space, so
+    next visits under-predicted recurrences (bench/LOG.md, 2026-12-07). This is the repeat baseline's
+    form, p = a [c in visit k-1] + (1 - a) q, inside the model: b is shared by all codes, u reads how
+    recurrent a code is from its embedding (no per-code parameter to overfit), w lets the context decide.
+    All start at 0: the model starts as without the bonus."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(()))
+        self.code = nn.Parameter(torch.zeros(d_model))
+        self.gate = nn.Linear(d_model, 1)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+
+    def forward(self, logits, hidden, previous_visit, previous_embeds, n_special: int, where=None):
+        """`logits` (B, T, V) plus the bonus; `hidden` (B, T, d) the decoder states the logits come from,
+        `previous_visit` (B, M) code ids (ids below `n_special`, i.e. `<pad>`, get nothing),
+        `previous_embeds` (B, M, d) their embeddings, `where` (B, T) bool: the positions that get it
+        (None: all)."""
+        per_code = self.bias + previous_embeds.float() @ self.code.float()  # (B, M)
+        bonus = per_code.unsqueeze(1) + self.gate(hidden).float()  # (B, T, M)
+        keep = (previous_visit >= n_special).unsqueeze(1)
+        if where is not None:
+            keep = keep & where.unsqueeze(-1)
+        bonus = bonus * keep
+        index = previous_visit.unsqueeze(1).expand(-1, logits.shape[1], -1)
+        return logits.scatter_add(-1, index, bonus.to(logits.dtype))
+
+
 class PromptBartWithDemographicPrediction(nn.Module):
     def __init__(self, tokenizer: DiagnosisCodeTokenizer, config):
         """`config` is the project's Config (uses config.model) or a ModelConfig."""
@@ -104,6 +140,7 @@ class PromptBartWithDemographicPrediction(nn.Module):
             raise ValueError(f"model.target_visit_loss_weight must be >= 0, got {mcfg.target_visit_loss_weight}")
         self.target_visit_loss_weight = mcfg.target_visit_loss_weight
         self.output_bias = nn.Parameter(torch.zeros(len(tokenizer))) if mcfg.output_bias else None
+        self.recurrence = RecurrenceBonus(d) if mcfg.recurrence_bonus else None
 
     def init_output_bias(self, code_counts) -> None:
         """Start the learned output bias at the log frequency of each code (special tokens at the
@@ -134,6 +171,14 @@ class PromptBartWithDemographicPrediction(nn.Module):
         embeds = self.bart.model.decoder.embed_tokens(decoder_input_ids)
         return torch.cat([self.decoder_prompt(x_num, x_cat).to(embeds.dtype), embeds], dim=1)
 
+    def with_recurrence(self, logits, hidden, previous_visit, where=None):
+        """`logits` plus the recurrence bonus (`RecurrenceBonus`) of the codes in `previous_visit`;
+        unchanged for a model without it."""
+        if self.recurrence is None:
+            return logits
+        embeds = self.bart.model.decoder.embed_tokens(previous_visit)
+        return self.recurrence(logits, hidden, previous_visit, embeds, self.n_special, where)
+
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.bart.lm_head(hidden) + self.bart.final_logits_bias.to(hidden.dtype)
         return logits if self.output_bias is None else logits + self.output_bias.to(hidden.dtype)
@@ -141,10 +186,16 @@ class PromptBartWithDemographicPrediction(nn.Module):
     # ------------------------------------------------------------------ incremental decoding (generation)
 
     @torch.no_grad()
-    def start_decoding(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, x_num, x_cat):
-        """Encode, and run the decoder over right-padded prefixes (one per row) into a KV cache.
-        Returns the logits after each row's last prefix token (n, V), before any grammar, and the
-        state `decode_step` continues from."""
+    def start_decoding(
+        self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, x_num, x_cat, previous_visit=None
+    ):
+        """Encode, and run the decoder over right-padded prefixes (one per row, each ending inside the
+        visit being written) into a KV cache. Returns the logits after each row's last prefix token
+        (n, V), before any grammar, and the state `decode_step` continues from. `previous_visit` (n, M):
+        the codes of the visit before the one being written (`<pad>`-padded; `patient_format.
+        previous_visit_codes`), for the recurrence bonus; required by a model that has one."""
+        if self.recurrence is not None and previous_visit is None:
+            raise ValueError("this model has a recurrence bonus: start_decoding needs previous_visit")
         hidden, hidden_mask = self.encode(input_ids, attention_mask, x_num, x_cat)
         n = decoder_input_ids.shape[0]
         attn = torch.cat([decoder_attention_mask.new_ones(n, N_PROMPTS), decoder_attention_mask], dim=1)
@@ -157,8 +208,15 @@ class PromptBartWithDemographicPrediction(nn.Module):
         )
         lengths = decoder_attention_mask.sum(1) + N_PROMPTS  # each row's true length, prompts included
         last = out.last_hidden_state[torch.arange(n, device=hidden.device), lengths - 1]
-        state = DecodeState(hidden, hidden_mask, getattr(out, _CACHE), attn, lengths, attn.shape[1])
-        return self.lm_logits(last).float(), state
+        state = DecodeState(hidden, hidden_mask, getattr(out, _CACHE), attn, lengths, attn.shape[1], previous_visit)
+        return self.next_logits(last, state), state
+
+    def next_logits(self, last: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """(n, V) logits from the decoder's last states (n, d), with the recurrence bonus."""
+        logits = self.lm_logits(last).float()
+        if state.previous_visit is None:
+            return logits
+        return self.with_recurrence(logits.unsqueeze(1), last.unsqueeze(1), state.previous_visit).squeeze(1)
 
     @torch.no_grad()
     def decode_step(self, token: torch.Tensor, state: DecodeState) -> torch.Tensor:
@@ -180,7 +238,7 @@ class PromptBartWithDemographicPrediction(nn.Module):
         )
         state.past = getattr(out, _CACHE)
         state.step += 1
-        return self.lm_logits(out.last_hidden_state[:, -1]).float()
+        return self.next_logits(out.last_hidden_state[:, -1], state)
 
     def demographic_features(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean embedding of the code tokens of each row (B, d) and whether the row has any code."""
@@ -192,13 +250,24 @@ class PromptBartWithDemographicPrediction(nn.Module):
     # ------------------------------------------------------------------ training forward
 
     def forward(
-        self, input_ids, attention_mask, labels, x_num, x_cat, decoder_input_ids=None, target_mask=None, **_batch_extras
+        self,
+        input_ids,
+        attention_mask,
+        labels,
+        x_num,
+        x_cat,
+        decoder_input_ids=None,
+        target_mask=None,
+        previous_visit=None,
+        **_batch_extras,
     ):
         """Denoising loss on `labels` (clean ids, -100 = ignore) plus weighted auxiliary losses.
 
         `lm_loss` is the mean NLL over label tokens. With `target_visit_loss_weight` w != 1 and a
         `target_mask`, the objective `loss` weighs the hidden visit of next-visit and first-visit rows
-        (its codes and its closing `</v>`) w times the other label tokens. Extra batch keys
+        (its codes and its closing `</v>`) w times the other label tokens. A model with a recurrence bonus
+        adds it at the hidden visit's positions (`target_mask` and its `</v>`) for the codes of
+        `previous_visit` (`patient_format.pad_batch` gives both). Extra batch keys
         (task_type) are accepted and ignored, so `model(**batch)` works.
         """
         hidden, enc_mask = self.encode(input_ids, attention_mask, x_num, x_cat)
@@ -209,6 +278,10 @@ class PromptBartWithDemographicPrediction(nn.Module):
             inputs_embeds=dec_embeds, encoder_hidden_states=hidden, encoder_attention_mask=enc_mask, use_cache=False
         ).last_hidden_state
         logits = self.lm_logits(dec[:, N_PROMPTS:]).float()  # (B, T, V), aligned with labels
+        if self.recurrence is not None and target_mask is not None:
+            if previous_visit is None:
+                raise ValueError("this model has a recurrence bonus: a batch with target_mask needs previous_visit")
+            logits = self.with_recurrence(logits, dec[:, N_PROMPTS:], previous_visit, with_closing_token(target_mask))
         logits = logits.masked_fill(grammar_mask(labels, self.grammar_ids, logits.shape[-1]), BANNED_LOGIT)
         token_nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, T)
         valid = (labels != -100).float()
@@ -245,4 +318,5 @@ class DecodeState:
     attn: torch.Tensor  # (n, width + step) decoder attention mask
     lengths: torch.Tensor  # (n,) each row's prefix length, prompts included
     width: int  # padded prefix width, prompts included
+    previous_visit: torch.Tensor | None = None  # (n, M) codes of the visit before the one being written
     step: int = 0  # tokens fed since

@@ -134,8 +134,10 @@ def unseen_labels(tok, enc: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def pad_batch(tok, enc_rows, label_rows, starts, tasks, ages, sexes, unseen_rows=None) -> dict[str, torch.Tensor]:
     """Rows padded to the longest of the batch, as the model's inputs: input_ids, attention_mask,
-    labels (-100 = pad), target_mask (the hidden visit's codes of rows with a start >= 0), x_num (age),
-    x_cat (sex), task_type; with `unseen_rows` also unseen_mask (see `unseen_labels`)."""
+    labels (-100 = pad), target_mask (the hidden visit's codes of rows with a start >= 0), previous_visit
+    (the codes of the visit before the hidden one, padded with `<pad>`; all `<pad>` for a row without a
+    hidden visit or without a visit before it), x_num (age), x_cat (sex), task_type; with `unseen_rows`
+    also unseen_mask (see `unseen_labels`)."""
     n = len(enc_rows)
     enc_len = max(len(r) for r in enc_rows)
     dec_len = max(len(r) for r in label_rows)
@@ -143,18 +145,24 @@ def pad_batch(tok, enc_rows, label_rows, starts, tasks, ages, sexes, unseen_rows
     attention_mask = np.zeros((n, enc_len), dtype=np.int64)
     labels = np.full((n, dec_len), -100, dtype=np.int64)
     target_mask = np.zeros((n, dec_len), dtype=bool)
+    previous = []
     for i, (enc, lab, start) in enumerate(zip(enc_rows, label_rows, starts)):
         input_ids[i, : len(enc)] = enc
         attention_mask[i, : len(enc)] = 1
         labels[i, : len(lab)] = lab
+        previous.append(previous_visit_codes(tok, lab[: start - 1]) if start >= 0 else [])
         if start >= 0:  # codes of the hidden visit k: from its first code up to its </v>
             stop = start + int(np.argmax(lab[start:] == tok.visit_close_id))
             target_mask[i, start:stop] = True
+    previous_visit = np.full((n, max(1, max(len(v) for v in previous))), tok.pad_token_id, dtype=np.int64)
+    for i, v in enumerate(previous):
+        previous_visit[i, : len(v)] = v
     batch = {
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(attention_mask),
         "labels": torch.from_numpy(labels),
         "target_mask": torch.from_numpy(target_mask),
+        "previous_visit": torch.from_numpy(previous_visit),
         "x_num": torch.tensor(ages, dtype=torch.float32).unsqueeze(1),
         "x_cat": torch.tensor(sexes, dtype=torch.long).unsqueeze(1),
         "task_type": torch.tensor(tasks, dtype=torch.long),
@@ -165,6 +173,17 @@ def pad_batch(tok, enc_rows, label_rows, starts, tasks, ages, sexes, unseen_rows
             unseen[i, : len(row)] = row
         batch["unseen_mask"] = torch.from_numpy(unseen)
     return batch
+
+
+def previous_visit_codes(tok, tokens) -> list[int]:
+    """The codes of the last complete visit (`<v> codes </v>`) in `tokens`, a row's labels or decoder
+    prefix before the `<v>` that opens the next visit; [] when there is none."""
+    tokens = np.asarray(tokens)
+    closes = np.flatnonzero(tokens == tok.visit_close_id)
+    if len(closes) == 0:
+        return []
+    opens = np.flatnonzero(tokens[: closes[-1]] == tok.visit_open_id)
+    return [int(t) for t in tokens[opens[-1] + 1 : closes[-1]] if t >= tok.n_special]
 
 
 def with_closing_token(target_mask: torch.Tensor) -> torch.Tensor:
