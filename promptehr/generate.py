@@ -120,7 +120,9 @@ def sample_visit_batch(
     dec_ids, dec_mask = pad_prefixes(list(dec_rows), tok.pad_token_id, device)
     x_num = torch.tensor(ages, dtype=torch.float32, device=device).unsqueeze(1)
     x_cat = torch.tensor(sexes, dtype=torch.long, device=device).unsqueeze(1)
-    previous, _ = pad_prefixes([previous_visit_codes(tok, r) or [tok.pad_token_id] for r in dec_rows], tok.pad_token_id, device)
+    previous, _ = pad_prefixes(
+        [previous_visit_codes(tok, r) or [tok.pad_token_id] for r in dec_rows], tok.pad_token_id, device
+    )
     logits, state = model.start_decoding(enc_ids, enc_mask, dec_ids, dec_mask, x_num, x_cat, previous)
     grammar = VisitGrammar.start(tok, revealed, len(tok), sampling.max_codes_per_visit, device)
     new_codes: list[list[int]] = [[] for _ in range(n)]
