@@ -44,18 +44,23 @@ def tiny_model(n_codes=30, *overrides, seed=0):
 
 def test_cached_batched_logits_equal_a_full_forward_per_row():
     """Rows of different history lengths (and revealed codes) share one right-padded KV cache; each
-    step's logits must equal the training forward of that row's whole sequence, teacher-forced."""
+    step's logits must equal the training forward of that row's whole sequence, teacher-forced, the
+    recurrence bonus of the previous visit's codes included (set away from its zero start)."""
     model, tok, _ = tiny_model()
+    with torch.no_grad():
+        model.recurrence.bias.fill_(1.5)
+        model.recurrence.code.normal_()
+        model.recurrence.gate.weight.normal_()
     recorded = []
-    lm_logits = model.lm_logits
-    model.lm_logits = lambda h: recorded.append(lm_logits(h)) or recorded[-1]
+    next_logits = model.next_logits
+    model.next_logits = lambda h, state: recorded.append(next_logits(h, state)) or recorded[-1]
     histories = [[], [[7, 8, 9]], [[10, 11], [12, 13, 14, 15], [16]], [[17], [18, 19]]]
     revealed = [[], [20], [21, 22], []]
     ages, sexes = [50.0, 3.0, 80.0, 30.0], [0, 1, 0, 1]
     codes, more = sample_visit_batch(
         model, tok, histories, revealed, ages, sexes, SamplingConfig(temperature=1.5), torch.Generator().manual_seed(1)
     )
-    del model.lm_logits
+    del model.next_logits
     compared = 0
     for i in range(len(histories)):
         hist = visit_tokens(tok, histories[i])
@@ -70,6 +75,9 @@ def test_cached_batched_logits_equal_a_full_forward_per_row():
         ]
         dec = [tok.bos_token_id, *hist, tok.visit_open_id, *revealed[i]]
         sampled = codes[i] + [tok.visit_close_id, tok.visit_open_id if more[i] else tok.eos_token_id]
+        hidden = torch.zeros(1, len(dec) - 1 + len(sampled), dtype=torch.bool)  # the new visit's codes
+        hidden[0, len(hist) + 1 : len(dec) - 1 + len(codes[i])] = True
+        previous = histories[i][-1] if histories[i] else [tok.pad_token_id]
         with torch.no_grad():
             out = model(
                 input_ids=torch.tensor([enc]),
@@ -77,6 +85,8 @@ def test_cached_batched_logits_equal_a_full_forward_per_row():
                 labels=torch.tensor([dec[1:] + sampled]),
                 x_num=torch.tensor([[ages[i]]]),
                 x_cat=torch.tensor([[sexes[i]]]),
+                target_mask=hidden,
+                previous_visit=torch.tensor([previous]),
             )
         for t in range(len(sampled)):  # logits of step t predict sampled[t]
             logits = out["logits"][0, len(dec) - 1 + t]

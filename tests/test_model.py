@@ -9,7 +9,7 @@ from promptehr.collator import EHRDataCollator, EHRPatientDataset
 from promptehr.config import load_config
 from promptehr.data import split_patients
 from promptehr.model import PromptBartWithDemographicPrediction
-from promptehr.patient_format import BANNED_LOGIT
+from promptehr.patient_format import BANNED_LOGIT, with_closing_token
 from promptehr.tokenizer import DiagnosisCodeTokenizer
 from promptehr.validation import ValidationProtocol
 
@@ -45,6 +45,36 @@ def test_forward_backward_and_outputs(parts):
         "sex_head.2.weight",
     ):
         assert grads[name] is not None and grads[name].abs().sum() > 0, name
+
+
+def test_the_recurrence_bonus_raises_the_previous_visits_codes_in_the_hidden_visit_only(parts):
+    """At a hidden visit's positions (its codes and `</v>`) the logits of the previous visit's codes
+    move by the bonus; every other logit, and every logit of the rows and positions that hide nothing,
+    stays. Its parameters start at 0 and get gradients from the next-visit rows."""
+    cfg, tok, train, _ = parts
+    torch.manual_seed(0)
+    model = PromptBartWithDemographicPrediction(tok, cfg).eval()
+    batch = next(iter(loader(tok, train, batch_size=64)))
+    hidden = with_closing_token(batch["target_mask"])
+    has_previous = (batch["previous_visit"] != tok.pad_token_id).any(1)
+    assert (hidden.any(1) & has_previous).sum() >= 3 and (~hidden.any(1)).sum() >= 3  # next-visit and other rows
+    assert all(float(p.detach().abs().sum()) == 0 for p in model.recurrence.parameters())
+    out = model(**batch)
+    out["loss"].backward()
+    assert all(float(p.grad.abs().sum()) > 0 for p in model.recurrence.parameters())
+    with torch.no_grad():
+        before = model(**batch)["logits"]
+        model.recurrence.bias.fill_(2.0)
+        after = model(**batch)["logits"]
+    expected = torch.zeros_like(before, dtype=torch.bool)
+    for i, t in torch.nonzero(hidden).tolist():
+        codes = batch["previous_visit"][i]
+        expected[i, t, codes[codes != tok.pad_token_id]] = True
+    expected &= before > BANNED_LOGIT / 2  # what the grammar bans stays banned
+    moved = (after - before).abs() > 1e-4
+    assert expected.sum() > 20
+    assert torch.equal(moved, expected)
+    torch.testing.assert_close((after - before)[expected], torch.full_like(before[expected], 2.0))
 
 
 def test_target_visit_loss_weight_weighs_the_hidden_visit(parts):

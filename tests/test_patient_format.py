@@ -55,6 +55,26 @@ def test_the_scored_positions_are_the_hidden_visit_and_its_close(split):
     assert scored == [start, start + 1, start + 2] and labels[start + 2] == tok.visit_close_id
 
 
+def test_previous_visit_holds_the_codes_of_the_visit_before_the_hidden_one():
+    """`pad_batch`'s previous_visit (the recurrence bonus's codes): visit k-1 of a next-visit row, nothing
+    (`<pad>` only) for a first-visit row and for a whole-patient row, which hides no visit."""
+    tok = DiagnosisCodeTokenizer([f"C{i:02d}" for i in range(30)])
+    visits = [np.array(v) + tok.n_special for v in ([3, 1], [4, 5, 9], [2], [7, 8])]
+    rows, expected = [], []
+    for k in range(len(visits)):
+        rows.append(hidden_visit_row(tok, visits, k))
+        expected.append(sorted(visits[k - 1].tolist()) if k else [])
+    enc, lab = whole_patient_row(tok, visits)
+    rows.append((enc, lab, -1))
+    expected.append([])
+    batch = pad_batch(tok, *zip(*rows), [0] * len(rows), [50.0] * len(rows), [0] * len(rows))
+    got = batch["previous_visit"]
+    assert got.shape == (len(rows), 3)
+    for row, codes in zip(got.tolist(), expected):
+        assert sorted(c for c in row if c != tok.pad_token_id) == codes
+        assert all(c == tok.pad_token_id for c in row[len(codes) :])
+
+
 def reference_grammar_mask(labels, tok, vocab):
     """The patient format's rules, one position at a time (what `grammar_mask` vectorises)."""
     out = torch.zeros((*labels.shape, vocab), dtype=torch.bool)
