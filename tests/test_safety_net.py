@@ -32,6 +32,7 @@ OVERRIDES = [  # every setting the numbers depend on, written out so a changed d
     "training.ema_decay=0.0",
     "training.batch_size=16",
     "model.output_bias=false",
+    "model.recurrence_bonus=false",
     "model.visit_order=random",
     "model.tie_embeddings=true",
     "model.scale_embedding=false",
