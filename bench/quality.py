@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from promptehr.baselines import NextVisitBaselines, VisitPairs
 from promptehr.checkpoint import load_checkpoint
 from promptehr.cli import add_config_arguments, overrides_of, setup_logging
-from promptehr.cohorts import CohortModel, cohort_model_for
+from promptehr.cohorts import CohortModel, TransitionModel, cohort_model_for
 from promptehr.collator import TASK_ID
 from promptehr.config import load_config
 from promptehr.data import load_patients, split_patients
@@ -360,7 +360,82 @@ def first_code_persistence(
     return {key: float(np.mean(v)) for key, v in out.items()}
 
 
+def bernoulli_token_logps(p: np.ndarray, targets) -> np.ndarray:
+    """Log-probabilities of the tokens of a code set written in id order (codes, then `</v>`) under
+    independent Bernoulli(p) per code position conditioned on a non-empty set: after code c' the next
+    token is c > c' with P = p_c prod_{c'<d<c} (1 - p_d), `</v>` with prod_{d>c'} (1 - p_d); the first
+    token is divided by P(non-empty). They sum to the set's log-probability."""
+    p = np.clip(p, 1e-12, 1 - 1e-12)
+    skip = np.concatenate([[0.0], np.cumsum(np.log1p(-p))])  # skip[j]: log prod_{d<j} (1 - p_d)
+    out, last = [], -1
+    for t in sorted(targets):
+        out.append(math.log(p[t]) + skip[t] - skip[last + 1])
+        last = t
+    out.append(skip[-1] - skip[last + 1])
+    out[0] -= math.log(-math.expm1(skip[-1]))
+    return np.array(out)
+
+
+TOKEN_KINDS = ("previous-visit codes", "new codes", "</v>")
+
+
+@torch.no_grad()
+def nats_by_token_kind(model, tok, patients, events, references, batch_size=64, max_length=512) -> dict:
+    """Where the nats of next visits go, for an ordered vocabulary: the model's token NLL summed per
+    visit over the codes that were in the previous visit, the other codes, and the closing `</v>`; and
+    the same split of each Bernoulli reference (`references`: name -> function (patient, k) -> (C,)
+    probability per vocabulary code, `bernoulli_token_logps`). Returns name -> (2, 3) array: tokens
+    per visit and nats per visit, per kind; "model" included."""
+    rows, kinds = [], []
+    for i, k in events:
+        p = patients[i]
+        ids = [np.sort([tok.token_to_id.get(c, tok.unk_token_id) for c in v]).astype(np.int64) for v in p.visits]
+        start = history_start(ids, k, max_length)
+        rows.append((*hidden_visit_row(tok, ids[start:], k - start), p.age, SEXES.index(p.sex)))
+        previous = set(ids[k - 1].tolist())
+        kinds.append([0 if c in previous else 1 for c in ids[k].tolist()] + [2])
+    totals = {"model": np.zeros((2, 3))} | {name: np.zeros((2, 3)) for name in references}
+    for s in range(0, len(rows), batch_size):
+        batch, scored = scored_batch(tok, rows[s : s + batch_size])
+        logp = F.log_softmax(model(**batch)["logits"].float(), dim=-1)
+        nll = -logp.gather(-1, batch["labels"].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        for j in range(len(scored)):
+            i, k = events[s + j]
+            kind = np.array(kinds[s + j])
+            positions = torch.nonzero(scored[j]).flatten()
+            np.add.at(totals["model"][1], kind, nll[j, positions].numpy())
+            np.add.at(totals["model"][0], kind, 1)
+            targets = [c - tok.n_special for c in batch["labels"][j, positions[:-1]].tolist()]
+            for name, probs in references.items():
+                np.add.at(totals[name][1], kind, -bernoulli_token_logps(probs(patients[i], k), targets))
+                np.add.at(totals[name][0], kind, 1)
+    return {name: t / len(events) for name, t in totals.items()}
+
+
 # ------------------------------------------------------------------ main
+
+
+def print_token_kinds(model, tok, cohort, train_patients, patients, events, max_length) -> None:
+    """`nats_by_token_kind` of held-out next visits against the repeat baseline and, for a cohort whose
+    next visit is one Bernoulli set given the previous visit (`transition`), the exact optimum."""
+    fitted = NextVisitBaselines.fit(train_patients, tok.codes)
+    position = {c: j for j, c in enumerate(tok.codes)}
+
+    def repeat(p, k):
+        previous = np.zeros(len(tok.codes))
+        previous[[position[c] for c in p.visits[k - 1] if c in position]] = 1.0
+        return fitted.repeat_weight * previous + (1 - fitted.repeat_weight) * fitted.prior
+
+    references = {"repeat": repeat}
+    if isinstance(cohort, TransitionModel):
+        index = {c: j for j, c in enumerate(cohort.codes)}
+        take = np.array([index[c] for c in tok.codes])  # every vocabulary code is a cohort code
+        references["optimum"] = lambda p, k: cohort.code_probs(p.age, p.sex, p.visits[k - 1])[take]
+    split = nats_by_token_kind(model, tok, patients, events, references, max_length=max_length)
+    print(f"\nwhere the nats of {len(events)} held-out next visits go, codes in id order (tokens, nats per visit):")
+    print("  " + " " * 9 + "".join(f"{kind:>26s}" for kind in TOKEN_KINDS))
+    for name, t in split.items():
+        print(f"  {name:9s}" + "".join(f"{t[0, j]:13.2f}{t[1, j]:13.2f}" for j in range(3)) + f"   total {t[1].sum():.2f}")
 
 
 def train_and_load(cfg, minutes: float | None):
@@ -478,10 +553,7 @@ def main(argv=None) -> int:
         events, _ = next_visit_events(val_patients, tokenizer)
         events = events[:300]
         if tokenizer.ordered:
-            print(
-                "\nfirst code of held-out next visits: not available for an ordered vocabulary "
-                "(its first code is the visit's most frequent, not a random one)"
-            )
+            print_token_kinds(model, tokenizer, cohort, train_patients, val_patients, events, cfg.collator.max_length)
         elif not isinstance(cohort, CohortModel):
             print(
                 f"\nfirst code of held-out next visits: not available for data.synthetic.generator="

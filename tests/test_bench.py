@@ -394,3 +394,23 @@ def test_an_ordered_models_quality_score_is_its_validation_next_visit_nll(tmp_pa
         mean_order, tight = quality.model_visit_nll(model, tok, val_p, events, orders=4)
     assert len(events) >= 20 and np.array_equal(mean_order, tight)
     assert mean_order.mean() == pytest.approx(val_nll, abs=1e-3)
+
+
+def test_bernoulli_tokens_in_id_order_sum_to_the_set_likelihood():
+    """The token split of `nats_by_token_kind` (--diagnose) must add up to the set's NLL under the same
+    Bernoulli model, every set including the empty-visit conditioning, and sum to 1 over next tokens."""
+    from promptehr.baselines import bernoulli_set_nll
+
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0.01, 0.6, size=12)
+    for _ in range(20):
+        y = rng.random(12) < 0.3
+        if not y.any():
+            continue
+        targets = np.flatnonzero(y)
+        got = -quality.bernoulli_token_logps(p, targets).sum()
+        assert got == pytest.approx(bernoulli_set_nll(p[None], y[None].astype(float))[0], rel=1e-9)
+    last = 4  # after code 4 the next token is a code above 4 or </v>: one distribution
+    nexts = [quality.bernoulli_token_logps(p, [0, last, c])[2] for c in range(last + 1, 12)]
+    close = quality.bernoulli_token_logps(p, [0, last])[2]
+    assert np.exp(nexts).sum() + np.exp(close) == pytest.approx(1.0)
