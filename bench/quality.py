@@ -384,7 +384,8 @@ def nats_by_token_kind(model, tok, patients, events, references, batch_size=64, 
     """Where the nats of next visits go, for an ordered vocabulary: the model's token NLL summed per
     visit over the codes that were in the previous visit, the other codes, and the closing `</v>`; and
     the same split of each Bernoulli reference (`references`: name -> function (patient, k) -> (C,)
-    probability per vocabulary code, `bernoulli_token_logps`). Returns name -> (2, 3) array: tokens
+    probability per vocabulary code, in vocabulary order, then any codes the vocabulary lacks;
+    `bernoulli_token_logps`). Returns name -> (2, 3) array: tokens
     per visit and nats per visit, per kind; "model" included."""
     rows, kinds = [], []
     for i, k in events:
@@ -430,7 +431,10 @@ def print_token_kinds(model, tok, cohort, train_patients, patients, events, max_
     if isinstance(cohort, TransitionModel):
         index = {c: j for j, c in enumerate(cohort.codes)}
         take = np.array([index[c] for c in tok.codes])  # every vocabulary code is a cohort code
-        references["optimum"] = lambda p, k: cohort.code_probs(p.age, p.sex, p.visits[k - 1])[take]
+        # codes the vocabulary lacks go after its last code: never in a scored visit, but their absence
+        # is part of every `</v>` and of the non-empty conditioning, as in the exact likelihood
+        order = np.concatenate([take, np.setdiff1d(np.arange(len(cohort.codes)), take)])
+        references["optimum"] = lambda p, k: cohort.code_probs(p.age, p.sex, p.visits[k - 1])[order]
     split = nats_by_token_kind(model, tok, patients, events, references, max_length=max_length)
     print(f"\nwhere the nats of {len(events)} held-out next visits go, codes in id order (tokens, nats per visit):")
     print("  " + " " * 9 + "".join(f"{kind:>26s}" for kind in TOKEN_KINDS))

@@ -227,12 +227,40 @@ def test_quality_scores_fresh_patients_of_the_checkpoints_generator(tmp_path, ca
 @pytest.mark.slow
 @pytest.mark.parametrize("generator", ["transition", "hmm"])
 def test_quality_diagnose_on_each_mimic_scale_generator(generator, tmp_path, capsys):
-    """`--diagnose` scores first visits and training patients for either generator; the first-code
-    diagnosis needs an HMM's hidden states and a random code order (it compares random first codes), and
-    says so for the transition cohort and for an ordered vocabulary."""
+    """`--diagnose` scores first visits and training patients for either generator. With an ordered
+    vocabulary it splits the nats of held-out next visits by token kind: the model's split adds up to its
+    NLL of those visits, the repeat baseline's to the baseline's, and on `transition` (one Bernoulli set
+    per next visit) the optimum's to the exact optimum. The first-code diagnosis needs an HMM's hidden
+    states and a random code order (it compares random first codes)."""
+    from promptehr.baselines import NextVisitBaselines, VisitPairs
+    from promptehr.checkpoint import load_checkpoint
+    from promptehr.data import load_patients, split_patients
+
     out = score_checkpoint(generator, tmp_path, capsys, "--fresh-patients", "600", "--diagnose")
     assert len(optimum_nll(out)) == 4  # held-out, first visits, training patients, fresh patients
-    assert "model, exact set NLL (codes in id order)" in out and "first code of held-out next visits: not available" in out
+    assert "model, exact set NLL (codes in id order)" in out
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("where the nats of"))
+    totals = {}
+    for line in lines[head + 2 : head + 5]:
+        if "total" in line:
+            totals[line.split()[0]] = float(line.split()[-1])
+    assert set(totals) == ({"model", "repeat", "optimum"} if generator == "transition" else {"model", "repeat"})
+    model, tok, cfg, _ = load_checkpoint(tmp_path / "ck")
+    train, val = split_patients(load_patients(cfg.data)[0], cfg.data.val_fraction, cfg.data.split_seed)
+    events = quality.next_visit_events(val, tok)[0][:300]
+    with torch.no_grad():
+        nll, _ = quality.model_visit_nll(model.eval(), tok, val, events, orders=1)
+    assert totals["model"] == pytest.approx(nll.mean(), abs=0.01)
+    index = {c: j for j, c in enumerate(tok.codes)}
+    pairs = VisitPairs.from_visits(
+        [(val[i].visits[k], val[i].visits[k - 1], val[i].age, val[i].sex) for i, k in events], index
+    )
+    repeat = NextVisitBaselines.fit(train, tok.codes).score(pairs)["repeat"]
+    assert totals["repeat"] == pytest.approx(repeat.mean(), abs=0.01)
+    if generator == "transition":
+        exact = quality.optimum_visit_nll(cohort_model("transition"), val, events).mean()
+        assert totals["optimum"] == pytest.approx(exact, abs=0.01)
     if generator == "hmm":
         out = score_checkpoint(generator, tmp_path, capsys, "--diagnose", overrides=["model.visit_order=random"])
         assert "first code of" in out and "KL(optimum || model)" in out and "mean of 1 orders" in out
