@@ -132,12 +132,17 @@ def unseen_labels(tok, enc: np.ndarray, labels: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------ padding
 
 
+# previous_visit's width is a multiple of this: fewer distinct shapes, and never a width of 1, on which
+# torch.compile (dynamic=True) specialises and compiles the training step a second time
+PREVIOUS_VISIT_WIDTH = 8
+
+
 def pad_batch(tok, enc_rows, label_rows, starts, tasks, ages, sexes, unseen_rows=None) -> dict[str, torch.Tensor]:
     """Rows padded to the longest of the batch, as the model's inputs: input_ids, attention_mask,
     labels (-100 = pad), target_mask (the hidden visit's codes of rows with a start >= 0), previous_visit
-    (the codes of the visit before the hidden one, padded with `<pad>`; all `<pad>` for a row without a
-    hidden visit or without a visit before it), x_num (age), x_cat (sex), task_type; with `unseen_rows`
-    also unseen_mask (see `unseen_labels`)."""
+    (the codes of the visit before the hidden one, padded with `<pad>` to a multiple of
+    `PREVIOUS_VISIT_WIDTH`; all `<pad>` for a row without a hidden visit or without a visit before it),
+    x_num (age), x_cat (sex), task_type; with `unseen_rows` also unseen_mask (see `unseen_labels`)."""
     n = len(enc_rows)
     enc_len = max(len(r) for r in enc_rows)
     dec_len = max(len(r) for r in label_rows)
@@ -154,7 +159,8 @@ def pad_batch(tok, enc_rows, label_rows, starts, tasks, ages, sexes, unseen_rows
         if start >= 0:  # codes of the hidden visit k: from its first code up to its </v>
             stop = start + int(np.argmax(lab[start:] == tok.visit_close_id))
             target_mask[i, start:stop] = True
-    previous_visit = np.full((n, max(1, max(len(v) for v in previous))), tok.pad_token_id, dtype=np.int64)
+    width = -(-max(1, max(len(v) for v in previous)) // PREVIOUS_VISIT_WIDTH) * PREVIOUS_VISIT_WIDTH
+    previous_visit = np.full((n, width), tok.pad_token_id, dtype=np.int64)
     for i, v in enumerate(previous):
         previous_visit[i, : len(v)] = v
     batch = {

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 from promptehr.collator import EHRDataCollator, EHRPatientDataset
 from promptehr.data import split_patients
 from promptehr.patient_format import (
+    PREVIOUS_VISIT_WIDTH,
     VisitGrammar,
     grammar_mask,
     hidden_visit_row,
@@ -69,7 +70,7 @@ def test_previous_visit_holds_the_codes_of_the_visit_before_the_hidden_one():
     expected.append([])
     batch = pad_batch(tok, *zip(*rows), [0] * len(rows), [50.0] * len(rows), [0] * len(rows))
     got = batch["previous_visit"]
-    assert got.shape == (len(rows), 3)
+    assert got.shape == (len(rows), PREVIOUS_VISIT_WIDTH)  # the longest, 3, rounded up
     for row, codes in zip(got.tolist(), expected):
         assert sorted(c for c in row if c != tok.pad_token_id) == codes
         assert all(c == tok.pad_token_id for c in row[len(codes) :])
