@@ -108,6 +108,10 @@ class TrainingConfig:
     save_every_n_epochs: int = 10
     log_every_n_steps: int = 50
     validate_every_n_epochs: int = 1
+    # stop when this many validations in a row did not improve the selection metric by more than
+    # early_stopping_min_delta (0: off; num_epochs is then the most a run trains); best_model is kept either way
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
     num_workers: int = 0  # DataLoader workers for collation
     bucket_by_length: bool = True  # batch rows of similar length together (less padding); false: random patient batches
     precision: str = "fp32"  # fp32 | bf16 (autocast)
@@ -235,6 +239,7 @@ ABSENT_MEANS = {
     "model.output_bias": False,  # models before the option had no output bias
     "model.recurrence_bonus": False,  # models before the option had no recurrence bonus
     "model.visit_order": "random",  # models before the option wrote a visit's codes in random order
+    "training.early_stopping_patience": 0,  # runs before the option trained every epoch
 }
 
 
@@ -431,6 +436,8 @@ def _value_rules() -> dict[str, tuple]:
             f"training.{k}": _at_least(1)
             for k in ("batch_size", "num_epochs", "save_every_n_epochs", "log_every_n_steps", "validate_every_n_epochs")
         },
+        "training.early_stopping_patience": _at_least(0),
+        "training.early_stopping_min_delta": _at_least(0),
         "training.learning_rate": (lambda v: 0.0 < v < float("inf"), "> 0"),
         "training.weight_decay": _at_least(0),
         "training.ema_decay": (lambda v: 0.0 <= v < 1.0, "0 <= value < 1 (0: off)"),

@@ -187,6 +187,8 @@ class RunState:
     global_step: int = 0
     best_score: float = math.inf
     best_metrics: dict = field(default_factory=dict)
+    stale_validations: int = 0  # validations in a row without an improvement (training.early_stopping_*)
+    stopped_early: str | None = None  # why the run stopped before num_epochs, when it did
     last_metrics: dict = field(default_factory=dict)
     window: dict | None = None  # a mid-epoch resume: the partial logging window ...
     rng: dict | None = None  # ... and the random state after the checkpoint's step
@@ -241,6 +243,10 @@ class Run:
         max_steps = self.cfg.training.max_steps
         return max_steps is not None and self.state.global_step >= max_steps
 
+    def out_of_patience(self) -> bool:
+        patience = self.cfg.training.early_stopping_patience
+        return patience > 0 and self.state.stale_validations >= patience
+
     def checkpoint(
         self, folder: Path, epoch: int, metrics: dict, batches_done: int | None = None, window: LogWindow | None = None
     ) -> None:
@@ -265,6 +271,7 @@ class Run:
                 "best_score": s.best_score,
                 "protocol_id": self.protocol.id,
                 "best_metrics": s.best_metrics,
+                "stale_validations": s.stale_validations,
                 "seed": self.cfg.training.seed,
                 "run_id": self.run_id,
                 "split_fingerprint": split.fingerprint,
@@ -288,6 +295,7 @@ class Run:
             "protocol_id": self.protocol.id,
             "best_metrics": s.best_metrics,
             "final_metrics": s.last_metrics,
+            "stopped_early": s.stopped_early,
             "checkpoint_dir": str(self.ckpt_dir),
             "best_checkpoint": str(self.best_dir) if self.best_dir.exists() else None,
             "quality": s.quality,
@@ -306,6 +314,8 @@ def train(cfg: Config, tracker: Tracker | None = None, on_validate=None) -> dict
     epoch), or after the epoch's validation and checkpoints when one arrives during them; during the
     end-of-run quality report it stops at once (a resume redoes the report); model registration is
     finished first. It then raises `RunInterrupted` (the run ends KILLED, tagged resumable).
+    With `training.early_stopping_patience` the run ends before `num_epochs` once that many validations in
+    a row have not improved the selection metric (the log and the tag `promptehr.stopped_early` say so).
     `TrainingPruned`, `RunInterrupted` and `TrainingDiverged` leave the run's result in `.result`."""
     check_config(cfg)
     with StopSignals() as stop:
@@ -314,10 +324,12 @@ def train(cfg: Config, tracker: Tracker | None = None, on_validate=None) -> dict
         try:
             open_run(run)
             for epoch in range(run.state.start_epoch, cfg.training.num_epochs):
-                if run.out_of_steps():
+                if run.out_of_steps() or run.out_of_patience():
                     break
                 train_epoch(run, epoch)
                 end_epoch(run, epoch, on_validate)
+            if run.out_of_patience() and run.state.last_metrics.get("epoch", 0) < cfg.training.num_epochs:
+                stopped_early(run)
             finish(run)
         except KeyboardInterrupt as exc:
             error = interrupted(exc, run.ckpt_dir)
@@ -421,6 +433,7 @@ def restore(run: Run, meta: dict) -> None:
     s.best_metrics = meta.get("best_metrics", {})
     if meta.get("protocol_id") == run.protocol.id and meta.get("selection_metric") == run.selection:
         s.best_score = meta.get("best_score", math.inf)
+        s.stale_validations = meta.get("stale_validations", 0)
     else:  # a checkpoint of an earlier version: its best was chosen on another exam
         logger.warning(
             "resume: the checkpoint's best model was selected on another validation protocol; "
@@ -609,9 +622,25 @@ def scored(run: Run, epoch: int) -> None:
             {"epoch": epoch + 1, "dropped_training_copies": dropped, "synthetic_patients": samples},
             f"samples/epoch_{epoch + 1:03d}.json",
         )
+    tcfg = run.cfg.training
+    improved = metrics[run.selection] < s.best_score - tcfg.early_stopping_min_delta
+    s.stale_validations = 0 if improved else s.stale_validations + 1
     if metrics[run.selection] < s.best_score:
         s.best_score, s.best_metrics = metrics[run.selection], dict(metrics)
         run.checkpoint(run.best_dir, epoch, metrics)
+
+
+def stopped_early(run: Run) -> None:
+    """Say that `training.early_stopping_patience` ended the run, in the log and as a run tag."""
+    tcfg, s = run.cfg.training, run.state
+    epoch = s.last_metrics.get("epoch")
+    by = f" by more than {tcfg.early_stopping_min_delta:g}" if tcfg.early_stopping_min_delta > 0 else ""
+    s.stopped_early = (
+        f"after epoch {epoch} of {tcfg.num_epochs}: {run.selection} did not improve{by} in {s.stale_validations} "
+        f"validations in a row (best {s.best_score:.4f} at epoch {s.best_metrics.get('epoch')})"
+    )
+    logger.info("early stopping %s", s.stopped_early)
+    run.tracker.set_tags({"promptehr.stopped_early": s.stopped_early})
 
 
 def finish(run: Run) -> None:

@@ -98,6 +98,8 @@ BAD_SETTINGS = [  # (override, what the one line must say)
     ("training.num_epochs=0", "training.num_epochs=0: must be >= 1"),
     ("training.validate_every_n_epochs=0", "training.validate_every_n_epochs=0: must be >= 1"),
     ("training.save_every_n_epochs=0", "training.save_every_n_epochs=0: must be >= 1"),
+    ("training.early_stopping_patience=-1", "training.early_stopping_patience=-1: must be >= 0"),
+    ("training.early_stopping_min_delta=-0.1", "training.early_stopping_min_delta=-0.1: must be >= 0"),
     ("training.log_every_n_steps=0", "training.log_every_n_steps=0: must be >= 1"),
     ("training.max_steps=0", "training.max_steps=0: must be null or >= 1"),
     ("training.learning_rate=0", "training.learning_rate=0.0: must be > 0"),

@@ -237,6 +237,57 @@ def test_resumed_run_matches_an_uninterrupted_one(ema, tmp_path):
     assert steps == {m.step for m in client.get_metric_history(full["run_id"], "val/loss")}
 
 
+# a learning rate too small to move the held-out score by 0.01 nats: every validation after the first is stale
+NOT_LEARNING = (
+    "training.num_epochs=6",
+    "training.learning_rate=1e-9",
+    "training.early_stopping_patience=2",
+    "training.early_stopping_min_delta=0.01",
+    "training.save_every_n_epochs=1",
+    *QUIET,
+)
+
+
+def test_early_stopping_ends_the_run_after_patience_validations_without_improvement(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = tiny(tmp_path, *NOT_LEARNING)
+    seen = []
+    result = train(cfg, MLflowTracker(uri, "early", register_model=False), on_validate=lambda epoch, m: seen.append(epoch))
+    assert seen == [0, 1, 2]  # epoch 1 sets the best, epochs 2 and 3 do not beat it by 0.01: stop
+    assert result["stopped_early"].startswith("after epoch 3 of 6")
+    last = Path(result["checkpoint_dir"]) / "last"
+    meta = json.loads((last / "metadata.json").read_text())
+    assert (meta["epoch"], meta["stale_validations"]) == (2, 2)
+    assert result["global_step"] == 3 * meta["batches_done"]
+    run = mlflow.MlflowClient(uri).get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["promptehr.stopped_early"] == result["stopped_early"]
+    assert len(mlflow.MlflowClient(uri).get_metric_history(result["run_id"], "val/loss")) == 3
+    # off (the default), the same run trains every epoch
+    full = train(tiny(tmp_path / "off", *NOT_LEARNING, "training.early_stopping_patience=0", "training.num_epochs=4"))
+    assert full["stopped_early"] is None and full["final_metrics"]["epoch"] == 4
+
+
+def test_a_resumed_run_keeps_its_early_stopping_count(tmp_path):
+    """Interrupted at its third validation (`last`: the end of epoch 2, one stale validation), the
+    resumed run trains epoch 3 and stops there, as the uninterrupted run does."""
+
+    def stop_in_third(epoch, metrics):
+        if epoch == 2:
+            raise Interrupted
+
+    cfg = tiny(tmp_path, *NOT_LEARNING)
+    with pytest.raises(Interrupted):
+        train(cfg, Tracker(), on_validate=stop_in_third)
+    (last,) = Path(cfg.training.checkpoint_dir).glob("*/last")
+    assert json.loads((last / "metadata.json").read_text())["stale_validations"] == 1
+    resumed = train(tiny(tmp_path, *NOT_LEARNING, f"training.resume_from={last}"), Tracker())
+    assert resumed["stopped_early"].startswith("after epoch 3 of 6")
+    assert resumed["final_metrics"]["epoch"] == 3
+
+
 def test_tracked_run_logs_params_metrics_artifacts_and_registers(tmp_path):
     import mlflow
 
