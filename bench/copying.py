@@ -58,6 +58,7 @@ def run_overrides(
         f"training.seed={seed}",
         f"training.num_epochs={epochs}",
         "training.validate_every_n_epochs=1",
+        "training.early_stopping_patience=0",  # a learning curve: every epoch up to --stop-after
         "training.quality_report=false",
         "validation.jaccard_patients=0",
         "tracking.n_sample_patients=0",
