@@ -239,7 +239,6 @@ ABSENT_MEANS = {
     "model.output_bias": False,  # models before the option had no output bias
     "model.recurrence_bonus": False,  # models before the option had no recurrence bonus
     "model.visit_order": "random",  # models before the option wrote a visit's codes in random order
-    "training.early_stopping_patience": 0,  # runs before the option trained every epoch
 }
 
 
